@@ -1,1 +1,309 @@
-// placeholder: being written
+#include "checkpoint/protocol.h"
+
+#include <cstring>
+
+#include "common/error.h"
+
+namespace ftvm::checkpoint {
+namespace {
+
+constexpr size_t kMaxString = 64 * 1024;
+constexpr size_t kMaxArgs = 4096;
+
+class Writer {
+ public:
+  void u16(uint16_t v) { put(v, 2); }
+  void u32(uint32_t v) { put(v, 4); }
+  void u64(uint64_t v) { put(v, 8); }
+  void str(const std::string& s) {
+    if (s.size() > kMaxString) fail("protocol: string of {} bytes exceeds the {} byte limit", s.size(), kMaxString);
+    u32(static_cast<uint32_t>(s.size()));
+    for (char c : s) out.push_back(static_cast<std::byte>(c));
+  }
+  std::vector<std::byte> out;
+
+ private:
+  void put(uint64_t v, int n) {
+    for (int i = 0; i < n; i++) out.push_back(static_cast<std::byte>((v >> (8 * i)) & 0xff));
+  }
+};
+
+class Reader {
+ public:
+  Reader(std::span<const std::byte> b, const char* what) : b_(b), what_(what) {}
+  uint16_t u16() { return static_cast<uint16_t>(get(2)); }
+  uint32_t u32() { return static_cast<uint32_t>(get(4)); }
+  uint64_t u64() { return get(8); }
+  std::string str() {
+    uint32_t n = u32();
+    if (n > kMaxString) throw ProtocolError(fmt::format("{}: string length {} exceeds limit {}", what_, n, kMaxString));
+    need(n);
+    std::string s(reinterpret_cast<const char*>(b_.data() + pos_), n);
+    pos_ += n;
+    return s;
+  }
+  void done() const {
+    if (pos_ != b_.size())
+      throw ProtocolError(fmt::format("{}: {} unexpected trailing bytes", what_, b_.size() - pos_));
+  }
+
+ private:
+  void need(size_t n) const {
+    if (b_.size() - pos_ < n)
+      throw ProtocolError(fmt::format("{}: message truncated ({} bytes, needed {} more at offset {})", what_,
+                                      b_.size(), n, pos_));
+  }
+  uint64_t get(int n) {
+    need(static_cast<size_t>(n));
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v |= static_cast<uint64_t>(b_[pos_ + i]) << (8 * i);
+    pos_ += static_cast<size_t>(n);
+    return v;
+  }
+  std::span<const std::byte> b_;
+  size_t pos_ = 0;
+  const char* what_;
+};
+
+}  // namespace
+
+const char* to_string(MsgType t) {
+  switch (t) {
+    case MsgType::Invalid: return "Invalid";
+    case MsgType::OpenSession: return "OpenSession";
+    case MsgType::SessionReady: return "SessionReady";
+    case MsgType::StagingGrow: return "StagingGrow";
+    case MsgType::StagingGranted: return "StagingGranted";
+    case MsgType::EpochBegin: return "EpochBegin";
+    case MsgType::Commit: return "Commit";
+    case MsgType::Ack: return "Ack";
+    case MsgType::Activate: return "Activate";
+    case MsgType::ActivateDone: return "ActivateDone";
+    case MsgType::PrimaryLost: return "PrimaryLost";
+    case MsgType::Disable: return "Disable";
+    case MsgType::Error: return "Error";
+  }
+  return "Unknown";
+}
+
+std::vector<std::byte> encode(const OpenSession& m) {
+  Writer w;
+  w.u32(m.version);
+  w.u64(m.session_id);
+  w.u64(m.ram_size);
+  w.u32(m.page_size);
+  w.str(m.vm_name);
+  if (m.qemu_argv.size() > kMaxArgs) fail("protocol: {} QEMU arguments exceed the limit {}", m.qemu_argv.size(), kMaxArgs);
+  w.u32(static_cast<uint32_t>(m.qemu_argv.size()));
+  for (const auto& a : m.qemu_argv) w.str(a);
+  return std::move(w.out);
+}
+template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
+  Reader r(b, "OpenSession");
+  OpenSession m;
+  m.version = r.u32();
+  if (m.version != kProtocolVersion)
+    throw ProtocolError(fmt::format("protocol version {} not supported (this ftd speaks {}); run the same ftvm "
+                                    "version on both hosts", m.version, kProtocolVersion));
+  m.session_id = r.u64();
+  m.ram_size = r.u64();
+  m.page_size = r.u32();
+  m.vm_name = r.str();
+  uint32_t n = r.u32();
+  if (n > kMaxArgs) throw ProtocolError(fmt::format("OpenSession: {} arguments exceed limit {}", n, kMaxArgs));
+  for (uint32_t i = 0; i < n; i++) m.qemu_argv.push_back(r.str());
+  r.done();
+  if (m.page_size != 4096) throw ProtocolError(fmt::format("OpenSession: page size {} unsupported (4096 only)", m.page_size));
+  if (m.ram_size == 0 || m.ram_size % 4096 != 0)
+    throw ProtocolError(fmt::format("OpenSession: RAM size {} is not a positive multiple of 4096", m.ram_size));
+  if (m.vm_name.empty()) throw ProtocolError("OpenSession: empty VM name");
+  return m;
+}
+
+std::vector<std::byte> encode(const SessionReady& m) {
+  Writer w;
+  w.u64(m.session_id);
+  w.u64(m.staging_capacity);
+  w.u64(static_cast<uint64_t>(m.twin_pid));
+  return std::move(w.out);
+}
+template <> SessionReady decode<SessionReady>(std::span<const std::byte> b) {
+  Reader r(b, "SessionReady");
+  SessionReady m;
+  m.session_id = r.u64();
+  m.staging_capacity = r.u64();
+  m.twin_pid = static_cast<int64_t>(r.u64());
+  r.done();
+  return m;
+}
+
+std::vector<std::byte> encode(const StagingGrow& m) {
+  Writer w;
+  w.u64(m.session_id);
+  w.u64(m.bytes);
+  return std::move(w.out);
+}
+template <> StagingGrow decode<StagingGrow>(std::span<const std::byte> b) {
+  Reader r(b, "StagingGrow");
+  StagingGrow m;
+  m.session_id = r.u64();
+  m.bytes = r.u64();
+  r.done();
+  return m;
+}
+
+std::vector<std::byte> encode(const StagingGranted& m) {
+  Writer w;
+  w.u64(m.session_id);
+  w.u64(m.capacity);
+  return std::move(w.out);
+}
+template <> StagingGranted decode<StagingGranted>(std::span<const std::byte> b) {
+  Reader r(b, "StagingGranted");
+  StagingGranted m;
+  m.session_id = r.u64();
+  m.capacity = r.u64();
+  r.done();
+  return m;
+}
+
+std::vector<std::byte> encode(const EpochBegin& m) {
+  Writer w;
+  w.u64(m.session_id);
+  w.u64(m.epoch);
+  w.u64(m.bytes);
+  return std::move(w.out);
+}
+template <> EpochBegin decode<EpochBegin>(std::span<const std::byte> b) {
+  Reader r(b, "EpochBegin");
+  EpochBegin m;
+  m.session_id = r.u64();
+  m.epoch = r.u64();
+  m.bytes = r.u64();
+  r.done();
+  return m;
+}
+
+std::vector<std::byte> encode(const Commit& m) {
+  Writer w;
+  w.u64(m.session_id);
+  w.u64(m.epoch);
+  w.u64(m.page_count);
+  w.u64(m.devstate_bytes);
+  w.u64(m.staged_digest);
+  w.u64(m.ram_digest);
+  w.u32(m.flags);
+  return std::move(w.out);
+}
+template <> Commit decode<Commit>(std::span<const std::byte> b) {
+  Reader r(b, "Commit");
+  Commit m;
+  m.session_id = r.u64();
+  m.epoch = r.u64();
+  m.page_count = r.u64();
+  m.devstate_bytes = r.u64();
+  m.staged_digest = r.u64();
+  m.ram_digest = r.u64();
+  m.flags = r.u32();
+  r.done();
+  if (m.epoch == 0) throw ProtocolError("Commit: epoch 0 is invalid (epochs start at 1)");
+  if (m.flags & ~Commit::kFinal) throw ProtocolError(fmt::format("Commit: unknown flags {:#x}", m.flags));
+  if (m.page_count > (uint64_t{1} << 40) || m.devstate_bytes > (uint64_t{1} << 32))
+    throw ProtocolError(fmt::format("Commit: implausible sizes ({} pages, {} device-state bytes)", m.page_count,
+                                    m.devstate_bytes));
+  return m;
+}
+
+std::vector<std::byte> encode(const Ack& m) {
+  Writer w;
+  w.u64(m.session_id);
+  w.u64(m.epoch);
+  w.u32(static_cast<uint32_t>(m.status));
+  w.str(m.reason);
+  return std::move(w.out);
+}
+template <> Ack decode<Ack>(std::span<const std::byte> b) {
+  Reader r(b, "Ack");
+  Ack m;
+  m.session_id = r.u64();
+  m.epoch = r.u64();
+  uint32_t s = r.u32();
+  if (s != 1 && s != 2) throw ProtocolError(fmt::format("Ack: invalid status {}", s));
+  m.status = static_cast<AckStatus>(s);
+  m.reason = r.str();
+  r.done();
+  return m;
+}
+
+std::vector<std::byte> encode(const Activate& m) {
+  Writer w;
+  w.u64(m.session_id);
+  return std::move(w.out);
+}
+template <> Activate decode<Activate>(std::span<const std::byte> b) {
+  Reader r(b, "Activate");
+  Activate m;
+  m.session_id = r.u64();
+  r.done();
+  return m;
+}
+
+std::vector<std::byte> encode(const ActivateDone& m) {
+  Writer w;
+  w.u64(m.session_id);
+  w.u32(m.ok);
+  w.str(m.text);
+  return std::move(w.out);
+}
+template <> ActivateDone decode<ActivateDone>(std::span<const std::byte> b) {
+  Reader r(b, "ActivateDone");
+  ActivateDone m;
+  m.session_id = r.u64();
+  m.ok = r.u32();
+  m.text = r.str();
+  r.done();
+  return m;
+}
+
+std::vector<std::byte> encode(const PrimaryLost& m) {
+  Writer w;
+  w.u64(m.session_id);
+  w.str(m.reason);
+  return std::move(w.out);
+}
+template <> PrimaryLost decode<PrimaryLost>(std::span<const std::byte> b) {
+  Reader r(b, "PrimaryLost");
+  PrimaryLost m;
+  m.session_id = r.u64();
+  m.reason = r.str();
+  r.done();
+  return m;
+}
+
+std::vector<std::byte> encode(const Disable& m) {
+  Writer w;
+  w.u64(m.session_id);
+  return std::move(w.out);
+}
+template <> Disable decode<Disable>(std::span<const std::byte> b) {
+  Reader r(b, "Disable");
+  Disable m;
+  m.session_id = r.u64();
+  r.done();
+  return m;
+}
+
+std::vector<std::byte> encode(const ErrorMsg& m) {
+  Writer w;
+  w.str(m.text);
+  return std::move(w.out);
+}
+template <> ErrorMsg decode<ErrorMsg>(std::span<const std::byte> b) {
+  Reader r(b, "Error");
+  ErrorMsg m;
+  m.text = r.str();
+  r.done();
+  return m;
+}
+
+}  // namespace ftvm::checkpoint

@@ -1,0 +1,36 @@
+// Digests used by the commit protocol and the exactness checks (XXH3-64 from libxxhash).
+//
+// RamDigest keeps one 64-bit hash per 4 KiB page of guest RAM and defines the digest of the
+// whole RAM as XXH3 over that array. The primary updates it from the page copies it takes
+// during each pause, so the digest of checkpoint N costs O(dirty pages), not O(RAM); the
+// standby (or a test) recomputes the same value from memory with digest_ram(). The two agree
+// iff every page agrees (up to hash collisions).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace ftvm::checkpoint {
+
+uint64_t digest_bytes(std::span<const std::byte> data, uint64_t seed = 0);
+uint64_t digest_page(const std::byte* page);
+
+// Full-RAM digest computed from memory: XXH3 over the per-page hashes of `ram`.
+uint64_t digest_ram(std::span<const std::byte> ram);
+
+class RamDigest {
+ public:
+  explicit RamDigest(uint64_t page_count) : hashes_(page_count, 0) {}
+  // Records the content of page `index` (4 KiB at `page`).
+  void update(uint64_t index, const std::byte* page) { hashes_.at(index) = digest_page(page); }
+  // Recomputes every page from `ram` (size page_count * kPageSize).
+  void reset_from(std::span<const std::byte> ram);
+  uint64_t value() const;
+
+ private:
+  std::vector<uint64_t> hashes_;
+};
+
+}  // namespace ftvm::checkpoint

@@ -1,0 +1,191 @@
+// The replication session protocol between a primary ftd and a standby ftd, one session per
+// protected VM. Messages travel as transport control messages (transport/transport.h); bulk
+// data (RAM pages, staged epochs) travels as one-sided writes into two regions the standby
+// registers. This file is the whole protocol: the sequence, the receiver's state machine, the
+// versioning rule and the encoding of every message.
+//
+// Sequence (one session):
+//
+//   primary ftd                                              standby ftd
+//   -----------                                              -----------
+//   OpenSession{version, session_id, vm name, RAM size,
+//               QEMU argv} ------------------------------->  start paused twin QEMU
+//                                                            (-S -incoming defer), map its RAM,
+//                                                            register region 1 = twin RAM,
+//                                                            region 2 = staging
+//   <------------------------------- SessionReady{staging capacity, twin pid} | Error{text}
+//   [sync: pre-copy passes while the guest runs]
+//   write(region 1, page * 4096, page) ... (RAM straight into the twin; no epoch yet)
+//   [steady state, epoch N = 1, 2, ...]
+//   (guest paused: stop, collect dirty pages, copy to staging, save device state, cont)
+//   StagingGrow{bytes} ------------------------------------>  (only when an epoch exceeds
+//   <--------------------------------------- StagingGranted{capacity}        the capacity)
+//   EpochBegin{N, bytes} ----------------------------------->  (logged; torn-epoch diagnosis)
+//   write(region 2, 0, [indices | pages | device state])
+//   Commit{N, pages, devstate bytes, staged digest,
+//          RAM digest, flags} ------------------------------>  verify digest + indices; apply
+//                                                             pages to twin RAM; keep devstate N
+//   <----------------------------------------------- Ack{N, Applied | Rejected, reason}
+//   ... at most one epoch between Commit and Ack ...
+//   Activate{} (planned failover, after a Commit with kFinal) -> load devstate N, cont
+//   <---------------------------------------------------------- ActivateDone{ok, text}
+//   PrimaryLost{reason} (the primary QEMU died) ------------->  activate at once
+//   Disable{} ---------------------------------------------->  destroy twin, end session
+//   Goodbye (transport-level) / link loss ------------------->  see state machine
+//
+// Standby state machine (per session):
+//   Opening  --OpenSession ok-->  Syncing  --Commit(1) applied-->  Protected
+//   Protected --Commit(N) applied--> Protected        (a rejected Commit changes nothing:
+//                                                      the replica stays at N-1, Ack says why)
+//   Syncing|Protected --Disable--> Closed (twin destroyed)
+//   Protected --PrimaryLost | Activate | silence > heartbeat timeout | link down--> Active
+//   Syncing --PrimaryLost | silence | link down--> Closed (no committed checkpoint: the twin
+//                                                   is destroyed; nothing can be resumed)
+//   Active: the twin runs the guest; the session ends; the VM now lives on this host.
+// Invariant: twin RAM changes only (a) during Syncing, by region-1 writes, and (b) when a
+// Commit whose staged bytes and indices verify is applied in full. A partial epoch (no
+// Commit, or a Commit that does not verify) is never applied.
+//
+// Versioning: kProtocolVersion is sent in OpenSession. The standby accepts exactly its own
+// version and otherwise answers Error{"protocol version X not supported (this ftd speaks Y)"}
+// and closes. Any change to a message layout bumps the version; message types are never
+// reused. Type 0 is Invalid in every enum here. All integers are little-endian.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace ftvm::checkpoint {
+
+inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr uint32_t kRegionRam = 1;      // the twin's RAM (writable only while Syncing)
+inline constexpr uint32_t kRegionStaging = 2;  // one epoch: [u64 index * n][pages][devstate]
+
+enum class MsgType : uint16_t {
+  Invalid = 0,
+  OpenSession = 1,
+  SessionReady = 2,
+  StagingGrow = 3,
+  StagingGranted = 4,
+  EpochBegin = 5,
+  Commit = 6,
+  Ack = 7,
+  Activate = 8,
+  ActivateDone = 9,
+  PrimaryLost = 10,
+  Disable = 11,
+  Error = 12,
+};
+const char* to_string(MsgType t);
+
+struct OpenSession {
+  uint32_t version = kProtocolVersion;
+  uint64_t session_id = 0;
+  uint64_t ram_size = 0;
+  uint32_t page_size = 4096;
+  std::string vm_name;
+  std::vector<std::string> qemu_argv;
+};
+
+struct SessionReady {
+  uint64_t session_id = 0;
+  uint64_t staging_capacity = 0;
+  int64_t twin_pid = 0;
+};
+
+struct StagingGrow {
+  uint64_t session_id = 0;
+  uint64_t bytes = 0;
+};
+
+struct StagingGranted {
+  uint64_t session_id = 0;
+  uint64_t capacity = 0;
+};
+
+struct EpochBegin {
+  uint64_t session_id = 0;
+  uint64_t epoch = 0;
+  uint64_t bytes = 0;
+};
+
+struct Commit {
+  static constexpr uint32_t kFinal = 1;  // last epoch before a planned failover; guest stays paused
+  uint64_t session_id = 0;
+  uint64_t epoch = 0;
+  uint64_t page_count = 0;
+  uint64_t devstate_bytes = 0;
+  uint64_t staged_digest = 0;  // digest_bytes() over the staged bytes [0, staged_size())
+  uint64_t ram_digest = 0;     // primary's full-RAM digest at this checkpoint
+  uint32_t flags = 0;
+  uint64_t staged_size() const { return page_count * (8 + 4096) + devstate_bytes; }
+};
+
+enum class AckStatus : uint32_t { Invalid = 0, Applied = 1, Rejected = 2 };
+
+struct Ack {
+  uint64_t session_id = 0;
+  uint64_t epoch = 0;
+  AckStatus status = AckStatus::Invalid;
+  std::string reason;
+};
+
+struct Activate {
+  uint64_t session_id = 0;
+};
+
+struct ActivateDone {
+  uint64_t session_id = 0;
+  uint32_t ok = 0;
+  std::string text;
+};
+
+struct PrimaryLost {
+  uint64_t session_id = 0;
+  std::string reason;
+};
+
+struct Disable {
+  uint64_t session_id = 0;
+};
+
+struct ErrorMsg {
+  std::string text;
+};
+
+// Encoders produce the body of a control message of the matching MsgType.
+std::vector<std::byte> encode(const OpenSession&);
+std::vector<std::byte> encode(const SessionReady&);
+std::vector<std::byte> encode(const StagingGrow&);
+std::vector<std::byte> encode(const StagingGranted&);
+std::vector<std::byte> encode(const EpochBegin&);
+std::vector<std::byte> encode(const Commit&);
+std::vector<std::byte> encode(const Ack&);
+std::vector<std::byte> encode(const Activate&);
+std::vector<std::byte> encode(const ActivateDone&);
+std::vector<std::byte> encode(const PrimaryLost&);
+std::vector<std::byte> encode(const Disable&);
+std::vector<std::byte> encode(const ErrorMsg&);
+template <typename T> constexpr MsgType type_of();
+
+// Decoders throw ftvm::ProtocolError on a short, long or otherwise malformed body (the
+// message is rejected whole; nothing is partially decoded into the caller's state).
+template <typename T> T decode(std::span<const std::byte> body);
+
+template <> constexpr MsgType type_of<OpenSession>() { return MsgType::OpenSession; }
+template <> constexpr MsgType type_of<SessionReady>() { return MsgType::SessionReady; }
+template <> constexpr MsgType type_of<StagingGrow>() { return MsgType::StagingGrow; }
+template <> constexpr MsgType type_of<StagingGranted>() { return MsgType::StagingGranted; }
+template <> constexpr MsgType type_of<EpochBegin>() { return MsgType::EpochBegin; }
+template <> constexpr MsgType type_of<Commit>() { return MsgType::Commit; }
+template <> constexpr MsgType type_of<Ack>() { return MsgType::Ack; }
+template <> constexpr MsgType type_of<Activate>() { return MsgType::Activate; }
+template <> constexpr MsgType type_of<ActivateDone>() { return MsgType::ActivateDone; }
+template <> constexpr MsgType type_of<PrimaryLost>() { return MsgType::PrimaryLost; }
+template <> constexpr MsgType type_of<Disable>() { return MsgType::Disable; }
+template <> constexpr MsgType type_of<ErrorMsg>() { return MsgType::Error; }
+
+}  // namespace ftvm::checkpoint

@@ -1,0 +1,174 @@
+// Staging, commit and replica invariants (checkpoint/), and the session protocol codec.
+#include <catch2/catch.hpp>
+
+#include <cstring>
+#include <random>
+
+#include "checkpoint/digest.h"
+#include "checkpoint/protocol.h"
+#include "checkpoint/replica.h"
+#include "checkpoint/staging.h"
+#include "checkpoint/stats.h"
+#include "checkpoint/tracker.h"
+#include "common/error.h"
+
+using namespace ftvm;
+using namespace ftvm::checkpoint;
+
+namespace {
+constexpr size_t kPages = 256;
+
+std::vector<std::byte> random_ram(std::mt19937_64& rng, size_t pages) {
+  std::vector<std::byte> v(pages * kPageSize);
+  for (auto& b : v) b = static_cast<std::byte>(rng());
+  return v;
+}
+
+// Stages `pages` of `src` plus a device-state blob, copies the bytes into the replica's staging
+// area as the transport would, and returns the commit record.
+Commit stage_into(Replica& r, const std::vector<std::byte>& src, std::vector<uint64_t> pages, uint64_t epoch,
+                  const std::string& devstate) {
+  EpochStager s;
+  s.stage_pages(pages, src);
+  auto area = s.device_state_area(devstate.size());
+  std::memcpy(area.data(), devstate.data(), devstate.size());
+  if (r.staging().size() < s.bytes().size()) r.grow_staging(s.bytes().size());
+  std::memcpy(r.staging().data(), s.bytes().data(), s.bytes().size());
+  Commit c;
+  c.session_id = 7;
+  c.epoch = epoch;
+  c.page_count = s.page_count();
+  c.devstate_bytes = s.device_state_bytes();
+  c.staged_digest = s.digest();
+  return c;
+}
+}  // namespace
+
+TEST_CASE("replica applies verified epochs and its RAM then equals the primary's", "[checkpoint]") {
+  std::mt19937_64 rng(1);
+  auto primary = random_ram(rng, kPages);
+  std::vector<std::byte> twin(primary);  // after sync
+  Replica r(twin, 4096);
+  RamDigest pd(kPages);
+  pd.reset_from(primary);
+  for (uint64_t epoch = 1; epoch <= 50; epoch++) {
+    std::vector<uint64_t> dirty;
+    for (uint64_t p = 0; p < kPages; p++)
+      if (rng() % 5 == 0) {
+        dirty.push_back(p);
+        for (size_t i = 0; i < kPageSize; i += 64) primary[p * kPageSize + i] = static_cast<std::byte>(rng());
+      }
+    auto c = stage_into(r, primary, dirty, epoch, "devstate-" + std::to_string(epoch));
+    r.apply(c);
+    for (auto p : dirty) pd.update(p, primary.data() + p * kPageSize);
+    REQUIRE(r.committed_epoch() == epoch);
+    REQUIRE(twin == primary);
+    REQUIRE(digest_ram(twin) == pd.value());
+    std::string ds(reinterpret_cast<const char*>(r.device_state().data()), r.device_state().size());
+    REQUIRE(ds == "devstate-" + std::to_string(epoch));
+  }
+}
+
+TEST_CASE("a torn or corrupted epoch is never applied", "[checkpoint]") {
+  std::mt19937_64 rng(2);
+  auto primary = random_ram(rng, kPages);
+  std::vector<std::byte> twin(primary);
+  Replica r(twin, 1 << 20);
+  primary[5 * kPageSize] = std::byte{0x42};
+  r.apply(stage_into(r, primary, {5}, 1, "ds1"));
+  const auto before = twin;
+  const std::string ds_before(reinterpret_cast<const char*>(r.device_state().data()), r.device_state().size());
+
+  primary[9 * kPageSize] ^= std::byte{0xff};
+  auto c = stage_into(r, primary, {9, 10}, 2, "ds2");
+
+  SECTION("one flipped byte in the staged pages") {
+    r.staging()[8 * 2 + 100] ^= std::byte{1};
+    REQUIRE_THROWS_AS(r.apply(c), ProtocolError);
+  }
+  SECTION("only part of the epoch arrived (rest of staging still holds epoch 1)") {
+    std::memset(r.staging().data() + 8 * 2 + kPageSize, 0, kPageSize);
+    REQUIRE_THROWS_WITH(r.apply(c), Catch::Contains("digest mismatch"));
+  }
+  SECTION("commit record that claims more bytes than staged") {
+    c.page_count = 1000;
+    REQUIRE_THROWS_AS(r.apply(c), ProtocolError);
+  }
+  SECTION("page index out of range, with a matching digest") {
+    uint64_t bad = kPages + 3;
+    std::memcpy(r.staging().data() + 8, &bad, 8);
+    c.staged_digest = digest_bytes(std::span<const std::byte>(r.staging().data(), c.staged_size()));
+    REQUIRE_THROWS_WITH(r.apply(c), Catch::Contains("out of range"));
+  }
+  SECTION("epoch out of order") {
+    c.epoch = 3;
+    REQUIRE_THROWS_WITH(r.apply(c), Catch::Contains("out of order"));
+  }
+  REQUIRE(twin == before);
+  REQUIRE(r.committed_epoch() == 1);
+  REQUIRE(std::string(reinterpret_cast<const char*>(r.device_state().data()), r.device_state().size()) == ds_before);
+}
+
+TEST_CASE("staging growth is bounded by the guest size", "[checkpoint]") {
+  std::vector<std::byte> twin(kPages * kPageSize);
+  Replica r(twin, 4096);
+  REQUIRE(r.grow_staging(1 << 20) >= (1u << 20));
+  REQUIRE_THROWS_AS(r.grow_staging(r.max_staging() + 1), ProtocolError);
+}
+
+TEST_CASE("protocol messages round-trip and malformed bodies are rejected", "[checkpoint][protocol]") {
+  OpenSession o;
+  o.session_id = 99;
+  o.ram_size = 256 << 20;
+  o.vm_name = "vm1";
+  o.qemu_argv = {"qemu-system-x86_64", "-m", "256"};
+  auto b = encode(o);
+  auto o2 = decode<OpenSession>(b);
+  REQUIRE(o2.vm_name == "vm1");
+  REQUIRE(o2.qemu_argv == o.qemu_argv);
+  REQUIRE(o2.ram_size == o.ram_size);
+
+  SECTION("every truncation is rejected") {
+    for (size_t n = 0; n < b.size(); n++)
+      REQUIRE_THROWS_AS(decode<OpenSession>(std::span<const std::byte>(b.data(), n)), ProtocolError);
+  }
+  SECTION("trailing garbage is rejected") {
+    b.push_back(std::byte{0});
+    REQUIRE_THROWS_AS(decode<OpenSession>(b), ProtocolError);
+  }
+  SECTION("wrong protocol version names both versions") {
+    b[0] = std::byte{9};
+    REQUIRE_THROWS_WITH(decode<OpenSession>(b), Catch::Contains("version 9") && Catch::Contains("speaks 1"));
+  }
+  SECTION("huge string length does not allocate") {
+    std::vector<std::byte> evil(b.begin(), b.begin() + 24);
+    for (int i = 0; i < 4; i++) evil.push_back(std::byte{0xff});
+    REQUIRE_THROWS_AS(decode<OpenSession>(evil), ProtocolError);
+  }
+  SECTION("commit and ack") {
+    Commit c;
+    c.epoch = 5;
+    c.page_count = 3;
+    c.flags = Commit::kFinal;
+    auto c2 = decode<Commit>(encode(c));
+    REQUIRE(c2.epoch == 5);
+    REQUIRE(c2.flags == Commit::kFinal);
+    c.epoch = 0;
+    REQUIRE_THROWS_AS(decode<Commit>(encode(c)), ProtocolError);
+    Ack a{1, 5, AckStatus::Rejected, "digest"};
+    auto a2 = decode<Ack>(encode(a));
+    REQUIRE(a2.status == AckStatus::Rejected);
+    auto ab = encode(a);
+    ab[16] = std::byte{0};  // status Invalid
+    REQUIRE_THROWS_AS(decode<Ack>(ab), ProtocolError);
+  }
+}
+
+TEST_CASE("percentiles use nearest rank", "[checkpoint]") {
+  Window w(100);
+  for (int i = 1; i <= 100; i++) w.add(i);
+  REQUIRE(w.percentile(50) == 50);
+  REQUIRE(w.percentile(99) == 99);
+  REQUIRE(w.percentile(100) == 100);
+  REQUIRE(w.last() == 100);
+}
