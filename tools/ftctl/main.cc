@@ -1,1 +1,201 @@
-int main(){return 0;}
+// ftctl: command-line control of the local ftd.
+//
+// Exit codes (stable; for scripts and cluster resource agents):
+//   0 success   1 operation failed   2 usage error / bad request   3 ftd unreachable
+//   4 no such VM   5 refused (VM cannot be protected, or wrong state)
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <iostream>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "tools/ftd/control.h"
+
+namespace {
+
+enum Exit { kOk = 0, kFailed = 1, kUsage = 2, kUnreachable = 3, kNotFound = 4, kRefused = 5 };
+
+int code_for(const nlohmann::json& r) {
+  std::string c = r.value("code", "failed");
+  if (c == "bad_request") return kUsage;
+  if (c == "not_found") return kNotFound;
+  if (c == "refused") return kRefused;
+  return kFailed;
+}
+
+struct Ctl {
+  std::string path;
+  nlohmann::json call(const nlohmann::json& req, int timeout_ms = 120000) {
+    return ftvm::ftd::control_call(path, req, timeout_ms);
+  }
+};
+
+std::string fmt_ms(const nlohmann::json& v) { return v.is_number() ? fmt::format("{:.2f}", v.get<double>()) : "-"; }
+
+void print_human(const nlohmann::json& vms) {
+  if (vms.empty()) {
+    fmt::print("no protected VMs on this host\n");
+    return;
+  }
+  for (const auto& v : vms) {
+    std::string reason = v.value("reason", "");
+    fmt::print("{}  role={}  state={}{}\n", v.value("name", "?"), v.value("role", "?"), v.value("state", "?"),
+               reason.empty() ? "" : "  (" + reason + ")");
+    if (v.value("role", "") == "primary") {
+      const auto& p = v["pause_ms"];
+      const auto& l = v["link"];
+      fmt::print("  epoch {} (cut {}, every {} ms)  pause last {} ms  p50 {} ms  p99 {} ms  max {} ms\n",
+                 v.value("epoch", 0), v.value("epochs_cut", 0), v.value("epoch_ms", 0), fmt_ms(p["last"]),
+                 fmt_ms(p["p50"]), fmt_ms(p["p99"]), fmt_ms(p["max"]));
+      fmt::print("  dirty pages/epoch last {:.0f} mean {:.1f}  checkpoint mean {:.1f} KiB  throughput {:.2f} MiB/s"
+                 "  standby lag {} ms\n",
+                 v["dirty_pages"].value("last", 0.0), v["dirty_pages"].value("mean", 0.0),
+                 v["checkpoint_bytes"].value("mean", 0.0) / 1024, v.value("throughput_mib_s", 0.0),
+                 fmt_ms(v["standby_lag_ms"]));
+      fmt::print("  link {} via {}  {}  idle {} ms   tracker {}  QEMU pid {}  RAM {} MiB\n", l.value("peer", "?"),
+                 l.value("transport", "?"), l.value("healthy", false) ? "healthy" : "DOWN", fmt_ms(l["idle_ms"]),
+                 v.value("tracker", "?"), v.value("qemu_pid", 0), v.value("ram_mib", 0));
+    } else {
+      fmt::print("  committed epoch {}  twin pid {}  last commit {} ms ago\n", v.value("epoch", 0),
+                 v.value("twin_pid", 0), fmt_ms(v["last_commit_age_ms"]));
+      if (v.contains("activation") && !v["activation"].is_null()) {
+        const auto& a = v["activation"];
+        fmt::print("  activated at epoch {}: {} ms (load {} ms, verify {} ms), status {}\n", a.value("epoch", 0),
+                   fmt_ms(a["activation_ms"]), fmt_ms(a["load_ms"]), fmt_ms(a["verify_ms"]),
+                   a.value("status_after", "?"));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"ftctl - control ftvm fault tolerance for QEMU guests (talks to the local ftd)"};
+  app.set_version_flag("--version", FTVM_VERSION);
+  app.require_subcommand(1);
+  Ctl ctl;
+  const char* env = std::getenv("FTVM_CONTROL");
+  ctl.path = env ? env : "/run/ftvm/ftd.sock";
+  app.add_option("--control", ctl.path, "ftd control socket (env FTVM_CONTROL)")->capture_default_str();
+  bool json = false;
+
+  auto* en = app.add_subcommand("enable", "Protect a running QEMU guest: create its twin on the standby and replicate");
+  std::string qmp, peer, name;
+  unsigned epoch_ms = 25, passes = 8, timeout_s = 600;
+  bool no_wait = false;
+  en->add_option("--qmp", qmp, "The guest's QMP unix socket (ftd takes that connection)")->required();
+  en->add_option("--peer", peer, "Standby ftd address HOST[:PORT] (port 7410 by default)")->required();
+  en->add_option("--name", name, "VM name (default: QEMU's -name, else the QMP socket's file name)");
+  en->add_option("--epoch-ms", epoch_ms, "Guest run time between checkpoints")->capture_default_str()->check(
+      CLI::Range(1u, 10000u));
+  en->add_option("--max-sync-passes", passes, "Pre-copy passes before the first checkpoint")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 100u));
+  en->add_flag("--no-wait", no_wait, "Return once syncing started instead of waiting for 'protected'");
+  en->add_option("--timeout", timeout_s, "Seconds to wait for 'protected'")->capture_default_str();
+
+  auto* st = app.add_subcommand("status", "Show protected VMs on this host");
+  std::string st_name;
+  st->add_option("VM", st_name, "Only this VM");
+  st->add_flag("--json", json, "Machine-readable output");
+
+  auto* fo = app.add_subcommand("failover", "Planned switchover: final checkpoint, twin resumes, primary stops");
+  std::string fo_name;
+  fo->add_option("VM", fo_name, "VM name")->required();
+
+  auto* di = app.add_subcommand("disable", "End protection: destroy the twin, leave the guest running here");
+  std::string di_name;
+  di->add_option("VM", di_name, "VM name")->required();
+
+  auto* fa = app.add_subcommand("fault", "Inject a fault (tests; ftd needs --enable-fault-injection)");
+  fa->group("");  // hidden from --help
+  std::string fa_name, fa_kind;
+  fa->add_option("VM", fa_name)->required();
+  fa->add_option("KIND", fa_kind, "crash-mid-epoch | corrupt-then-crash | corrupt-once")->required();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? 0 : kUsage;
+  }
+
+  auto fail_with = [&](const nlohmann::json& r) {
+    fmt::print(stderr, "ftctl: {}\n", r.value("error", "unknown error"));
+    return code_for(r);
+  };
+
+  try {
+    if (*en) {
+      auto r = ctl.call({{"cmd", "enable"}, {"qmp", qmp}, {"peer", peer}, {"name", name}, {"epoch_ms", epoch_ms},
+                         {"max_sync_passes", passes}});
+      if (!r.value("ok", false)) return fail_with(r);
+      const std::string vm = r.value("name", name);
+      fmt::print("{}\n", r.value("message", ""));
+      if (no_wait) return kOk;
+      auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+      std::string last;
+      for (;;) {
+        auto s = ctl.call({{"cmd", "status"}, {"name", vm}});
+        if (!s.value("ok", false)) return fail_with(s);
+        nlohmann::json v;
+        for (const auto& x : s["vms"])
+          if (x.value("role", "") == "primary") v = x;
+        std::string state = v.value("state", "?");
+        if (state != last) {
+          fmt::print("{}: {}{}\n", vm, state, v.value("reason", "").empty() ? "" : " (" + v.value("reason", "") + ")");
+          last = state;
+        }
+        if (state == "protected") {
+          fmt::print("{}: protected; epoch {}, sync {} pages in {} passes ({:.0f} ms)\n", vm, v.value("epoch", 0),
+                     v["sync"].value("pages", 0), v["sync"].value("passes", 0), v["sync"].value("ms", 0.0));
+          return kOk;
+        }
+        if (state == "primary-lost" || state == "disabled" || state == "failed-over") return kFailed;
+        if (state == "degraded" && !v.value("reason", "").empty() && std::chrono::steady_clock::now() > deadline) {
+          fmt::print(stderr, "ftctl: {} is degraded: {}\n", vm, v.value("reason", ""));
+          return kFailed;
+        }
+        if (std::chrono::steady_clock::now() > deadline) {
+          fmt::print(stderr, "ftctl: {} not protected after {} s (state {})\n", vm, timeout_s, state);
+          return kFailed;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+    }
+    if (*st) {
+      nlohmann::json req = {{"cmd", "status"}};
+      if (!st_name.empty()) req["name"] = st_name;
+      auto r = ctl.call(req);
+      if (!r.value("ok", false)) return fail_with(r);
+      if (json)
+        fmt::print("{}\n", r["vms"].dump(2));
+      else
+        print_human(r["vms"]);
+      return kOk;
+    }
+    if (*fo || *di || *fa) {
+      nlohmann::json req = *fo ? nlohmann::json{{"cmd", "failover"}, {"name", fo_name}}
+                         : *di ? nlohmann::json{{"cmd", "disable"}, {"name", di_name}}
+                               : nlohmann::json{{"cmd", "fault"}, {"name", fa_name}, {"fault", fa_kind}};
+      auto r = ctl.call(req);
+      if (!r.value("ok", false)) return fail_with(r);
+      fmt::print("{}\n", r.value("message", "ok"));
+      return kOk;
+    }
+  } catch (const ftvm::SysError& e) {
+    fmt::print(stderr, "ftctl: {}\n", e.what());
+    return kUnreachable;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "ftctl: {}\n", e.what());
+    return kFailed;
+  }
+  return kUsage;
+}

@@ -1,1 +1,267 @@
-// placeholder: being written
+#include "tools/ftd/daemon.h"
+
+#include <dirent.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "tools/ftd/control.h"
+
+namespace ftvm::ftd {
+
+namespace {
+
+nlohmann::json err(const std::string& code, const std::string& msg) {
+  return {{"ok", false}, {"code", code}, {"error", msg}};
+}
+
+std::string need_string(const nlohmann::json& req, const char* key) {
+  auto it = req.find(key);
+  if (it == req.end() || !it->is_string() || it->get<std::string>().empty())
+    throw std::invalid_argument(fmt::format("missing or empty string argument '{}'", key));
+  return it->get<std::string>();
+}
+
+unsigned opt_uint(const nlohmann::json& req, const char* key, unsigned def) {
+  auto it = req.find(key);
+  if (it == req.end() || it->is_null()) return def;
+  if (!it->is_number_unsigned()) throw std::invalid_argument(fmt::format("argument '{}' must be a positive integer", key));
+  return it->get<unsigned>();
+}
+
+}  // namespace
+
+Daemon::Daemon(DaemonConfig cfg) : cfg_(std::move(cfg)) {
+  if (cfg_.control_socket.empty()) cfg_.control_socket = cfg_.run_dir + "/ftd.sock";
+  std::filesystem::create_directories(cfg_.run_dir);
+  ::chmod(cfg_.run_dir.c_str(), 0700);
+  kill_stale_twins();
+  if (!cfg_.listen.empty()) {
+    auto hp = transport::tcp::parse_host_port(cfg_.listen);
+    transport::Options o;
+    o.heartbeat_interval = cfg_.heartbeat_interval;
+    listener_ = std::make_unique<transport::tcp::Listener>(hp.host, hp.port, o);
+    listen_address_ = listener_->local_address();
+  }
+}
+
+Daemon::~Daemon() = default;
+
+void Daemon::kill_stale_twins() {
+  const auto dir = cfg_.run_dir + "/vms";
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    std::ifstream pf(e.path() / "twin.pid");
+    pid_t pid = 0;
+    if (!(pf >> pid) || pid <= 0) continue;
+    std::ifstream cf(fmt::format("/proc/{}/cmdline", pid));
+    std::string cmd((std::istreambuf_iterator<char>(cf)), std::istreambuf_iterator<char>());
+    if (cmd.find(e.path().string()) != std::string::npos) {
+      log::warn("ftd", "killing stale paused twin pid {} left by an earlier ftd in {}", pid, e.path().string());
+      ::kill(pid, SIGKILL);
+    }
+    std::filesystem::remove(e.path() / "twin.pid", ec);
+  }
+}
+
+int Daemon::run() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  UniqueFd sfd(check_sys(::signalfd(-1, &set, SFD_CLOEXEC), "signalfd"));
+  UniqueFd ctl = listen_control(cfg_.control_socket);
+  log::info("ftd", "ftd ready: control {}, replication {}", cfg_.control_socket,
+            listen_address_.empty() ? "(not listening)" : listen_address_);
+  std::thread lt;
+  if (listener_) lt = std::thread([this] { listen_loop(); });
+
+  for (;;) {
+    pollfd p[2] = {{ctl.get(), POLLIN, 0}, {sfd.get(), POLLIN, 0}};
+    int r = ::poll(p, 2, -1);
+    if (r < 0 && errno == EINTR) continue;
+    check_sys(r, "poll control socket");
+    if (p[1].revents) {
+      signalfd_siginfo si{};
+      if (::read(sfd.get(), &si, sizeof si) < 0) log::warn("ftd", "reading signalfd failed");
+      log::info("ftd", "signal {} received: shutting down", si.ssi_signo);
+      break;
+    }
+    if (p[0].revents) {
+      UniqueFd c(::accept4(ctl.get(), nullptr, nullptr, SOCK_CLOEXEC));
+      if (!c) continue;
+      std::thread([this, c = std::move(c)]() mutable {
+        serve_control_client(std::move(c), [this](const nlohmann::json& req) { return handle(req); });
+      }).detach();
+    }
+  }
+  stop_ = true;
+  if (lt.joinable()) lt.join();
+  std::map<std::string, std::shared_ptr<PrimarySession>> prim;
+  std::vector<std::shared_ptr<StandbySession>> stb;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    prim = primaries_;
+    stb = standbys_;
+  }
+  for (auto& [n, s] : prim) {
+    if (s->finished()) continue;
+    try {
+      log::info("ftd", "{}: {}", n, s->disable(std::chrono::seconds(10)));
+    } catch (const std::exception& e) {
+      log::error("ftd", "{}: disable at shutdown failed: {}", n, e.what());
+    }
+  }
+  for (auto& s : stb) s->abort("ftd is shutting down");
+  for (auto& s : stb) s->join();
+  ::unlink(cfg_.control_socket.c_str());
+  log::info("ftd", "ftd stopped");
+  return 0;
+}
+
+void Daemon::listen_loop() {
+  while (!stop_) {
+    std::unique_ptr<transport::Connection> c;
+    try {
+      c = listener_->accept(std::chrono::milliseconds(200));
+    } catch (const std::exception& e) {
+      log::warn("ftd", "rejected an incoming replication connection: {}", e.what());
+      continue;
+    }
+    if (!c) continue;
+    log::info("ftd", "replication connection from {}", c->peer());
+    auto s = std::make_shared<StandbySession>(
+        cfg_, std::move(c), [this](const std::string& n, StandbySession* self) { claim_standby(n, self); });
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      // Forget sessions that ended without activating; keep active ones for status.
+      std::erase_if(standbys_, [](const auto& x) { return x->finished() && !x->active() && x.use_count() == 1; });
+      standbys_.push_back(s);
+    }
+    s->start();
+  }
+}
+
+void Daemon::claim_standby(const std::string& name, StandbySession* self) {
+  std::vector<std::shared_ptr<StandbySession>> old;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto p = primaries_.find(name);
+    if (p != primaries_.end() && !p->second->finished())
+      fail("VM '{}' is protected from this host as a primary; a host cannot be its own standby", name);
+    for (auto& s : standbys_) {
+      if (s.get() == self || s->name() != name) continue;
+      if (s->active())
+        fail("VM '{}' already failed over to this host and runs here; refusing to create another twin", name);
+      if (!s->finished()) old.push_back(s);
+    }
+  }
+  for (auto& s : old) {
+    log::info("ftd", "{}: a new session from the primary replaces the previous one", name);
+    s->abort("replaced by a new session from the primary");
+    s->join();
+  }
+}
+
+std::shared_ptr<PrimarySession> Daemon::primary(const std::string& name) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = primaries_.find(name);
+  return it == primaries_.end() ? nullptr : it->second;
+}
+
+nlohmann::json Daemon::handle(const nlohmann::json& req) {
+  std::string cmd = req.value("cmd", "");
+  try {
+    if (cmd == "ping") return {{"ok", true}, {"version", FTVM_VERSION}, {"listen", listen_address_}};
+    if (cmd == "enable") return cmd_enable(req);
+    if (cmd == "status") return cmd_status(req);
+    if (cmd == "failover") return cmd_failover(req);
+    if (cmd == "disable") return cmd_disable(req);
+    if (cmd == "fault") return cmd_fault(req);
+    return err("bad_request", fmt::format("unknown command '{}' (known: ping, enable, status, failover, disable)", cmd));
+  } catch (const std::invalid_argument& e) {
+    return err("bad_request", fmt::format("{}: {}", cmd, e.what()));
+  } catch (const std::exception& e) {
+    return err("failed", e.what());
+  }
+}
+
+nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
+  EnableRequest r;
+  r.qmp_socket = need_string(req, "qmp");
+  r.peer = need_string(req, "peer");
+  r.name = req.value("name", "");
+  r.epoch_ms = opt_uint(req, "epoch_ms", 25);
+  r.max_sync_passes = opt_uint(req, "max_sync_passes", 8);
+  std::shared_ptr<PrimarySession> s;
+  try {
+    s = std::make_shared<PrimarySession>(cfg_, r);
+  } catch (const std::exception& e) {
+    return err("refused", e.what());
+  }
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = primaries_.find(s->name());
+    if (it != primaries_.end() && !it->second->finished())
+      return err("refused", fmt::format("VM '{}' is already protected (state {}); disable it first", s->name(),
+                                        it->second->status()["state"].get<std::string>()));
+    primaries_[s->name()] = s;
+  }
+  s->start();
+  return {{"ok", true}, {"name", s->name()}, {"message", fmt::format("protecting VM '{}': syncing to {}", s->name(), r.peer)}};
+}
+
+nlohmann::json Daemon::cmd_status(const nlohmann::json& req) {
+  std::string want = req.value("name", "");
+  nlohmann::json vms = nlohmann::json::array();
+  std::lock_guard<std::mutex> g(mu_);
+  for (auto& [n, s] : primaries_)
+    if (want.empty() || n == want) vms.push_back(s->status());
+  for (auto& s : standbys_)
+    if (want.empty() || s->name() == want) vms.push_back(s->status());
+  if (!want.empty() && vms.empty()) return err("not_found", fmt::format("no VM named '{}' on this host", want));
+  return {{"ok", true}, {"vms", vms}, {"listen", listen_address_}};
+}
+
+nlohmann::json Daemon::cmd_failover(const nlohmann::json& req) {
+  auto name = need_string(req, "name");
+  auto s = primary(name);
+  if (!s) return err("not_found", fmt::format("no VM named '{}' is protected from this host (run ftctl on the primary)", name));
+  try {
+    return {{"ok", true}, {"message", s->failover(std::chrono::milliseconds(opt_uint(req, "timeout_ms", 60000)))}};
+  } catch (const std::exception& e) {
+    return err("failed", e.what());
+  }
+}
+
+nlohmann::json Daemon::cmd_disable(const nlohmann::json& req) {
+  auto name = need_string(req, "name");
+  auto s = primary(name);
+  if (!s) return err("not_found", fmt::format("no VM named '{}' is protected from this host", name));
+  auto msg = s->disable(std::chrono::seconds(30));
+  std::lock_guard<std::mutex> g(mu_);
+  primaries_.erase(name);
+  return {{"ok", true}, {"message", msg}};
+}
+
+nlohmann::json Daemon::cmd_fault(const nlohmann::json& req) {
+  if (!cfg_.fault_injection)
+    return err("refused", "fault injection is disabled (start ftd with --enable-fault-injection; tests only)");
+  auto name = need_string(req, "name");
+  auto f = parse_fault(need_string(req, "fault"));
+  auto s = primary(name);
+  if (!s) return err("not_found", fmt::format("no VM named '{}' is protected from this host", name));
+  s->inject_fault(f);
+  return {{"ok", true}, {"message", "fault armed"}};
+}
+
+}  // namespace ftvm::ftd

@@ -1,1 +1,77 @@
-int main(){return 0;}
+// ftd: the ftvm daemon, one per host. See docs/ARCHITECTURE.md and `ftd --help`.
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "tools/ftd/daemon.h"
+
+int main(int argc, char** argv) {
+  ftvm::ftd::DaemonConfig cfg;
+  CLI::App app{"ftd - ftvm daemon: protects QEMU guests by continuous checkpointing to a standby host.\n"
+               "Run one on the primary and one on the standby host; drive them with ftctl."};
+  app.set_version_flag("--version", FTVM_VERSION);
+  std::string log_file, level = "info";
+  unsigned hb_ms = 400, hb_interval_ms = 50, ack_ms = 3000, reconnect_ms = 1000;
+  bool no_verify = false;
+  app.add_option("--run-dir", cfg.run_dir, "Directory for the control socket, twins and their logs")
+      ->capture_default_str();
+  app.add_option("--control", cfg.control_socket, "Control socket path (default: RUN_DIR/ftd.sock)");
+  app.add_option("--listen", cfg.listen,
+                 "Address for replication connections from primaries, HOST:PORT ('' to not act as a standby)")
+      ->capture_default_str();
+  app.add_option("--heartbeat-timeout-ms", hb_ms, "Standby: primary silence before the twin takes over")
+      ->capture_default_str()
+      ->check(CLI::Range(50u, 60000u));
+  app.add_option("--heartbeat-interval-ms", hb_interval_ms, "Heartbeat period on idle links")
+      ->capture_default_str()
+      ->check(CLI::Range(5u, 10000u));
+  app.add_option("--ack-timeout-ms", ack_ms, "Primary: no ack for this long makes the VM degraded")
+      ->capture_default_str()
+      ->check(CLI::Range(100u, 600000u));
+  app.add_option("--reconnect-ms", reconnect_ms, "Primary: retry period towards a lost standby")
+      ->capture_default_str()
+      ->check(CLI::Range(10u, 600000u));
+  app.add_option("--stats-dir", cfg.stats_dir, "Write per-epoch measurements as JSON lines here (benchmarks)");
+  app.add_flag("--no-verify-activation", no_verify,
+               "Skip the full-RAM digest check of the twin before it resumes (saves ~0.1 ms per MiB of guest RAM)");
+  app.add_flag("--enable-fault-injection", cfg.fault_injection, "Accept `ftctl fault` (for tests only)");
+  app.add_option("--log", log_file, "Append the log to this file instead of stderr");
+  app.add_option("--log-level", level, "debug, info, warn or error")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"debug", "info", "warn", "error"}));
+  CLI11_PARSE(app, argc, argv);
+  if (hb_interval_ms * 2 > hb_ms) {
+    fmt::print(stderr, "ftd: --heartbeat-interval-ms ({}) must be at most half of --heartbeat-timeout-ms ({})\n",
+               hb_interval_ms, hb_ms);
+    return 2;
+  }
+  cfg.heartbeat_timeout = std::chrono::milliseconds(hb_ms);
+  cfg.heartbeat_interval = std::chrono::milliseconds(hb_interval_ms);
+  cfg.ack_timeout = std::chrono::milliseconds(ack_ms);
+  cfg.reconnect_interval = std::chrono::milliseconds(reconnect_ms);
+  cfg.verify_activation = !no_verify;
+
+  // Signals: SIGTERM/SIGINT are read from a signalfd by the main loop, so block them in every
+  // thread (threads inherit this mask); a peer that vanishes must not kill us with SIGPIPE.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  try {
+    using ftvm::log::Level;
+    ftvm::log::set_level(level == "debug" ? Level::Debug : level == "warn" ? Level::Warn
+                         : level == "error" ? Level::Error : Level::Info);
+    if (!log_file.empty()) ftvm::log::set_file(log_file);
+    ftvm::ftd::Daemon d(cfg);
+    return d.run();
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "ftd: {}\n", e.what());
+    ftvm::log::error("ftd", "fatal: {}", e.what());
+    return 1;
+  }
+}

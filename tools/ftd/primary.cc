@@ -1,1 +1,719 @@
-// placeholder: being written
+#include "tools/ftd/primary.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <random>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "transport/tcp/tcp_transport.h"
+#include "vmm-glue/qemu_cmdline.h"
+#include "vmm-glue/uffd_wp_tracker.h"
+
+namespace ftvm::ftd {
+
+using checkpoint::kPageSize;
+using checkpoint::MsgType;
+using Clock = std::chrono::steady_clock;
+namespace cp = checkpoint;
+
+namespace {
+
+// The QEMU process is gone; the session ends (the standby takes over).
+class QemuGone : public Error {
+ public:
+  using Error::Error;
+};
+
+double us_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::micro>(b - a).count();
+}
+
+template <typename T>
+void send_msg(transport::Connection& c, const T& m) {
+  auto body = cp::encode(m);
+  c.send_control(static_cast<uint16_t>(cp::type_of<T>()), body);
+}
+
+std::string default_name(const std::vector<std::string>& argv, const std::string& qmp_path) {
+  for (size_t i = 0; i + 1 < argv.size(); i++) {
+    if (argv[i] == "-name" || argv[i] == "--name") {
+      for (const auto& kv : vmm::split_keyval(argv[i + 1])) {
+        if (kv.rfind("guest=", 0) == 0) return kv.substr(6);
+        if (kv.find('=') == std::string::npos) return kv;
+      }
+    }
+  }
+  auto base = qmp_path.substr(qmp_path.find_last_of('/') + 1);
+  auto dot = base.find('.');
+  return dot == std::string::npos ? base : base.substr(0, dot);
+}
+
+}  // namespace
+
+PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
+    : cfg_(cfg), req_(std::move(req)), qmp_(vmm::QmpClient::connect(req_.qmp_socket)) {
+  if (req_.epoch_ms < 1 || req_.epoch_ms > 10000)
+    fail("--epoch-ms {} is out of range (1..10000 ms; 25 is the default)", req_.epoch_ms);
+  auto hp = transport::tcp::parse_host_port(req_.peer);
+  host_ = hp.host;
+  port_ = hp.port ? hp.port : 7410;
+  qemu_pid_ = qmp_.peer_pid();
+  argv_ = vmm::read_cmdline(qemu_pid_);
+  name_ = req_.name.empty() ? default_name(argv_, req_.qmp_socket) : req_.name;
+
+  std::vector<std::string> problems = vmm::check_protectable(argv_);
+  auto st = qmp_.execute("query-status");
+  const std::string run_state = st.value("status", "");
+  if (run_state != "running" && run_state != "paused")
+    problems.push_back(fmt::format("the VM is in state '{}'; only a running (or paused) VM can be protected", run_state));
+  std::string why;
+  if (!vmm::UffdWpTracker::supported(&why)) problems.push_back("dirty-page tracking unavailable: " + why);
+  if (!problems.empty()) {
+    std::string msg = fmt::format("VM '{}' (QEMU pid {}, {}) cannot be protected:", name_, qemu_pid_, req_.qmp_socket);
+    for (const auto& p : problems) msg += "\n  - " + p;
+    throw Error(msg);
+  }
+
+  // The main RAM backend: the memdev the tracker and the copies work on.
+  auto memdevs = qmp_.execute("query-memdev");
+  if (!memdevs.is_array() || memdevs.size() != 1)
+    fail("VM '{}': expected exactly one memory backend from query-memdev, got {}", name_, memdevs.dump());
+  ram_size_ = memdevs[0].value("size", uint64_t{0});
+  auto gr = vmm::find_guest_ram(qemu_pid_, ram_size_);
+  ram_ = std::make_unique<vmm::MappedRam>(qemu_pid_, gr, /*writable=*/false);
+  watch_ = std::make_unique<vmm::ProcessWatch>(qemu_pid_);
+  tracker_ = std::make_unique<vmm::UffdWpTracker>(qemu_pid_, gr.addr, gr.size);
+  ram_digest_ = std::make_unique<cp::RamDigest>(ram_size_ / kPageSize);
+  tracker_name_ = tracker_->name();
+
+  // Device state goes into a memfd that QEMU writes through /dev/fdset/N. QEMU insists on
+  // the access mode it asks for (O_WRONLY), so it gets a write-only description of the same
+  // file; ftd reads through its own read-write one.
+  devstate_rw_.reset(check_sys(::memfd_create(("ftvm-devstate-" + name_).c_str(), MFD_CLOEXEC),
+                               "memfd_create for device state"));
+  devstate_wo_.reset(check_sys(::open(fmt::format("/proc/self/fd/{}", devstate_rw_.get()).c_str(), O_WRONLY | O_CLOEXEC),
+                               "reopen device-state memfd write-only"));
+  auto r = qmp_.execute_with_fd("add-fd", {{"opaque", "ftvm device state"}}, devstate_wo_.get());
+  devstate_path_ = fmt::format("/dev/fdset/{}", r.at("fdset-id").get<int64_t>());
+
+  if (!cfg_.stats_dir.empty()) {
+    auto p = fmt::format("{}/{}.epochs.jsonl", cfg_.stats_dir, name_);
+    stats_fd_.reset(::open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    if (!stats_fd_) throw SysError(errno, "open stats file " + p, "check --stats-dir");
+  }
+  std::random_device rd;
+  session_id_ = (uint64_t{rd()} << 32) | rd();
+  log::info("primary", "{}: QEMU pid {}, RAM {} MiB at {:#x} ({}), tracker {}, epoch {} ms, standby {}:{}", name_,
+            qemu_pid_, ram_size_ >> 20, gr.addr, gr.backing, tracker_->name(), req_.epoch_ms, host_, port_);
+}
+
+PrimarySession::~PrimarySession() {
+  stop_ = true;
+  if (thread_.joinable()) thread_.join();
+}
+
+void PrimarySession::start() {
+  guard_ = std::make_unique<Guard>(qemu_pid_, name_.c_str());
+  guard_pid_ = guard_->pid();
+  thread_ = std::thread([this] { run(); });
+}
+
+void PrimarySession::set_state(const std::string& s, const std::string& reason) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (s != state_) log::info("primary", "{}: state {} -> {}{}{}", name_, state_, s, reason.empty() ? "" : ": ", reason);
+  state_ = s;
+  reason_ = reason;
+}
+
+void PrimarySession::inject_fault(Fault f) {
+  fault_ = f;
+  log::warn("primary", "{}: fault injection armed", name_);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thread body
+
+void PrimarySession::run() {
+  while (!stop_) {
+    try {
+      if (!conn_) connect_and_sync();
+      if (service_command()) break;
+      wait_for_epoch_boundary();
+      if (service_command()) break;
+      checkpoint(false);
+    } catch (const QemuGone& e) {
+      log::error("primary", "{}: {}", name_, e.what());
+      if (conn_) {
+        try {
+          send_msg(*conn_, cp::PrimaryLost{session_id_, e.what()});
+          conn_->flush();
+        } catch (const std::exception& e2) {
+          log::warn("primary", "{}: could not tell the standby: {}", name_, e2.what());
+        }
+      }
+      set_state("primary-lost", e.what());
+      break;
+    } catch (const std::exception& e) {
+      // Either the link (LinkDown, ProtocolError, connect failures) or a QEMU-side failure
+      // while QEMU is alive. The guest must keep running in both cases.
+      try {
+        check_qemu();
+      } catch (const QemuGone& g) {
+        set_state("primary-lost", g.what());
+        break;
+      }
+      link_failed(e.what());
+    }
+  }
+  // Whatever happened, never leave the guest paused behind.
+  try {
+    if (state_ != "failed-over" && state_ != "primary-lost") ensure_running();
+  } catch (const std::exception& e) {
+    log::error("primary", "{}: could not resume the guest: {}", name_, e.what());
+  }
+  std::deque<std::unique_ptr<Command>> left;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    left.swap(commands_);
+  }
+  for (auto& c : left) c->done.set_exception(std::make_exception_ptr(Error("session of " + name_ + " ended: " + state_)));
+  finished_ = true;
+}
+
+void PrimarySession::check_qemu() {
+  if (!watch_->alive()) throw QemuGone(fmt::format("primary QEMU (pid {}) exited", qemu_pid_));
+}
+
+void PrimarySession::ensure_running() {
+  if (!paused_by_us_) return;
+  qmp_.execute("cont");
+  paused_by_us_ = false;
+  last_cont_ = Clock::now();
+}
+
+void PrimarySession::link_failed(const std::string& why) {
+  log::error("primary", "{}: replication to {}:{} failed: {}", name_, host_, port_, why);
+  try {
+    ensure_running();
+  } catch (const std::exception& e) {
+    log::error("primary", "{}: resuming the guest failed: {}", name_, e.what());
+  }
+  if (conn_) {
+    // Best effort: tell the standby to drop the twin rather than take over. If the link is
+    // truly down this does not arrive and the standby may take over: see docs (partition).
+    try {
+      send_msg(*conn_, cp::Disable{session_id_});
+      conn_->flush();
+    } catch (const std::exception&) {
+    }
+    conn_.reset();
+  }
+  try {
+    guard_->disarm();
+  } catch (const std::exception& e) {
+    log::error("primary", "{}: {}", name_, e.what());
+  }
+  inflight_ = 0;
+  retransmits_ = 0;
+  set_state("degraded", why);
+  // Wait before retrying, still answering commands and noticing QEMU's death.
+  auto until = Clock::now() + cfg_.reconnect_interval;
+  while (!stop_ && Clock::now() < until) {
+    if (service_command()) {
+      stop_ = true;
+      return;
+    }
+    check_qemu();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup and full sync
+
+void PrimarySession::connect_and_sync() {
+  set_state(state_ == "degraded" ? "degraded" : "connecting", reason_);
+  transport::Options opts;
+  opts.heartbeat_interval = cfg_.heartbeat_interval;
+  conn_ = transport::tcp::connect_tcp(host_, port_, opts);
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    link_peer_ = conn_->peer();
+    link_backend_ = conn_->backend();
+  }
+  std::random_device rd;
+  session_id_ = (uint64_t{rd()} << 32) | rd();
+  cp::OpenSession o;
+  o.session_id = session_id_;
+  o.ram_size = ram_size_;
+  o.vm_name = name_;
+  o.qemu_argv = argv_;
+  send_msg(*conn_, o);
+  auto deadline = Clock::now() + std::chrono::seconds(60);
+  std::optional<transport::ControlMessage> m;
+  while (!m) {
+    if (Clock::now() > deadline) throw LinkDown("standby did not answer OpenSession within 60 s");
+    check_qemu();
+    m = conn_->poll(std::chrono::milliseconds(50));
+  }
+  if (m->type == static_cast<uint16_t>(MsgType::Error))
+    throw ProtocolError("standby refused the session: " + cp::decode<cp::ErrorMsg>(m->body).text);
+  if (m->type != static_cast<uint16_t>(MsgType::SessionReady))
+    throw ProtocolError(fmt::format("standby answered OpenSession with message type {}", m->type));
+  auto ready = cp::decode<cp::SessionReady>(m->body);
+  if (ready.session_id != session_id_) throw ProtocolError("standby answered for another session id");
+  capacity_ = ready.staging_capacity;
+  log::info("primary", "{}: standby {} ready (twin pid {}, staging {} KiB); full sync of {} MiB", name_,
+            conn_->peer(), ready.twin_pid, capacity_ >> 10, ram_size_ >> 20);
+  set_state("syncing");
+
+  auto t0 = Clock::now();
+  epoch_ = 0;
+  inflight_ = 0;
+  carry_.clear();
+  dirty_.clear();
+  tracker_->collect_and_reset(dirty_);  // arms tracking before the copy; reports every page
+  dirty_.resize(ram_size_ / kPageSize);
+  for (uint64_t i = 0; i < dirty_.size(); i++) dirty_[i] = i;
+  uint64_t total = 0;
+  unsigned pass = 0;
+  const uint64_t small = std::max<uint64_t>(256, ram_size_ / kPageSize / 512);
+  for (;;) {
+    send_ram_pages(dirty_);
+    total += dirty_.size();
+    pass++;
+    dirty_.clear();
+    tracker_->collect_and_reset(dirty_);
+    log::info("primary", "{}: sync pass {} done, {} pages written meanwhile", name_, pass, dirty_.size());
+    if (dirty_.size() <= small || pass >= req_.max_sync_passes) break;
+  }
+  carry_ = dirty_;  // goes into epoch 1, together with what the pause finds
+  conn_->flush();
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    sync_ms_ = ms_since(t0);
+    sync_pages_ = total;
+    sync_passes_ = pass;
+  }
+  log::info("primary", "{}: sync sent {} pages in {} passes, {:.0f} ms", name_, total, pass, ms_since(t0));
+  last_cont_ = Clock::now() - std::chrono::milliseconds(req_.epoch_ms);  // first checkpoint at once
+}
+
+void PrimarySession::send_ram_pages(const std::vector<uint64_t>& pages) {
+  auto ram = ram_->span();
+  constexpr uint64_t kMaxRun = 256;  // 1 MiB per write
+  size_t i = 0, since_pump = 0;
+  while (i < pages.size()) {
+    size_t j = i + 1;
+    while (j < pages.size() && pages[j] == pages[j - 1] + 1 && j - i < kMaxRun) j++;
+    const uint64_t off = pages[i] * kPageSize, len = (j - i) * kPageSize;
+    for (size_t k = i; k < j; k++) ram_digest_->update(pages[k], ram.data() + pages[k] * kPageSize);
+    conn_->write(cp::kRegionRam, off, std::span<const std::byte>(ram.data() + off, len));
+    since_pump += j - i;
+    if (since_pump >= 4096) {  // every 16 MiB: keep heartbeats and inbound errors flowing
+      since_pump = 0;
+      conn_->flush();
+      pump(std::chrono::milliseconds(0));
+      check_qemu();
+    }
+    i = j;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Steady state
+
+void PrimarySession::pump(std::chrono::milliseconds timeout) {
+  auto m = conn_->poll(timeout);
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    link_idle_ms_ = static_cast<double>(conn_->idle_for().count());
+    bytes_sent_total_ = conn_->bytes_sent();
+  }
+  if (m) handle(*m);
+}
+
+void PrimarySession::handle(const transport::ControlMessage& m) {
+  switch (static_cast<MsgType>(m.type)) {
+    case MsgType::Ack: {
+      auto a = cp::decode<cp::Ack>(m.body);
+      if (a.session_id != session_id_) throw ProtocolError("Ack for an unknown session id");
+      if (a.epoch != inflight_)
+        throw ProtocolError(fmt::format("Ack for epoch {} but epoch {} is in flight", a.epoch, inflight_));
+      if (a.status == cp::AckStatus::Rejected) {
+        std::lock_guard<std::mutex> g(mu_);
+        rejected_++;
+      }
+      if (a.status == cp::AckStatus::Rejected) {
+        log::warn("primary", "{}: standby rejected epoch {}: {}", name_, a.epoch, a.reason);
+        if (fault_ == Fault::CorruptThenCrash) {
+          log::error("primary", "{}: fault injection: exiting after the rejection of epoch {}", name_, a.epoch);
+          _exit(9);
+        }
+        if (++retransmits_ > 3) throw ProtocolError(fmt::format("epoch {} rejected 4 times: {}", a.epoch, a.reason));
+        send_epoch(a.epoch, false);
+        return;
+      }
+      const double ack_ms = ms_since(commit_sent_);
+      inflight_ = 0;
+      retransmits_ = 0;
+      std::lock_guard<std::mutex> g(mu_);
+      last_acked_ = a.epoch;
+      acked_cut_wall_ms_ = inflight_cut_wall_ms_;
+      ack_ms_.add(ack_ms);
+      if (pending_rec_) {
+        pending_rec_->ack_us = ack_ms * 1000;
+        last_rec_ = *pending_rec_;
+        if (stats_fd_) {
+          const auto& r = *pending_rec_;
+          nlohmann::json j = {{"epoch", r.epoch}, {"pages", r.pages}, {"devstate_bytes", r.devstate_bytes},
+                              {"staged_bytes", r.staged_bytes}, {"stop_us", r.stop_us}, {"scan_us", r.scan_us},
+                              {"copy_us", r.copy_us}, {"devstate_us", r.devstate_us}, {"cont_us", r.cont_us},
+                              {"pause_us", r.pause_us}, {"send_us", r.send_us}, {"ack_us", r.ack_us},
+                              {"wall_ms", r.wall_ms}, {"ram_digest", fmt::format("{:016x}", r.ram_digest)}};
+          auto line = j.dump() + "\n";
+          if (::write(stats_fd_.get(), line.data(), line.size()) < 0)
+            log::warn("primary", "{}: writing stats failed: {}", name_, std::strerror(errno));
+        }
+        pending_rec_.reset();
+      }
+      if (state_ == "syncing" || state_ == "degraded" || state_ == "connecting") {
+        state_ = "protected";
+        reason_.clear();
+        log::info("primary", "{}: state -> protected (epoch {} committed on the standby)", name_, a.epoch);
+      }
+      return;
+    }
+    case MsgType::Error:
+      throw ProtocolError("standby reported: " + cp::decode<cp::ErrorMsg>(m.body).text);
+    default:
+      throw ProtocolError(fmt::format("unexpected message {} from the standby",
+                                      cp::to_string(static_cast<MsgType>(m.type))));
+  }
+}
+
+void PrimarySession::wait_for_epoch_boundary() {
+  const auto deadline = last_cont_ + std::chrono::milliseconds(req_.epoch_ms);
+  for (;;) {
+    check_qemu();
+    auto now = Clock::now();
+    if (inflight_ && now - commit_sent_ > cfg_.ack_timeout)
+      throw LinkDown(fmt::format("no ack for epoch {} within {} ms", inflight_, cfg_.ack_timeout.count()));
+    if (!inflight_ && now >= deadline) return;
+    auto wait = inflight_ ? std::chrono::milliseconds(20)
+                          : std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now);
+    pump(std::max(wait, std::chrono::milliseconds(0)));
+    if (stop_) return;
+  }
+}
+
+void PrimarySession::wait_ack(uint64_t epoch) {
+  while (inflight_ == epoch) {
+    check_qemu();
+    if (Clock::now() - commit_sent_ > cfg_.ack_timeout)
+      throw LinkDown(fmt::format("no ack for epoch {} within {} ms", epoch, cfg_.ack_timeout.count()));
+    pump(std::chrono::milliseconds(20));
+  }
+}
+
+void PrimarySession::read_device_state() {
+  struct stat st {};
+  check_sys(::fstat(devstate_rw_.get(), &st), "fstat device-state memfd");
+  auto area = stager_.device_state_area(static_cast<size_t>(st.st_size));
+  size_t got = 0;
+  while (got < area.size()) {
+    ssize_t n = ::pread(devstate_rw_.get(), area.data() + got, area.size() - got, static_cast<off_t>(got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) throw SysError(n < 0 ? errno : EIO, "read device state back from its memfd");
+    got += static_cast<size_t>(n);
+  }
+}
+
+void PrimarySession::checkpoint(bool final) {
+  cp::EpochRecord rec;
+  rec.epoch = ++epoch_;
+  rec.wall_ms = wall_ms();
+  const auto t0 = Clock::now();
+  try {
+    qmp_.execute("stop");
+  } catch (const std::exception& e) {
+    check_qemu();
+    throw;
+  }
+  paused_by_us_ = true;
+  const auto t1 = Clock::now();
+  dirty_.clear();
+  tracker_->collect_and_reset(dirty_);
+  if (!carry_.empty()) {
+    std::vector<uint64_t> merged;
+    std::set_union(dirty_.begin(), dirty_.end(), carry_.begin(), carry_.end(), std::back_inserter(merged));
+    dirty_.swap(merged);
+    carry_.clear();
+  }
+  const auto t2 = Clock::now();
+  stager_.stage_pages(dirty_, ram_->span());
+  const auto t3 = Clock::now();
+  check_sys(::lseek(devstate_wo_.get(), 0, SEEK_SET), "rewind device-state memfd");
+  qmp_.execute("xen-save-devices-state", {{"filename", devstate_path_}, {"live", false}});
+  read_device_state();
+  const auto t4 = Clock::now();
+  if (!final) {
+    qmp_.execute("cont");
+    paused_by_us_ = false;
+  }
+  const auto t5 = Clock::now();
+  last_cont_ = t5;
+  rec.stop_us = us_between(t0, t1);
+  rec.scan_us = us_between(t1, t2);
+  rec.copy_us = us_between(t2, t3);
+  rec.devstate_us = us_between(t3, t4);
+  rec.cont_us = us_between(t4, t5);
+  rec.pause_us = us_between(t0, t5);
+  rec.pages = stager_.page_count();
+  rec.devstate_bytes = stager_.device_state_bytes();
+  rec.staged_bytes = stager_.bytes().size();
+  stager_.update_ram_digest(*ram_digest_);
+  rec.ram_digest = ram_digest_->value();
+
+  const auto s0 = Clock::now();
+  send_epoch(rec.epoch, final);
+  rec.send_us = us_between(s0, Clock::now());
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    epochs_cut_++;
+    if (!final) pause_ms_.add(rec.pause_us / 1000);
+    pages_.add(static_cast<double>(rec.pages));
+    bytes_.add(static_cast<double>(rec.staged_bytes));
+    last_ram_digest_ = rec.ram_digest;
+    inflight_cut_wall_ms_ = rec.wall_ms;
+    tput_.emplace_back(Clock::now(), conn_->bytes_sent());
+    while (tput_.size() > 2 && Clock::now() - tput_.front().first > std::chrono::seconds(5)) tput_.pop_front();
+  }
+  pending_rec_ = rec;
+  log::debug("primary", "{}: epoch {} cut: {} pages, pause {:.2f} ms, ram digest {:016x}", name_, rec.epoch, rec.pages,
+             rec.pause_us / 1000, rec.ram_digest);
+}
+
+void PrimarySession::send_epoch(uint64_t epoch, bool final) {
+  const auto bytes = stager_.bytes();
+  if (bytes.size() > capacity_) {
+    const uint64_t want = bytes.size() + bytes.size() / 4;
+    send_msg(*conn_, cp::StagingGrow{session_id_, want});
+    auto deadline = Clock::now() + std::chrono::seconds(10);
+    for (;;) {
+      if (Clock::now() > deadline) throw LinkDown("standby did not grant staging space within 10 s");
+      auto m = conn_->poll(std::chrono::milliseconds(20));
+      if (!m) continue;
+      if (m->type == static_cast<uint16_t>(MsgType::StagingGranted)) {
+        auto g = cp::decode<cp::StagingGranted>(m->body);
+        capacity_ = g.capacity;
+        if (capacity_ < bytes.size())
+          throw ProtocolError(fmt::format("standby granted {} bytes of staging, epoch needs {}", capacity_, bytes.size()));
+        break;
+      }
+      handle(*m);
+    }
+  }
+  send_msg(*conn_, cp::EpochBegin{session_id_, epoch, bytes.size()});
+  cp::Commit c;
+  c.session_id = session_id_;
+  c.epoch = epoch;
+  c.page_count = stager_.page_count();
+  c.devstate_bytes = stager_.device_state_bytes();
+  c.staged_digest = stager_.digest();
+  c.ram_digest = ram_digest_->value();
+  c.flags = final ? cp::Commit::kFinal : 0;
+
+  const Fault f = fault_.exchange(Fault::None);
+  if (f == Fault::CrashMidEpoch) {
+    conn_->write(cp::kRegionStaging, 0, bytes.subspan(0, bytes.size() / 2));
+    conn_->flush();
+    log::error("primary", "{}: fault injection: exiting in the middle of epoch {} ({} of {} bytes sent)", name_, epoch,
+               bytes.size() / 2, bytes.size());
+    _exit(9);
+  }
+  std::vector<std::byte> corrupted;
+  if (f == Fault::CorruptThenCrash || f == Fault::CorruptOnce) {
+    corrupted.assign(bytes.begin(), bytes.end());
+    corrupted[corrupted.size() / 2] ^= std::byte{0x5a};
+    log::warn("primary", "{}: fault injection: corrupting epoch {} on the wire", name_, epoch);
+    if (f == Fault::CorruptThenCrash) fault_ = Fault::CorruptThenCrash;  // crash once it is rejected
+    conn_->write(cp::kRegionStaging, 0, corrupted);
+  } else {
+    conn_->write(cp::kRegionStaging, 0, bytes);
+  }
+  send_msg(*conn_, c);
+  conn_->flush();
+  if (f == Fault::CorruptThenCrash) {
+    // Wait for the rejection (handle() exits the process then).
+    commit_sent_ = Clock::now();
+    inflight_ = epoch;
+    for (;;) pump(std::chrono::milliseconds(100));
+  }
+  commit_sent_ = Clock::now();
+  inflight_ = epoch;
+  if (epoch == 1 || state_ != "protected") guard_->arm();  // the standby may take over from now on
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands from the control thread
+
+bool PrimarySession::service_command() {
+  std::unique_ptr<Command> cmd;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (commands_.empty()) return false;
+    cmd = std::move(commands_.front());
+    commands_.pop_front();
+  }
+  try {
+    std::string r = cmd->kind == CmdKind::Failover ? do_failover() : do_disable();
+    cmd->done.set_value(r);
+    return true;  // both end the session
+  } catch (const QemuGone&) {
+    cmd->done.set_exception(std::current_exception());
+    throw;
+  } catch (const std::exception& e) {
+    cmd->done.set_exception(std::current_exception());
+    if (cmd->kind == CmdKind::Disable) return true;
+    throw;  // failed failover: treated like a link failure (guest resumed here, degraded)
+  }
+}
+
+std::string PrimarySession::do_failover() {
+  if (!conn_ || state_ != "protected")
+    fail("VM '{}' is {}; a planned failover needs state 'protected'", name_, state_);
+  log::info("primary", "{}: planned failover to {}", name_, conn_->peer());
+  if (inflight_) wait_ack(inflight_);
+  const auto t0 = Clock::now();
+  checkpoint(true);  // guest stays paused
+  wait_ack(epoch_);
+  send_msg(*conn_, cp::Activate{session_id_});
+  conn_->flush();
+  auto deadline = Clock::now() + std::chrono::seconds(30);
+  for (;;) {
+    if (Clock::now() > deadline) throw LinkDown("standby did not confirm activation within 30 s");
+    auto m = conn_->poll(std::chrono::milliseconds(20));
+    if (!m) continue;
+    if (m->type != static_cast<uint16_t>(MsgType::ActivateDone)) {
+      handle(*m);
+      continue;
+    }
+    auto d = cp::decode<cp::ActivateDone>(m->body);
+    if (!d.ok) throw Error("standby could not activate the twin: " + d.text);
+    break;
+  }
+  const double ms = ms_since(t0);
+  guard_->disarm();
+  try {
+    qmp_.execute("quit");
+  } catch (const std::exception&) {
+    // QEMU closes the monitor while quitting; that is the expected end.
+  }
+  paused_by_us_ = false;
+  conn_.reset();
+  set_state("failed-over", fmt::format("planned failover at epoch {}", epoch_));
+  return fmt::format("VM '{}' now runs on the standby ({}); final epoch {}, switchover took {:.1f} ms", name_,
+                     link_peer_, epoch_, ms);
+}
+
+std::string PrimarySession::do_disable() {
+  if (conn_) {
+    try {
+      if (inflight_) wait_ack(inflight_);
+      send_msg(*conn_, cp::Disable{session_id_});
+      conn_->flush();
+    } catch (const std::exception& e) {
+      log::warn("primary", "{}: could not tell the standby to drop the twin: {}", name_, e.what());
+    }
+    conn_.reset();
+  }
+  guard_.reset();
+  ensure_running();
+  tracker_.reset();
+  set_state("disabled");
+  return fmt::format("protection of VM '{}' ended; the twin on the standby is destroyed", name_);
+}
+
+std::string PrimarySession::failover(std::chrono::milliseconds timeout) {
+  auto c = std::make_unique<Command>();
+  c->kind = CmdKind::Failover;
+  auto fut = c->done.get_future();
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (finished_) fail("VM '{}' is no longer protected ({})", name_, state_);
+    commands_.push_back(std::move(c));
+  }
+  if (fut.wait_for(timeout) != std::future_status::ready) fail("failover of '{}' did not finish in time", name_);
+  return fut.get();
+}
+
+std::string PrimarySession::disable(std::chrono::milliseconds timeout) {
+  auto c = std::make_unique<Command>();
+  c->kind = CmdKind::Disable;
+  auto fut = c->done.get_future();
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (finished_) return fmt::format("VM '{}' was no longer protected ({})", name_, state_);
+    commands_.push_back(std::move(c));
+  }
+  if (fut.wait_for(timeout) != std::future_status::ready) fail("disable of '{}' did not finish in time", name_);
+  return fut.get();
+}
+
+nlohmann::json PrimarySession::status() const {
+  std::lock_guard<std::mutex> g(mu_);
+  double tput = 0;
+  if (tput_.size() >= 2) {
+    double s = std::chrono::duration<double>(tput_.back().first - tput_.front().first).count();
+    if (s > 0) tput = static_cast<double>(tput_.back().second - tput_.front().second) / s;
+  }
+  double lag = 0;
+  if (inflight_cut_wall_ms_ > acked_cut_wall_ms_) lag = wall_ms() - acked_cut_wall_ms_;
+  return {
+      {"name", name_},
+      {"role", "primary"},
+      {"state", state_},
+      {"reason", reason_},
+      {"epoch", last_acked_},
+      {"epochs_cut", epochs_cut_},
+      {"epoch_ms", req_.epoch_ms},
+      {"qemu_pid", qemu_pid_},
+      {"guard_pid", guard_pid_},
+      {"ram_mib", ram_size_ >> 20},
+      {"tracker", tracker_name_},
+      {"pause_ms", {{"last", pause_ms_.last()}, {"p50", pause_ms_.percentile(50)}, {"p99", pause_ms_.percentile(99)},
+                    {"max", pause_ms_.percentile(100)}}},
+      {"last_epoch",
+       {{"pages", last_rec_.pages}, {"stop_ms", last_rec_.stop_us / 1000}, {"scan_ms", last_rec_.scan_us / 1000},
+        {"copy_ms", last_rec_.copy_us / 1000}, {"devstate_ms", last_rec_.devstate_us / 1000},
+        {"cont_ms", last_rec_.cont_us / 1000}, {"devstate_bytes", last_rec_.devstate_bytes},
+        {"ack_ms", last_rec_.ack_us / 1000}}},
+      {"dirty_pages", {{"last", pages_.last()}, {"mean", pages_.mean()}, {"p99", pages_.percentile(99)}}},
+      {"checkpoint_bytes", {{"last", bytes_.last()}, {"mean", bytes_.mean()}}},
+      {"throughput_mib_s", tput / (1 << 20)},
+      {"standby_lag_ms", lag},
+      {"ram_digest", fmt::format("{:016x}", last_ram_digest_)},
+      {"rejected_epochs", rejected_},
+      {"sync", {{"passes", sync_passes_}, {"pages", sync_pages_}, {"ms", sync_ms_}}},
+      {"link",
+       {{"peer", link_peer_.empty() ? req_.peer : link_peer_},
+        {"transport", link_backend_.empty() ? "tcp" : link_backend_},
+        {"idle_ms", link_idle_ms_},
+        {"healthy", state_ == "protected" || state_ == "syncing"}}},
+  };
+}
+
+Fault parse_fault(const std::string& s) {
+  if (s == "crash-mid-epoch") return Fault::CrashMidEpoch;
+  if (s == "corrupt-then-crash") return Fault::CorruptThenCrash;
+  if (s == "corrupt-once") return Fault::CorruptOnce;
+  fail("unknown fault '{}' (known: crash-mid-epoch, corrupt-then-crash, corrupt-once)", s);
+}
+
+}  // namespace ftvm::ftd

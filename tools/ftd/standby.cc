@@ -1,1 +1,441 @@
-// placeholder: being written
+#include "tools/ftd/standby.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "checkpoint/digest.h"
+#include "common/error.h"
+#include "common/log.h"
+#include "vmm-glue/qemu_cmdline.h"
+
+namespace ftvm::ftd {
+
+namespace cp = checkpoint;
+using cp::MsgType;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+template <typename T>
+void send_msg(transport::Connection& c, const T& m) {
+  auto body = cp::encode(m);
+  c.send_control(static_cast<uint16_t>(cp::type_of<T>()), body);
+}
+
+bool safe_name(const std::string& n) {
+  if (n.empty() || n.size() > 128 || n[0] == '.') return false;
+  for (char c : n)
+    if (!(isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) return false;
+  return true;
+}
+
+// Starts `argv` with stdin from /dev/null and stdout/stderr appended to `log_path`.
+pid_t spawn(const std::vector<std::string>& argv, const std::string& log_path) {
+  UniqueFd logfd(::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640));
+  if (!logfd) throw SysError(errno, "open twin log " + log_path);
+  UniqueFd nullfd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  if (!nullfd) throw SysError(errno, "open /dev/null");
+  std::vector<char*> cargv;
+  for (const auto& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
+  cargv.push_back(nullptr);
+  pid_t pid = ::fork();
+  if (pid < 0) throw SysError(errno, "fork for the twin QEMU");
+  if (pid == 0) {
+    ::setsid();
+    ::dup2(nullfd.get(), 0);
+    ::dup2(logfd.get(), 1);
+    ::dup2(logfd.get(), 2);
+    ::syscall(SYS_close_range, 3, ~0U, 0);
+    ::execvp(cargv[0], cargv.data());
+    const char m[] = "ftvm: exec of the twin QEMU failed\n";
+    ssize_t w = ::write(2, m, sizeof m - 1);
+    (void)w;
+    _exit(127);
+  }
+  return pid;
+}
+
+}  // namespace
+
+StandbySession::StandbySession(const DaemonConfig& cfg, std::unique_ptr<transport::Connection> conn, Claim claim)
+    : cfg_(cfg), conn_(std::move(conn)), claim_(std::move(claim)) {}
+
+StandbySession::~StandbySession() {
+  abort("ftd is shutting down");
+  join();
+}
+
+void StandbySession::start() { thread_ = std::thread([this] { run(); }); }
+
+void StandbySession::join() {
+  if (thread_.joinable()) thread_.join();
+}
+
+void StandbySession::abort(const std::string& why) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    abort_reason_ = why;
+  }
+  abort_ = true;
+}
+
+std::string StandbySession::name() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return name_;
+}
+
+void StandbySession::set_state(const std::string& s, const std::string& reason) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (s != state_)
+    log::info("standby", "{}: state {} -> {}{}{}", name_.empty() ? conn_->peer() : name_, state_, s,
+              reason.empty() ? "" : ": ", reason);
+  state_ = s;
+  reason_ = reason;
+}
+
+void StandbySession::run() {
+  auto last_heard = Clock::now();
+  try {
+    for (;;) {
+      if (abort_) {
+        std::string why;
+        {
+          std::lock_guard<std::mutex> g(mu_);
+          why = abort_reason_;
+        }
+        destroy_twin(why);
+        break;
+      }
+      std::optional<transport::ControlMessage> m;
+      try {
+        m = conn_->poll(std::chrono::milliseconds(20));
+        last_heard = Clock::now() - conn_->idle_for();
+      } catch (const LinkDown& e) {
+        // The connection is gone. Treat it as silence that began with the last frame, so
+        // the guard on the primary has the full heartbeat timeout to fence its QEMU.
+        auto when = last_heard + cfg_.heartbeat_timeout;
+        while (Clock::now() < when && !abort_) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        if (abort_) continue;
+        primary_silent(fmt::format("link to the primary lost ({}) and silent for {} ms", e.what(),
+                                   cfg_.heartbeat_timeout.count()));
+        break;
+      }
+      if (m) {
+        if (!handle(*m)) break;
+        continue;
+      }
+      if (conn_->idle_for() > cfg_.heartbeat_timeout) {
+        primary_silent(fmt::format("no heartbeat from the primary for {} ms", conn_->idle_for().count()));
+        break;
+      }
+    }
+  } catch (const ProtocolError& e) {
+    log::error("standby", "{}: protocol error from {}: {}", name(), conn_->peer(), e.what());
+    try {
+      send_msg(*conn_, cp::ErrorMsg{e.what()});
+      conn_->flush();
+    } catch (const std::exception&) {
+    }
+    destroy_twin(std::string("protocol error: ") + e.what());
+  } catch (const std::exception& e) {
+    log::error("standby", "{}: session failed: {}", name(), e.what());
+    try {
+      send_msg(*conn_, cp::ErrorMsg{e.what()});
+      conn_->flush();
+    } catch (const std::exception&) {
+    }
+    destroy_twin(std::string("error: ") + e.what());
+  }
+  conn_.reset();
+  finished_ = true;
+}
+
+void StandbySession::open(const cp::OpenSession& o) {
+  if (!safe_name(o.vm_name))
+    throw ProtocolError(fmt::format("VM name '{}' is not usable as a file name ([A-Za-z0-9._-], up to 128)", o.vm_name));
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    name_ = o.vm_name;
+  }
+  claim_(o.vm_name, this);
+  session_id_ = o.session_id;
+  vm_dir_ = cfg_.run_dir + "/vms/" + o.vm_name;
+  std::filesystem::create_directories(vm_dir_);
+  const std::string qmp = vm_dir_ + "/twin-qmp.sock";
+  ::unlink(qmp.c_str());
+  vmm::TwinOptions to;
+  to.run_dir = vm_dir_;
+  to.qmp_socket = qmp;
+  auto argv = vmm::make_twin_cmdline(o.qemu_argv, to);
+  {
+    std::string line;
+    for (const auto& a : argv) line += (line.empty() ? "" : " ") + a;
+    log::info("standby", "{}: starting twin: {}", o.vm_name, line);
+  }
+  twin_pid_ = spawn(argv, vm_dir_ + "/twin.log");
+  {
+    auto pidfile = vm_dir_ + "/twin.pid";
+    auto s = std::to_string(twin_pid_) + "\n";
+    UniqueFd f(::open(pidfile.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    if (f && ::write(f.get(), s.data(), s.size()) < 0) log::warn("standby", "writing {} failed", pidfile);
+  }
+  twin_qmp_.emplace(vmm::QmpClient::connect(qmp, std::chrono::milliseconds(30000)));
+  auto st = twin_qmp_->execute("query-status").value("status", "");
+  if (st != "inmigrate")
+    throw Error(fmt::format("twin QEMU pid {} is in state '{}', expected 'inmigrate' (see {}/twin.log)", twin_pid_, st,
+                            vm_dir_));
+  auto gr = vmm::find_guest_ram(twin_pid_, o.ram_size);
+  twin_ram_ = std::make_unique<vmm::MappedRam>(twin_pid_, gr, /*writable=*/true);
+  replica_ = std::make_unique<cp::Replica>(twin_ram_->span(), uint64_t{8} << 20);
+  conn_->register_region(cp::kRegionRam, twin_ram_->span());
+  conn_->register_region(cp::kRegionStaging, replica_->staging());
+  set_state("syncing");
+  send_msg(*conn_, cp::SessionReady{session_id_, replica_->staging().size(), twin_pid_});
+  conn_->flush();
+  log::info("standby", "{}: twin pid {} paused (inmigrate), RAM {} MiB mapped; receiving full sync from {}", o.vm_name,
+            twin_pid_, o.ram_size >> 20, conn_->peer());
+}
+
+bool StandbySession::handle(const transport::ControlMessage& m) {
+  const auto type = static_cast<MsgType>(m.type);
+  if (type != MsgType::OpenSession && !replica_)
+    throw ProtocolError(fmt::format("{} before OpenSession", cp::to_string(type)));
+  auto check_sid = [&](uint64_t sid) {
+    if (sid != session_id_)
+      throw ProtocolError(fmt::format("{} for unknown session {:016x} (this session is {:016x})", cp::to_string(type),
+                                      sid, session_id_));
+  };
+  switch (type) {
+    case MsgType::OpenSession: {
+      if (replica_) throw ProtocolError("second OpenSession on one connection");
+      cp::OpenSession o;
+      try {
+        o = cp::decode<cp::OpenSession>(m.body);
+        open(o);
+      } catch (const std::exception& e) {
+        log::error("standby", "refusing session from {}: {}", conn_->peer(), e.what());
+        send_msg(*conn_, cp::ErrorMsg{e.what()});
+        conn_->flush();
+        destroy_twin(std::string("session refused: ") + e.what());
+        return false;
+      }
+      return true;
+    }
+    case MsgType::StagingGrow: {
+      auto g = cp::decode<cp::StagingGrow>(m.body);
+      check_sid(g.session_id);
+      conn_->unregister_region(cp::kRegionStaging);
+      uint64_t cap = replica_->grow_staging(g.bytes);
+      conn_->register_region(cp::kRegionStaging, replica_->staging());
+      send_msg(*conn_, cp::StagingGranted{session_id_, cap});
+      conn_->flush();
+      log::info("standby", "{}: staging grown to {} KiB", name(), cap >> 10);
+      return true;
+    }
+    case MsgType::EpochBegin: {
+      auto b = cp::decode<cp::EpochBegin>(m.body);
+      check_sid(b.session_id);
+      begun_epoch_ = b.epoch;
+      return true;
+    }
+    case MsgType::Commit: {
+      auto c = cp::decode<cp::Commit>(m.body);
+      check_sid(c.session_id);
+      try {
+        replica_->apply(c);
+      } catch (const ProtocolError& e) {
+        last_rejection_ = e.what();
+        log::warn("standby", "{}: rejected epoch {}: {}; the replica stays at epoch {}", name(), c.epoch, e.what(),
+                  replica_->committed_epoch());
+        send_msg(*conn_, cp::Ack{session_id_, c.epoch, cp::AckStatus::Rejected, e.what()});
+        conn_->flush();
+        return true;
+      }
+      send_msg(*conn_, cp::Ack{session_id_, c.epoch, cp::AckStatus::Applied, {}});
+      conn_->flush();
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        committed_ = c.epoch;
+        last_commit_wall_ms_ = wall_ms();
+      }
+      if (state_ != "protected") set_state("protected");
+      return true;
+    }
+    case MsgType::Activate: {
+      auto a = cp::decode<cp::Activate>(m.body);
+      check_sid(a.session_id);
+      activate("planned failover requested by the primary", wall_ms());
+      bool ok = active_;
+      std::string text;
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        text = ok ? "twin running" : reason_;
+      }
+      send_msg(*conn_, cp::ActivateDone{session_id_, ok ? 1u : 0u, text});
+      conn_->flush();
+      return false;
+    }
+    case MsgType::PrimaryLost: {
+      auto p = cp::decode<cp::PrimaryLost>(m.body);
+      check_sid(p.session_id);
+      primary_silent("primary reports its QEMU died: " + p.reason);
+      return false;
+    }
+    case MsgType::Disable: {
+      auto d = cp::decode<cp::Disable>(m.body);
+      check_sid(d.session_id);
+      destroy_twin("protection disabled by the primary");
+      return false;
+    }
+    case MsgType::Error:
+      destroy_twin("primary reported an error: " + cp::decode<cp::ErrorMsg>(m.body).text);
+      return false;
+    default:
+      throw ProtocolError(fmt::format("unexpected message type {} ({}) from the primary", m.type, cp::to_string(type)));
+  }
+}
+
+void StandbySession::primary_silent(const std::string& why) {
+  const double declared = wall_ms();
+  if (!replica_ || !replica_->has_checkpoint()) {
+    destroy_twin(why + "; no committed checkpoint yet, nothing to resume");
+    return;
+  }
+  log::warn("standby", "{}: primary declared dead: {}", name(), why);
+  activate(why, declared);
+}
+
+void StandbySession::activate(const std::string& reason, double declared_wall_ms) {
+  const auto t0 = Clock::now();
+  const auto& c = *replica_->last_commit();
+  if (begun_epoch_ > c.epoch)
+    log::warn("standby", "{}: discarding epoch {} (begun, never committed{}{}); resuming from epoch {}", name(),
+              begun_epoch_, last_rejection_.empty() ? "" : "; rejected: ", last_rejection_, c.epoch);
+  log::info("standby", "{}: activating twin pid {} from committed epoch {} ({})", name(), twin_pid_, c.epoch, reason);
+  try {
+    nlohmann::json act = {{"reason", reason}, {"epoch", c.epoch}, {"declared_wall_ms", declared_wall_ms}};
+    if (cfg_.verify_activation) {
+      const auto v0 = Clock::now();
+      uint64_t d = cp::digest_ram(twin_ram_->span());
+      act["verify_ms"] = ms_since(v0);
+      act["ram_digest"] = fmt::format("{:016x}", d);
+      act["expected_ram_digest"] = fmt::format("{:016x}", c.ram_digest);
+      if (d != c.ram_digest)
+        throw Error(fmt::format("twin RAM digest {:016x} differs from the primary's {:016x} for epoch {}", d,
+                                c.ram_digest, c.epoch));
+      log::info("standby", "{}: twin RAM digest {:016x} equals the primary's digest of epoch {}", name(), d, c.epoch);
+    }
+    // Device state goes in through an fd the twin reads as an incoming migration stream.
+    UniqueFd mfd(check_sys(::memfd_create("ftvm-devstate-in", MFD_CLOEXEC), "memfd_create for device state"));
+    auto ds = replica_->device_state();
+    size_t off = 0;
+    while (off < ds.size()) {
+      ssize_t n = ::write(mfd.get(), ds.data() + off, ds.size() - off);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) throw SysError(errno, "write device state into memfd");
+      off += static_cast<size_t>(n);
+    }
+    check_sys(::lseek(mfd.get(), 0, SEEK_SET), "rewind device-state memfd");
+    const auto l0 = Clock::now();
+    twin_qmp_->execute_with_fd("getfd", {{"fdname", "ftvm-devstate"}}, mfd.get());
+    twin_qmp_->execute("migrate-incoming", {{"uri", "fd:ftvm-devstate"}});
+    std::string mst;
+    for (;;) {
+      auto q = twin_qmp_->execute("query-migrate");
+      mst = q.value("status", "");
+      if (mst == "completed" || mst == "failed") break;
+      if (ms_since(l0) > 30000) break;
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
+    }
+    if (mst != "completed")
+      throw Error(fmt::format("loading device state of epoch {} into the twin failed (migration status '{}'; see {}/twin.log)",
+                              c.epoch, mst, vm_dir_));
+    act["load_ms"] = ms_since(l0);
+    const auto c0 = Clock::now();
+    twin_qmp_->execute("cont");
+    act["cont_ms"] = ms_since(c0);
+    act["cont_wall_ms"] = wall_ms();
+    try {
+      twin_qmp_->execute("announce-self", {{"initial", 50}, {"max", 550}, {"rounds", 5}, {"step", 100}});
+    } catch (const std::exception& e) {
+      log::warn("standby", "{}: announce-self failed: {}", name(), e.what());
+    }
+    auto st = twin_qmp_->execute("query-status").value("status", "");
+    act["status_after"] = st;
+    act["activation_ms"] = ms_since(t0);
+    if (st != "running") throw Error(fmt::format("twin is '{}' after cont, expected 'running'", st));
+    active_ = true;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      activation_ = act;
+    }
+    set_state("active", reason);
+    log::info("standby", "{}: ACTIVATED twin pid {} at epoch {}: query-status {}, load {:.1f} ms, total {:.1f} ms after "
+              "the primary was declared dead", name(), twin_pid_, c.epoch, st, act["load_ms"].get<double>(),
+              wall_ms() - declared_wall_ms);
+    // Evidence that the guest executes: its RAM changes after resuming.
+    if (cfg_.verify_activation) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      uint64_t d2 = cp::digest_ram(twin_ram_->span());
+      auto st2 = twin_qmp_->execute("query-status").value("status", "");
+      bool moved = act.contains("ram_digest") && fmt::format("{:016x}", d2) != act["ram_digest"].get<std::string>();
+      log::info("standby", "{}: twin {} 300 ms after activation: status {}, RAM {}", name(),
+                moved && st2 == "running" ? "is executing the guest" : "may NOT be executing", st2,
+                moved ? "changed since activation" : "unchanged since activation");
+      std::lock_guard<std::mutex> g(mu_);
+      activation_["executing"] = moved && st2 == "running";
+    }
+  } catch (const std::exception& e) {
+    log::error("standby", "{}: activation failed: {}", name(), e.what());
+    set_state("activation-failed", e.what());
+  }
+  // The twin is the VM now (or broken, for an operator to inspect): ftd lets go of it.
+  conn_->unregister_region(cp::kRegionRam);
+  conn_->unregister_region(cp::kRegionStaging);
+  twin_qmp_.reset();  // frees QEMU's single QMP connection for the operator
+}
+
+void StandbySession::destroy_twin(const std::string& why) {
+  if (active_) return;
+  if (twin_pid_ > 0) {
+    log::info("standby", "{}: destroying twin pid {}: {}", name(), twin_pid_, why);
+    if (conn_) {
+      try {
+        conn_->unregister_region(cp::kRegionRam);
+        conn_->unregister_region(cp::kRegionStaging);
+      } catch (const std::exception&) {
+      }
+    }
+    twin_qmp_.reset();
+    twin_ram_.reset();
+    replica_.reset();
+    ::kill(twin_pid_, SIGKILL);
+    int st;
+    while (::waitpid(twin_pid_, &st, 0) < 0 && errno == EINTR) {
+    }
+    ::unlink((vm_dir_ + "/twin.pid").c_str());
+    twin_pid_ = -1;
+  }
+  set_state("closed", why);
+}
+
+nlohmann::json StandbySession::status() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return {{"name", name_},
+          {"role", active_ ? "active (failed over here)" : "standby"},
+          {"state", state_},
+          {"reason", reason_},
+          {"epoch", committed_},
+          {"twin_pid", twin_pid_},
+          {"last_commit_age_ms", last_commit_wall_ms_ > 0 ? wall_ms() - last_commit_wall_ms_ : 0.0},
+          {"activation", activation_}};
+}
+
+}  // namespace ftvm::ftd

@@ -1,0 +1,51 @@
+// Daemon: one ftd per host. Serves the control socket (ftctl), accepts replication sessions
+// from primaries (standby role) and runs primary sessions for the VMs protected from here.
+#pragma once
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "tools/ftd/primary.h"
+#include "tools/ftd/session.h"
+#include "tools/ftd/standby.h"
+#include "transport/tcp/tcp_transport.h"
+
+namespace ftvm::ftd {
+
+class Daemon {
+ public:
+  explicit Daemon(DaemonConfig cfg);
+  ~Daemon();
+  // Serves until SIGTERM/SIGINT; returns the process exit code.
+  int run();
+
+  // One control request (see tools/ftd/control.h for the wire format); never throws.
+  nlohmann::json handle(const nlohmann::json& req);
+
+ private:
+  void listen_loop();
+  void claim_standby(const std::string& name, StandbySession* self);
+  void kill_stale_twins();
+  nlohmann::json cmd_enable(const nlohmann::json& req);
+  nlohmann::json cmd_status(const nlohmann::json& req);
+  nlohmann::json cmd_failover(const nlohmann::json& req);
+  nlohmann::json cmd_disable(const nlohmann::json& req);
+  nlohmann::json cmd_fault(const nlohmann::json& req);
+  std::shared_ptr<PrimarySession> primary(const std::string& name);
+
+  DaemonConfig cfg_;
+  std::mutex mu_;
+  std::map<std::string, std::shared_ptr<PrimarySession>> primaries_;
+  std::vector<std::shared_ptr<StandbySession>> standbys_;
+  std::atomic<bool> stop_{false};
+  std::unique_ptr<transport::tcp::Listener> listener_;
+  std::string listen_address_;
+};
+
+}  // namespace ftvm::ftd

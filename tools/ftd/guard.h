@@ -1,0 +1,37 @@
+// Guard: a small process per protected VM that outlives ftd and fences the primary guest when
+// ftd dies while the standby may take over (the "no split brain" invariant).
+//
+// Contract: start() forks a child that holds a pidfd on the QEMU process and the read end of
+// a pipe whose only write end stays in ftd. ftd tells it arm()/disarm(). When the pipe reaches
+// EOF (ftd exited or was killed) and the last word was "armed", the guard SIGKILLs QEMU
+// through its pidfd (no PID-reuse race) and exits; disarmed, it exits quietly. It also exits
+// when QEMU exits. The guard reacts within milliseconds, well under the standby's heartbeat
+// timeout, so the twin never resumes while the primary guest still runs. stop() disarms and
+// reaps it. The guard uses only async-signal-safe calls after fork().
+#pragma once
+
+#include <sys/types.h>
+
+#include "common/fd.h"
+
+namespace ftvm::ftd {
+
+class Guard {
+ public:
+  Guard(pid_t qemu_pid, const char* vm_name);
+  ~Guard();
+  Guard(const Guard&) = delete;
+  Guard& operator=(const Guard&) = delete;
+
+  void arm();
+  void disarm();
+  pid_t pid() const { return pid_; }
+
+ private:
+  void say(char c);
+  pid_t pid_ = -1;
+  UniqueFd ctl_;
+  UniqueFd pidfd_;  // ftd's own pidfd on the guard, for reaping without races
+};
+
+}  // namespace ftvm::ftd

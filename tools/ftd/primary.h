@@ -1,0 +1,144 @@
+// PrimarySession: protects one running QEMU guest: tracks its written pages, cuts a checkpoint
+// every epoch, streams it to the standby ftd and keeps the guest running whatever the standby
+// does. One thread per session; the control thread talks to it only through the methods
+// below, which are thread-safe.
+//
+// States: connecting -> syncing -> protected; any link failure -> degraded (the guest keeps
+// running unprotected; the session reconnects and starts a fresh full sync); planned failover
+// -> failed-over; QEMU died -> primary-lost; disable -> disabled.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/digest.h"
+#include "checkpoint/protocol.h"
+#include "checkpoint/staging.h"
+#include "checkpoint/stats.h"
+#include "checkpoint/tracker.h"
+#include "common/fd.h"
+#include "tools/ftd/guard.h"
+#include "tools/ftd/session.h"
+#include "transport/transport.h"
+#include "vmm-glue/process.h"
+#include "vmm-glue/qmp.h"
+
+namespace ftvm::ftd {
+
+class PrimarySession {
+ public:
+  // Connects to the guest's QMP socket and checks that the VM can be protected; throws
+  // ftvm::Error listing every problem (nothing is changed in the VM then).
+  PrimarySession(const DaemonConfig& cfg, EnableRequest req);
+  ~PrimarySession();
+
+  void start();
+  const std::string& name() const { return name_; }
+  nlohmann::json status() const;
+  bool finished() const { return finished_; }
+
+  // Planned switchover: final checkpoint with the guest paused, standby activates, primary
+  // QEMU quits. Returns a human-readable summary; throws ftvm::Error when it could not be
+  // done (the guest then keeps running here).
+  std::string failover(std::chrono::milliseconds timeout);
+  // Ends protection: the standby destroys the twin; the guest here is untouched.
+  std::string disable(std::chrono::milliseconds timeout);
+  void inject_fault(Fault f);
+
+ private:
+  enum class CmdKind { Failover, Disable };
+  struct Command {
+    CmdKind kind;
+    std::promise<std::string> done;
+  };
+
+  void run();
+  void connect_and_sync();
+  void wait_for_epoch_boundary();
+  void checkpoint(bool final);
+  void send_epoch(uint64_t epoch, bool final);
+  void send_ram_pages(const std::vector<uint64_t>& pages);
+  void wait_ack(uint64_t epoch);
+  void handle(const transport::ControlMessage& m);
+  void pump(std::chrono::milliseconds timeout);
+  void check_qemu();
+  void link_failed(const std::string& why);
+  void ensure_running();
+  bool service_command();
+  std::string do_failover();
+  std::string do_disable();
+  void set_state(const std::string& s, const std::string& reason = {});
+  std::string exec_with_fd_into_fdset(int fd);
+  void read_device_state();
+
+  DaemonConfig cfg_;
+  EnableRequest req_;
+  std::string name_;
+  std::string host_;
+  uint16_t port_ = 0;
+
+  // VM handles (session thread only after start()).
+  vmm::QmpClient qmp_;
+  pid_t qemu_pid_ = -1;
+  std::vector<std::string> argv_;
+  uint64_t ram_size_ = 0;
+  std::unique_ptr<vmm::MappedRam> ram_;
+  std::unique_ptr<vmm::ProcessWatch> watch_;
+  std::unique_ptr<checkpoint::DirtyTracker> tracker_;
+  std::unique_ptr<Guard> guard_;
+  UniqueFd devstate_rw_, devstate_wo_;
+  std::string devstate_path_;
+  bool paused_by_us_ = false;
+
+  // Replication state (session thread).
+  std::unique_ptr<transport::Connection> conn_;
+  uint64_t session_id_ = 0;
+  uint64_t capacity_ = 0;
+  uint64_t epoch_ = 0;        // last epoch cut
+  uint64_t inflight_ = 0;     // epoch committed but not yet acked (0 = none)
+  unsigned retransmits_ = 0;
+  std::chrono::steady_clock::time_point commit_sent_, last_cont_;
+  checkpoint::EpochStager stager_;
+  std::unique_ptr<checkpoint::RamDigest> ram_digest_;
+  std::vector<uint64_t> dirty_, carry_;
+  std::optional<checkpoint::EpochRecord> pending_rec_;
+  UniqueFd stats_fd_;
+  std::atomic<Fault> fault_{Fault::None};
+
+  // Shared with the control thread.
+  mutable std::mutex mu_;
+  std::string state_ = "connecting", reason_;
+  std::string tracker_name_;
+  pid_t guard_pid_ = -1;
+  uint64_t last_acked_ = 0;
+  uint64_t epochs_cut_ = 0, rejected_ = 0, resyncs_ = 0;
+  checkpoint::EpochRecord last_rec_;
+  checkpoint::Window pause_ms_{2000}, pages_{2000}, bytes_{2000}, ack_ms_{2000};
+  double sync_ms_ = 0;
+  uint64_t sync_pages_ = 0;
+  unsigned sync_passes_ = 0;
+  uint64_t last_ram_digest_ = 0;
+  std::string link_peer_, link_backend_;
+  double link_idle_ms_ = 0;
+  uint64_t bytes_sent_total_ = 0;
+  std::deque<std::pair<std::chrono::steady_clock::time_point, uint64_t>> tput_;
+  double acked_cut_wall_ms_ = 0;
+  double inflight_cut_wall_ms_ = 0;
+  std::deque<std::unique_ptr<Command>> commands_;
+
+  std::thread thread_;
+  std::atomic<bool> finished_{false};
+  std::atomic<bool> stop_{false};
+};
+
+}  // namespace ftvm::ftd

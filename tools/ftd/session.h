@@ -1,0 +1,50 @@
+// Shared definitions of ftd's per-VM sessions (primary and standby) and the daemon settings.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+namespace ftvm::ftd {
+
+struct DaemonConfig {
+  std::string run_dir = "/run/ftvm";          // control socket, twins' run dirs, logs
+  std::string control_socket;                 // default: run_dir/ftd.sock
+  std::string listen = "[::]:7410";           // replication listener ("" = primary-only host)
+  std::chrono::milliseconds heartbeat_interval{50};
+  std::chrono::milliseconds heartbeat_timeout{400};  // standby: silence before takeover
+  std::chrono::milliseconds ack_timeout{3000};        // primary: no ack this long -> degraded
+  std::chrono::milliseconds reconnect_interval{1000}; // primary: degraded -> retry standby
+  bool fault_injection = false;               // accept `ftctl fault` (tests only)
+  bool verify_activation = true;              // standby: full-RAM digest check before resuming
+  std::string stats_dir;                      // primary: per-epoch JSON lines (benchmarks)
+};
+
+// What `ftctl enable` asks for.
+struct EnableRequest {
+  std::string qmp_socket;
+  std::string peer;  // host:port of the standby ftd
+  std::string name;  // VM name; default from QEMU (-name) or the QMP socket's file name
+  unsigned epoch_ms = 25;
+  unsigned max_sync_passes = 8;
+};
+
+// Fault injection points for tests (only with --enable-fault-injection).
+enum class Fault {
+  None,
+  CrashMidEpoch,     // primary ftd writes half of the next epoch's pages, then _exit(9)
+  CorruptThenCrash,  // corrupt the next epoch on the wire, wait for the standby's rejection, _exit(9)
+  CorruptOnce,       // corrupt the next epoch on the wire once; the primary retransmits it
+};
+Fault parse_fault(const std::string& s);
+
+inline double ms_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
+}
+inline double wall_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace ftvm::ftd

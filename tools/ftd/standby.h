@@ -1,0 +1,83 @@
+// StandbySession: the standby side of one protected VM. Owns the paused twin QEMU, the replica
+// (checkpoint/replica.h) over the twin's RAM, and the decision to activate.
+//
+// Activation happens exactly when the twin holds a committed checkpoint and one of: the
+// primary reports its QEMU dead (PrimaryLost), a planned failover (Activate), or the primary
+// is silent (no frame, including heartbeats, for DaemonConfig::heartbeat_timeout; a closed
+// connection counts as silence from the moment of the last frame). A protocol violation or an
+// explicit Disable destroys the twin instead: the primary is alive then, and two running
+// copies must never exist. A session without a committed checkpoint never activates.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/protocol.h"
+#include "checkpoint/replica.h"
+#include "tools/ftd/session.h"
+#include "transport/transport.h"
+#include "vmm-glue/process.h"
+#include "vmm-glue/qmp.h"
+
+namespace ftvm::ftd {
+
+class StandbySession {
+ public:
+  // `claim` is called with the VM name from OpenSession before a twin is created; it throws
+  // to refuse the session (e.g. the VM already failed over to this host).
+  using Claim = std::function<void(const std::string& name, StandbySession* self)>;
+  StandbySession(const DaemonConfig& cfg, std::unique_ptr<transport::Connection> conn, Claim claim);
+  ~StandbySession();
+
+  void start();
+  // Ends the session without activating: the twin is destroyed (unless already active).
+  void abort(const std::string& why);
+  void join();
+
+  std::string name() const;
+  bool finished() const { return finished_; }
+  bool active() const { return active_; }
+  nlohmann::json status() const;
+
+ private:
+  void run();
+  void open(const checkpoint::OpenSession& o);
+  bool handle(const transport::ControlMessage& m);  // false = session over
+  void primary_silent(const std::string& why);
+  void activate(const std::string& reason, double declared_wall_ms);
+  void destroy_twin(const std::string& why);
+  void set_state(const std::string& s, const std::string& reason = {});
+
+  DaemonConfig cfg_;
+  std::unique_ptr<transport::Connection> conn_;
+  Claim claim_;
+
+  uint64_t session_id_ = 0;
+  std::string vm_dir_;
+  pid_t twin_pid_ = -1;
+  std::optional<vmm::QmpClient> twin_qmp_;
+  std::unique_ptr<vmm::MappedRam> twin_ram_;
+  std::unique_ptr<checkpoint::Replica> replica_;
+  uint64_t begun_epoch_ = 0;  // last EpochBegin seen (diagnosis of torn epochs)
+  std::string last_rejection_;
+
+  mutable std::mutex mu_;
+  std::string name_, state_ = "opening", reason_;
+  uint64_t committed_ = 0;
+  double last_commit_wall_ms_ = 0;
+  nlohmann::json activation_ = nullptr;
+  std::atomic<bool> finished_{false}, active_{false}, abort_{false};
+  std::string abort_reason_;
+  std::thread thread_;
+};
+
+}  // namespace ftvm::ftd
