@@ -85,7 +85,7 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
     fail("VM '{}': expected exactly one memory backend from query-memdev, got {}", name_, memdevs.dump());
   ram_size_ = memdevs[0].value("size", uint64_t{0});
   auto gr = vmm::find_guest_ram(qemu_pid_, ram_size_);
-  ram_ = std::make_unique<vmm::MappedRam>(qemu_pid_, gr, /*writable=*/false);
+  ram_ = std::make_unique<vmm::MappedRam>(qemu_pid_, gr, vmm::MappedRam::Access::ReadOnly);
   watch_ = std::make_unique<vmm::ProcessWatch>(qemu_pid_);
   tracker_ = std::make_unique<vmm::UffdWpTracker>(qemu_pid_, gr.addr, gr.size);
   ram_digest_ = std::make_unique<cp::RamDigest>(ram_size_ / kPageSize);
@@ -305,7 +305,7 @@ void PrimarySession::connect_and_sync() {
 }
 
 void PrimarySession::send_ram_pages(const std::vector<uint64_t>& pages) {
-  auto ram = ram_->span();
+  auto ram = as_span(*ram_);
   constexpr uint64_t kMaxRun = 256;  // 1 MiB per write
   size_t i = 0, since_pump = 0;
   while (i < pages.size()) {
@@ -456,7 +456,7 @@ void PrimarySession::checkpoint(bool final) {
     carry_.clear();
   }
   const auto t2 = Clock::now();
-  stager_.stage_pages(dirty_, ram_->span());
+  stager_.stage_pages(dirty_, as_span(*ram_));
   const auto t3 = Clock::now();
   check_sys(::lseek(devstate_wo_.get(), 0, SEEK_SET), "rewind device-state memfd");
   qmp_.execute("xen-save-devices-state", {{"filename", devstate_path_}, {"live", false}});

@@ -6,6 +6,9 @@
 #include <string>
 
 #include <nlohmann/json.hpp>
+#include <span>
+
+#include "vmm-glue/process.h"
 
 namespace ftvm::ftd {
 
@@ -39,6 +42,10 @@ enum class Fault {
   CorruptOnce,       // corrupt the next epoch on the wire once; the primary retransmits it
 };
 Fault parse_fault(const std::string& s);
+
+inline std::span<std::byte> as_span(const vmm::MappedRam& m) {
+  return {reinterpret_cast<std::byte*>(m.data()), static_cast<size_t>(m.size())};
+}
 
 inline double ms_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();

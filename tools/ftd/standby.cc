@@ -192,9 +192,9 @@ void StandbySession::open(const cp::OpenSession& o) {
     throw Error(fmt::format("twin QEMU pid {} is in state '{}', expected 'inmigrate' (see {}/twin.log)", twin_pid_, st,
                             vm_dir_));
   auto gr = vmm::find_guest_ram(twin_pid_, o.ram_size);
-  twin_ram_ = std::make_unique<vmm::MappedRam>(twin_pid_, gr, /*writable=*/true);
-  replica_ = std::make_unique<cp::Replica>(twin_ram_->span(), uint64_t{8} << 20);
-  conn_->register_region(cp::kRegionRam, twin_ram_->span());
+  twin_ram_ = std::make_unique<vmm::MappedRam>(twin_pid_, gr, vmm::MappedRam::Access::ReadWrite);
+  replica_ = std::make_unique<cp::Replica>(as_span(*twin_ram_), uint64_t{8} << 20);
+  conn_->register_region(cp::kRegionRam, as_span(*twin_ram_));
   conn_->register_region(cp::kRegionStaging, replica_->staging());
   set_state("syncing");
   send_msg(*conn_, cp::SessionReady{session_id_, replica_->staging().size(), twin_pid_});
@@ -323,7 +323,7 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
     nlohmann::json act = {{"reason", reason}, {"epoch", c.epoch}, {"declared_wall_ms", declared_wall_ms}};
     if (cfg_.verify_activation) {
       const auto v0 = Clock::now();
-      uint64_t d = cp::digest_ram(twin_ram_->span());
+      uint64_t d = cp::digest_ram(as_span(*twin_ram_));
       act["verify_ms"] = ms_since(v0);
       act["ram_digest"] = fmt::format("{:016x}", d);
       act["expected_ram_digest"] = fmt::format("{:016x}", c.ram_digest);
@@ -383,7 +383,7 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
     // Evidence that the guest executes: its RAM changes after resuming.
     if (cfg_.verify_activation) {
       std::this_thread::sleep_for(std::chrono::milliseconds(300));
-      uint64_t d2 = cp::digest_ram(twin_ram_->span());
+      uint64_t d2 = cp::digest_ram(as_span(*twin_ram_));
       auto st2 = twin_qmp_->execute("query-status").value("status", "");
       bool moved = act.contains("ram_digest") && fmt::format("{:016x}", d2) != act["ram_digest"].get<std::string>();
       log::info("standby", "{}: twin {} 300 ms after activation: status {}, RAM {}", name(),
