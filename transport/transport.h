@@ -39,34 +39,70 @@ struct ControlMessage {
   std::vector<std::byte> body;
 };
 
+// A connection to one peer. Not thread-safe: one thread uses a connection at a time (the
+// session's thread); different connections are independent.
+//
+// Who may block: write() may block when its send queue is full, send_control() and flush()
+// block until everything queued is handed to the fabric, poll() blocks up to its timeout.
+// While a call blocks on sending it keeps receiving (applying inbound writes, absorbing
+// heartbeats, queueing inbound control messages for later poll() calls), so two peers that
+// send at each other at the same time never deadlock. A blocked send that makes no progress
+// and sees nothing from the peer for Options::stall_timeout throws LinkDown.
+//
+// Consequently any call may apply inbound writes to registered regions. Writes the peer
+// issued AFTER a control message may already be visible when poll() returns that message
+// (as with RDMA); a sender must not reuse a region range until the receiver has acknowledged
+// the data that was there. If the link fails in the middle of an inbound write, the bytes of
+// that write's range are unspecified: trust region contents only up to the last control
+// message received.
 class Connection {
  public:
   virtual ~Connection() = default;
 
-  // Makes `mem` writable by the peer as region `id` (nonzero). Replaces an earlier region of
-  // the same id. The memory must stay valid until it is replaced or the connection closes.
-  // Registration cost is paid here, once per region, never per write.
+  // Makes `mem` writable by the peer as region `id` (nonzero, else ftvm::Error). Replaces an
+  // earlier region of the same id (an inbound write to the old memory that is in progress is
+  // discarded, never redirected). The memory must stay valid until it is replaced,
+  // unregistered or the connection is destroyed. Registration cost is paid here, once per
+  // region, never per write. Regions are local: the peer learns ids and sizes through the
+  // session's own control messages.
   virtual void register_region(uint32_t id, std::span<std::byte> mem) = 0;
+
+  // Stops accepting peer writes into region `id`; later writes to it are ProtocolErrors.
+  // Unknown ids are ignored. After it returns the transport never touches the memory again.
   virtual void unregister_region(uint32_t id) = 0;
 
-  // One-sided write of `data` into the peer's region `region` at `offset`. May return before
-  // the data left this host; it is ordered before any later send_control(). `data` must stay
-  // valid until the next flush() or send_control() returns.
+  // One-sided write of `data` into the peer's region `region` (nonzero) at `offset`. Queues
+  // the write and may return before the data left this host; it is ordered before any later
+  // send_control(). `data` must stay valid and unchanged until the next flush() or
+  // send_control() returns. Large writes may be split on the wire; the receiver sees them
+  // complete no later than the next control message. A write outside the peer's region is
+  // detected by the peer (ProtocolError there, the link then drops) and never applied.
   virtual void write(uint32_t region, uint64_t offset, std::span<const std::byte> data) = 0;
 
-  // Sends a control message after all earlier writes.
+  // Sends control message `type` (nonzero) with `body` (<= kMaxControlBody bytes, else
+  // ftvm::Error) after all earlier writes, and returns once all of it has been handed to the
+  // fabric (not necessarily received). `body` need only be valid during the call.
   virtual void send_control(uint16_t type, std::span<const std::byte> body) = 0;
 
+  // Hands every queued write to the fabric and returns; afterwards the buffers passed to
+  // write() may be reused. Blocks (receiving meanwhile) while the peer is slow.
+  virtual void flush() = 0;
+
   // Waits up to `timeout` for the next control message, applying inbound writes to local
-  // regions and absorbing heartbeats meanwhile; sends a heartbeat if this side has been idle
-  // for the heartbeat interval. Returns nullopt on timeout.
+  // regions and absorbing heartbeats meanwhile, and pushing out queued writes; sends a
+  // heartbeat if this side has sent nothing for the heartbeat interval. Returns nullopt on
+  // timeout (timeout 0 = only what is already there). Control messages are returned in the
+  // order sent. Throws LinkDown when the link is gone (EOF, reset, peer said Goodbye) and
+  // ProtocolError on malformed input; either way the connection is then unusable.
   virtual std::optional<ControlMessage> poll(std::chrono::milliseconds timeout) = 0;
 
-  // Time since the last inbound frame of any kind.
+  // Time since the last inbound frame of any kind (data, control or heartbeat). Stays small
+  // while the peer is alive and polling; grows while the peer is silent.
   virtual std::chrono::milliseconds idle_for() const = 0;
 
-  // Human-readable peer address and backend name ("tcp", "rdma") for status and logs.
+  // Human-readable peer address (e.g. "127.0.0.1:7000", "[::1]:7000") for status and logs.
   virtual std::string peer() const = 0;
+  // Backend name: "tcp", "rdma", "fake".
   virtual const char* backend() const = 0;
 
   // Bytes sent/received over the connection's lifetime (payload + framing).
@@ -74,9 +110,18 @@ class Connection {
   virtual uint64_t bytes_received() const = 0;
 };
 
+// After a Connection method throws LinkDown or ProtocolError, every later call (except the
+// const accessors and the destructor) throws LinkDown restating the first failure.
+
 struct Options {
+  // This side sends a heartbeat after sending nothing for this long (while in poll() or a
+  // blocked send).
   std::chrono::milliseconds heartbeat_interval{50};
+  // Bound on connecting and on the Hello exchange, both directions.
   std::chrono::milliseconds connect_timeout{3000};
+  // A blocked send that makes no progress while nothing arrives from the peer for this long
+  // throws LinkDown (the peer is alive at the TCP level but not reading).
+  std::chrono::milliseconds stall_timeout{10000};
 };
 
 }  // namespace ftvm::transport

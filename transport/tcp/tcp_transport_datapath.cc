@@ -1,1 +1,308 @@
-// placeholder: being written
+// TCP fabric, data path: queuing and sending frames, receiving and applying them.
+// Setup (listen/connect/handshake/registration) is in tcp_transport.cc.
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "common/error.h"
+#include "transport/tcp/tcp_transport.h"
+
+namespace ftvm::transport::tcp {
+
+namespace {
+// write() pushes the queue out once it holds this many iovecs or bytes.
+constexpr size_t kFlushIovecs = 512;
+constexpr size_t kFlushBytes = 4u << 20;
+// Largest Write frame this side sends (also bounded by the peer's Hello).
+constexpr uint32_t kSendSplit = 1u << 20;
+
+bool is_link_error(int err) {
+  switch (err) {
+    case ECONNRESET:
+    case EPIPE:
+    case ETIMEDOUT:
+    case ECONNABORTED:
+    case EHOSTUNREACH:
+    case ENETUNREACH:
+    case ENETDOWN:
+    case EHOSTDOWN:
+    case ENOTCONN: return true;
+    default: return false;
+  }
+}
+
+int to_poll_ms(std::chrono::steady_clock::duration d) {
+  auto ms = std::chrono::ceil<std::chrono::milliseconds>(d).count();
+  return static_cast<int>(std::clamp<long long>(ms, 0, 1 << 30));
+}
+}  // namespace
+
+template <typename F>
+auto TcpConnection::guarded(F&& f) -> decltype(f()) {
+  check_usable();
+  try {
+    return f();
+  } catch (const LinkDown& e) {
+    failed_ = e.what();
+    throw;
+  } catch (const ProtocolError& e) {
+    failed_ = e.what();
+    throw;
+  }
+}
+
+void TcpConnection::link_error(int err, const char* what) {
+  if (is_link_error(err))
+    throw LinkDown(fmt::format("{} {}: {} (the peer or the network went away)", what, peer_, std::strerror(err)));
+  throw SysError(err, fmt::format("{} {}", what, peer_));
+}
+
+// ---- send side ------------------------------------------------------------------------------
+
+void TcpConnection::queue_header(const FrameHeader& h) {
+  auto& slot = tx_hdrs_.emplace_back();
+  encode_header(h, slot);
+  queue_data(slot.data(), slot.size());
+}
+
+void TcpConnection::queue_data(const void* p, size_t n) {
+  if (n == 0) return;
+  tx_iov_.push_back(iovec{const_cast<void*>(p), n});
+  tx_queued_bytes_ += n;
+}
+
+bool TcpConnection::try_send() {
+  while (tx_pos_ < tx_iov_.size()) {
+    msghdr m{};
+    m.msg_iov = &tx_iov_[tx_pos_];
+    m.msg_iovlen = std::min<size_t>(tx_iov_.size() - tx_pos_, IOV_MAX);
+    ssize_t n = ::sendmsg(fd_.get(), &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
+      link_error(errno, "send to");
+    }
+    size_t left = static_cast<size_t>(n);
+    bytes_sent_ += left;
+    tx_queued_bytes_ -= left;
+    tx_last_ = Clock::now();
+    while (left > 0) {
+      iovec& v = tx_iov_[tx_pos_];
+      size_t k = std::min(left, v.iov_len);
+      v.iov_base = static_cast<char*>(v.iov_base) + k;
+      v.iov_len -= k;
+      left -= k;
+      if (v.iov_len == 0) ++tx_pos_;
+    }
+  }
+  tx_iov_.clear();
+  tx_pos_ = 0;
+  tx_hdrs_.clear();
+  tx_queued_bytes_ = 0;
+  return true;
+}
+
+void TcpConnection::check_stall() {
+  auto last = std::max(tx_last_, last_rx_);
+  if (Clock::now() - last > opts_.stall_timeout)
+    throw LinkDown(fmt::format("send to {}: no progress and nothing received for {} ms (the peer is not reading; "
+                               "treating the link as down)",
+                               peer_, opts_.stall_timeout.count()));
+}
+
+void TcpConnection::flush_blocking() {
+  for (;;) {
+    parse(false);  // bytes left over by an earlier poll()
+    if (try_send()) return;
+    check_stall();
+    short events = POLLOUT;
+    bool can_read = pending_bytes_ < kMaxPendingControlBytes;
+    if (can_read) events |= POLLIN;
+    pollfd p{fd_.get(), events, 0};
+    int r = ::poll(&p, 1, to_poll_ms(opts_.heartbeat_interval));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      throw SysError(errno, "poll socket to " + peer_);
+    }
+    // Keep receiving while the peer is slow to read, so two peers sending at each other at
+    // once cannot deadlock with both socket buffers full.
+    if (can_read && (p.revents & (POLLIN | POLLHUP | POLLERR))) {
+      read_some();
+      parse(false);
+    }
+  }
+}
+
+void TcpConnection::maybe_heartbeat() {
+  if (tx_pending() || Clock::now() - tx_last_ < opts_.heartbeat_interval) return;
+  queue_header(FrameHeader{.kind = FrameKind::Heartbeat});
+}
+
+void TcpConnection::write(uint32_t region, uint64_t offset, std::span<const std::byte> data) {
+  guarded([&] {
+    if (region == 0) throw Error("write: region id 0 is reserved (use the id the peer registered)");
+    if (offset > UINT64_MAX - data.size())
+      throw Error(fmt::format("write to region {}: offset {} + length {} overflows", region, offset, data.size()));
+    uint32_t split = std::min(kSendSplit, peer_max_write_);
+    size_t pos = 0;
+    do {
+      size_t n = std::min<size_t>(data.size() - pos, split);
+      queue_header(FrameHeader{.kind = FrameKind::Write,
+                               .field = region,
+                               .length = static_cast<uint32_t>(n),
+                               .offset = offset + pos});
+      queue_data(data.data() + pos, n);
+      pos += n;
+    } while (pos < data.size());
+    if (tx_iov_.size() - tx_pos_ >= kFlushIovecs || tx_queued_bytes_ >= kFlushBytes) flush_blocking();
+  });
+}
+
+void TcpConnection::send_control(uint16_t type, std::span<const std::byte> body) {
+  guarded([&] {
+    if (type == 0) throw Error("send_control: message type 0 is reserved (Invalid)");
+    if (body.size() > kMaxControlBody)
+      throw Error(fmt::format("send_control type {}: body of {} bytes exceeds the {}-byte limit", type, body.size(),
+                              kMaxControlBody));
+    queue_header(FrameHeader{.kind = FrameKind::Control, .field = type, .length = static_cast<uint32_t>(body.size())});
+    queue_data(body.data(), body.size());
+    flush_blocking();
+  });
+}
+
+void TcpConnection::flush() {
+  guarded([&] { flush_blocking(); });
+}
+
+// ---- receive side ---------------------------------------------------------------------------
+
+void TcpConnection::read_some() {
+  ssize_t n;
+  if (rx_in_payload_ && rx_dst_ && rx_remaining_ > 0 && rx_begin_ == rx_end_) {
+    // Payload straight into its destination; whatever follows lands in the buffer.
+    rx_begin_ = rx_end_ = 0;
+    iovec v[2] = {{rx_dst_, rx_remaining_}, {rx_buf_.data(), rx_buf_.size()}};
+    do n = ::readv(fd_.get(), v, 2);
+    while (n < 0 && errno == EINTR);
+    if (n > 0) {
+      size_t k = std::min(static_cast<size_t>(n), rx_remaining_);
+      rx_dst_ += k;
+      rx_remaining_ -= k;
+      rx_end_ = static_cast<size_t>(n) - k;
+      last_rx_ = Clock::now();
+    }
+  } else {
+    if (rx_begin_ > 0) {
+      std::memmove(rx_buf_.data(), rx_buf_.data() + rx_begin_, rx_end_ - rx_begin_);
+      rx_end_ -= rx_begin_;
+      rx_begin_ = 0;
+    }
+    if (rx_end_ == rx_buf_.size()) return;  // full of unparsed frames: parse() first
+    do n = ::recv(fd_.get(), rx_buf_.data() + rx_end_, rx_buf_.size() - rx_end_, MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n > 0) rx_end_ += static_cast<size_t>(n);
+  }
+  if (n == 0) throw LinkDown(fmt::format("receive from {}: the peer closed the connection (EOF)", peer_));
+  if (n < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+    link_error(errno, "receive from");
+  }
+  bytes_received_ += static_cast<uint64_t>(n);
+}
+
+void TcpConnection::parse(bool stop_after_control) {
+  for (;;) {
+    if (!rx_in_payload_) {
+      if (rx_end_ - rx_begin_ < kFrameHeaderSize) return;
+      FrameHeader h = decode_header(std::span<const std::byte, kFrameHeaderSize>(rx_buf_.data() + rx_begin_, kFrameHeaderSize));
+      rx_begin_ += kFrameHeaderSize;
+      last_rx_ = Clock::now();
+      switch (h.kind) {
+        case FrameKind::Write: {
+          auto it = regions_.find(h.field);
+          if (it == regions_.end())
+            throw ProtocolError(fmt::format("peer {} wrote {} bytes at offset {} into region {}, which is not "
+                                            "registered here; write rejected",
+                                            peer_, h.length, h.offset, h.field));
+          size_t size = it->second.size();
+          if (h.offset > size || h.length > size - h.offset)
+            throw ProtocolError(fmt::format("peer {} wrote {} bytes at offset {} into region {} of {} bytes: out of "
+                                            "range; write rejected",
+                                            peer_, h.length, h.offset, h.field, size));
+          rx_dst_ = it->second.data() + h.offset;
+          rx_region_ = h.field;
+          break;
+        }
+        case FrameKind::Control:
+          rx_ctl_.type = static_cast<uint16_t>(h.field);
+          rx_ctl_.body.resize(h.length);  // <= kMaxControlBody, checked by decode_header
+          rx_dst_ = rx_ctl_.body.data();
+          break;
+        case FrameKind::Heartbeat: continue;
+        case FrameKind::Goodbye:
+          throw LinkDown(fmt::format("receive from {}: the peer closed the connection (Goodbye)", peer_));
+        case FrameKind::Hello:
+        case FrameKind::Invalid:
+          throw ProtocolError(fmt::format("peer {} sent a {} frame after the handshake", peer_, kind_name(h.kind)));
+      }
+      rx_in_payload_ = true;
+      rx_kind_ = h.kind;
+      rx_remaining_ = h.length;
+    }
+    size_t n = std::min(rx_remaining_, rx_end_ - rx_begin_);
+    if (n > 0) {
+      if (rx_dst_) {
+        std::memcpy(rx_dst_, rx_buf_.data() + rx_begin_, n);
+        rx_dst_ += n;
+      }
+      rx_begin_ += n;
+      rx_remaining_ -= n;
+    }
+    if (rx_remaining_ > 0) return;
+    rx_in_payload_ = false;
+    rx_dst_ = nullptr;
+    if (rx_kind_ == FrameKind::Control) {
+      pending_bytes_ += rx_ctl_.body.size();
+      pending_.push_back(std::move(rx_ctl_));
+      rx_ctl_ = ControlMessage{};
+      if (stop_after_control) return;
+    }
+  }
+}
+
+std::optional<ControlMessage> TcpConnection::poll(std::chrono::milliseconds timeout) {
+  return guarded([&]() -> std::optional<ControlMessage> {
+    auto deadline = Clock::now() + timeout;
+    if (pending_.empty()) parse(true);
+    for (;;) {
+      if (!pending_.empty()) {
+        ControlMessage m = std::move(pending_.front());
+        pending_.pop_front();
+        pending_bytes_ -= m.body.size();
+        return m;
+      }
+      maybe_heartbeat();
+      if (tx_pending() && !try_send()) check_stall();
+      auto now = Clock::now();
+      auto wait = deadline > now ? deadline - now : Clock::duration::zero();
+      if (!tx_pending()) wait = std::min(wait, std::max(tx_last_ + opts_.heartbeat_interval - now, Clock::duration::zero()));
+      else wait = std::min<Clock::duration>(wait, opts_.heartbeat_interval);
+      pollfd p{fd_.get(), static_cast<short>(POLLIN | (tx_pending() ? POLLOUT : 0)), 0};
+      int r = ::poll(&p, 1, to_poll_ms(wait));
+      if (r < 0 && errno != EINTR) throw SysError(errno, "poll socket to " + peer_);
+      if (r > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR))) {
+        read_some();
+        parse(true);
+      }
+      if (pending_.empty() && Clock::now() >= deadline) return std::nullopt;
+    }
+  });
+}
+
+}  // namespace ftvm::transport::tcp

@@ -1,0 +1,690 @@
+// Transport conformance suite: the same cases run against every backend through the abstract
+// Connection. A backend plugs in with a Rig (how to make connected pairs; optionally a peer
+// driven by raw bytes and a peer in a killable process). TCP runs over 127.0.0.1 with
+// ephemeral ports; RDMA adds its Rig to backends() later.
+//
+// Catch2 assertions are not thread-safe: worker threads return values (or exceptions)
+// through std::future, and only the main thread asserts. Time bounds are liveness bounds only.
+#include <catch2/catch.hpp>
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <arpa/inet.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <future>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/error.h"
+#include "common/fd.h"
+#include "transport/fake/fake_transport.h"
+#include "transport/frame.h"
+#include "transport/tcp/tcp_transport.h"
+#include "transport/transport.h"
+
+using namespace std::chrono_literals;
+using ftvm::LinkDown;
+using ftvm::ProtocolError;
+using ftvm::UniqueFd;
+using namespace ftvm::transport;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Pair {
+  std::unique_ptr<Connection> a;  // the connecting side
+  std::unique_ptr<Connection> b;  // the accepting side
+};
+
+// A connection whose peer is a byte stream the test writes by hand (Hello already sent).
+struct RawPeer {
+  std::unique_ptr<Connection> conn;
+  UniqueFd raw;
+};
+
+// A connection whose peer lives in a child process.
+struct Killable {
+  std::unique_ptr<Connection> conn;
+  pid_t pid = -1;
+};
+
+class Rig {
+ public:
+  virtual ~Rig() = default;
+  // A new connected pair; may be called again after earlier pairs died (reconnect).
+  virtual Pair pair() = 0;
+  virtual std::optional<RawPeer> raw() { return std::nullopt; }
+  virtual std::optional<Killable> killable() { return std::nullopt; }
+};
+
+// ---- TCP ----------------------------------------------------------------------------------
+
+void send_raw(int fd, std::span<const std::byte> b) {
+  while (!b.empty()) {
+    ssize_t n = ::send(fd, b.data(), b.size(), MSG_NOSIGNAL);
+    if (n < 0) throw ftvm::SysError(errno, "send on raw test socket");
+    b = b.subspan(static_cast<size_t>(n));
+  }
+}
+
+std::vector<std::byte> hello_bytes(uint16_t version = kWireVersion) {
+  FrameHeader h{.version = version, .kind = FrameKind::Hello, .length = kHelloBodySize};
+  auto hdr = encode_header(h);
+  HelloBody hb;
+  hb.version = version;
+  auto body = encode_hello(hb);
+  std::vector<std::byte> out(hdr.begin(), hdr.end());
+  out.insert(out.end(), body.begin(), body.end());
+  return out;
+}
+
+UniqueFd raw_connect(uint16_t port) {
+  UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ftvm::check_sys(fd.get(), "socket");
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(port);
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ftvm::check_sys(::connect(fd.get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa), "connect raw test socket");
+  return fd;
+}
+
+class TcpRig : public Rig {
+ public:
+  explicit TcpRig(Options o) : opts_(o), listener_("127.0.0.1", 0, o) {}
+  Pair pair() override {
+    auto acc = std::async(std::launch::async, [&] { return listener_.accept(5s); });
+    Pair p;
+    p.a = tcp::connect_tcp("127.0.0.1", listener_.bound_port(), opts_);
+    p.b = acc.get();
+    return p;
+  }
+  std::optional<RawPeer> raw() override {
+    RawPeer r;
+    r.raw = raw_connect(listener_.bound_port());
+    send_raw(r.raw.get(), hello_bytes());
+    r.conn = listener_.accept(5s);
+    return r;
+  }
+  std::optional<Killable> killable() override {
+    UniqueFd fd = raw_connect(listener_.bound_port());
+    send_raw(fd.get(), hello_bytes());
+    pid_t pid = fork();
+    if (pid == 0) {
+      for (;;) pause();  // holds the socket until SIGKILL
+    }
+    ftvm::check_sys(pid, "fork");
+    fd.reset();  // only the child holds the socket now
+    Killable k;
+    k.conn = listener_.accept(5s);
+    k.pid = pid;
+    return k;
+  }
+  tcp::Listener& listener() { return listener_; }
+
+ private:
+  Options opts_;
+  tcp::Listener listener_;
+};
+
+// ---- fake (in-process) ------------------------------------------------------------------
+
+class FakeRig : public Rig {
+ public:
+  explicit FakeRig(Options o) : opts_(o) {}
+  Pair pair() override {
+    auto [a, b] = fake::make_pair(opts_);
+    return Pair{std::move(a), std::move(b)};
+  }
+
+ private:
+  Options opts_;
+};
+
+struct Backend {
+  std::string name;
+  std::function<std::unique_ptr<Rig>(Options)> make_rig;
+};
+
+std::vector<Backend> backends() {
+  return {
+      {"tcp", [](Options o) { return std::make_unique<TcpRig>(o); }},
+      {"fake", [](Options o) { return std::make_unique<FakeRig>(o); }},
+  };
+}
+
+Options test_options() {
+  Options o;
+  o.heartbeat_interval = 20ms;
+  o.connect_timeout = 5000ms;
+  o.stall_timeout = 20000ms;
+  return o;
+}
+
+std::span<const std::byte> as_bytes(const std::string& s) {
+  return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
+}
+
+// Polls until a control message arrives or `limit` passes (then fails the test).
+ControlMessage poll_until(Connection& c, std::chrono::milliseconds limit = 10s) {
+  auto deadline = Clock::now() + limit;
+  while (Clock::now() < deadline)
+    if (auto m = c.poll(50ms)) return std::move(*m);
+  throw std::runtime_error("no control message within the liveness bound");
+}
+
+// Polls until the connection throws (returns the exception) or `limit` passes.
+std::exception_ptr poll_until_error(Connection& c, std::chrono::milliseconds limit = 10s) {
+  auto deadline = Clock::now() + limit;
+  try {
+    while (Clock::now() < deadline) (void)c.poll(50ms);
+  } catch (...) {
+    return std::current_exception();
+  }
+  return nullptr;
+}
+
+std::byte page_byte(size_t page, size_t i, unsigned round = 0) {
+  return static_cast<std::byte>((page * 31 + i * 7 + round * 13 + 1) & 0xFF);
+}
+
+}  // namespace
+
+TEST_CASE("conformance: connect, identify, exchange control messages", "[transport][tcp]") {
+  for (auto& be : backends()) {
+    DYNAMIC_SECTION(be.name) {
+      auto rig = be.make_rig(test_options());
+      auto pr = rig->pair();
+      auto& a = pr.a;
+      auto& b = pr.b;
+      CHECK(std::string(a->backend()) == be.name);
+      CHECK(std::string(b->backend()) == be.name);
+      CHECK_FALSE(a->peer().empty());
+      CHECK_FALSE(b->peer().empty());
+      a->send_control(1, as_bytes("ping"));
+      auto m = poll_until(*b);
+      CHECK(m.type == 1);
+      CHECK(std::string(reinterpret_cast<const char*>(m.body.data()), m.body.size()) == "ping");
+      b->send_control(2, {});
+      auto r = poll_until(*a);
+      CHECK(r.type == 2);
+      CHECK(r.body.empty());
+      CHECK(a->bytes_sent() > 0);
+      CHECK(b->bytes_received() > 0);
+      CHECK_FALSE(a->poll(0ms).has_value());
+      // Local misuse is an ftvm::Error that leaves the connection usable.
+      std::vector<std::byte> huge(kMaxControlBody + 1);
+      CHECK_THROWS_AS(a->send_control(3, huge), ftvm::Error);
+      CHECK_THROWS_AS(a->send_control(0, {}), ftvm::Error);
+      a->send_control(4, {});
+      CHECK(poll_until(*b).type == 4);
+    }
+  }
+}
+
+TEST_CASE("conformance: writes are visible when the following control message arrives",
+          "[transport][tcp]") {
+  for (auto& be : backends()) {
+    DYNAMIC_SECTION(be.name) {
+      auto rig = be.make_rig(test_options());
+      auto pr = rig->pair();
+      auto& a = pr.a;
+      auto& b = pr.b;
+      constexpr size_t kPage = 4096, kPages = 2048, kWrites = 1000;
+      std::vector<std::byte> region(kPage * kPages, std::byte{0});
+      b->register_region(5, region);
+      std::vector<std::byte> src(kPage * kWrites);
+      std::vector<size_t> where(kWrites);
+      for (size_t i = 0; i < kWrites; ++i) {
+        where[i] = (i * 7919) % kPages;  // scattered, distinct
+        for (size_t k = 0; k < kPage; ++k) src[i * kPage + k] = page_byte(where[i], k);
+      }
+      for (unsigned round = 0; round < 3; ++round) {
+        if (round > 0)
+          for (size_t i = 0; i < kWrites; ++i)
+            for (size_t k = 0; k < kPage; ++k) src[i * kPage + k] = page_byte(where[i], k, round);
+        auto sender = std::async(std::launch::async, [&] {
+          for (size_t i = 0; i < kWrites; ++i)
+            a->write(5, where[i] * kPage, std::span<const std::byte>(src.data() + i * kPage, kPage));
+          a->send_control(9, as_bytes("commit"));
+        });
+        auto m = poll_until(*b);
+        sender.get();
+        REQUIRE(m.type == 9);
+        size_t bad = 0;
+        for (size_t i = 0; i < kWrites; ++i)
+          if (std::memcmp(region.data() + where[i] * kPage, src.data() + i * kPage, kPage) != 0) ++bad;
+        CHECK(bad == 0);
+      }
+      // Pages never written stay zero.
+      std::vector<bool> written(kPages);
+      for (size_t w : where) written[w] = true;
+      size_t dirty_unwritten = 0;
+      for (size_t p = 0; p < kPages; ++p)
+        if (!written[p] && region[p * kPage] != std::byte{0}) ++dirty_unwritten;
+      CHECK(dirty_unwritten == 0);
+    }
+  }
+}
+
+TEST_CASE("conformance: one large write spans several frames and lands whole", "[transport][tcp]") {
+  for (auto& be : backends()) {
+    DYNAMIC_SECTION(be.name) {
+      auto rig = be.make_rig(test_options());
+      auto pr = rig->pair();
+      auto& a = pr.a;
+      auto& b = pr.b;
+      std::vector<std::byte> region(40u << 20, std::byte{0});
+      b->register_region(1, region);
+      std::vector<std::byte> src(region.size() - 4096 - 3);
+      for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<std::byte>((i * 2654435761u) >> 13);
+      auto sender = std::async(std::launch::async, [&] {
+        a->write(1, 4096 + 3, src);
+        a->send_control(1, {});
+      });
+      poll_until(*b, 30s);
+      sender.get();
+      CHECK(std::memcmp(region.data() + 4096 + 3, src.data(), src.size()) == 0);
+      CHECK(region[4096 + 2] == std::byte{0});
+    }
+  }
+}
+
+TEST_CASE("conformance: large control bodies arrive intact and in order", "[transport][tcp]") {
+  for (auto& be : backends()) {
+    DYNAMIC_SECTION(be.name) {
+      auto rig = be.make_rig(test_options());
+      auto pr = rig->pair();
+      auto& a = pr.a;
+      auto& b = pr.b;
+      std::vector<size_t> sizes = {0, 1, 4095, 65536, 300000, kMaxControlBody, kMaxControlBody - 1, 17};
+      auto sender = std::async(std::launch::async, [&] {
+        for (size_t i = 0; i < sizes.size(); ++i) {
+          std::vector<std::byte> body(sizes[i]);
+          for (size_t k = 0; k < body.size(); ++k) body[k] = static_cast<std::byte>(k * 3 + i);
+          a->send_control(static_cast<uint16_t>(100 + i), body);
+        }
+      });
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        auto m = poll_until(*b);
+        REQUIRE(m.type == 100 + i);
+        REQUIRE(m.body.size() == sizes[i]);
+        bool ok = true;
+        for (size_t k = 0; k < m.body.size(); ++k) ok &= m.body[k] == static_cast<std::byte>(k * 3 + i);
+        CHECK(ok);
+      }
+      sender.get();
+    }
+  }
+}
+
+TEST_CASE("conformance: slow receiver, nothing lost, no deadlock", "[transport][tcp]") {
+  for (auto& be : backends()) {
+    DYNAMIC_SECTION(be.name) {
+      auto rig = be.make_rig(test_options());
+      auto pr = rig->pair();
+      auto& a = pr.a;
+      auto& b = pr.b;
+      constexpr size_t kChunk = 1u << 20, kSlots = 4, kRounds = 48;  // 48 MiB in total
+      std::vector<std::byte> region(kChunk * kSlots);
+      b->register_region(2, region);
+      auto sender = std::async(std::launch::async, [&] {
+        std::vector<std::byte> buf(kChunk);
+        for (unsigned r = 0; r < kRounds; ++r) {
+          std::memset(buf.data(), static_cast<int>(r + 1), buf.size());
+          a->write(2, (r % kSlots) * kChunk, buf);
+          uint32_t seq = r;
+          a->send_control(7, std::span<const std::byte>(reinterpret_cast<const std::byte*>(&seq), sizeof seq));
+        }
+      });
+      for (unsigned r = 0; r < kRounds; ++r) {
+        std::this_thread::sleep_for(5ms);  // the slow receiver
+        auto m = poll_until(*b, 30s);
+        REQUIRE(m.type == 7);
+        uint32_t seq;
+        REQUIRE(m.body.size() == sizeof seq);
+        std::memcpy(&seq, m.body.data(), sizeof seq);
+        REQUIRE(seq == r);
+        // The slot of round r holds round r's data or a later round's (writes after the
+        // control message may already be visible), never older.
+        auto v = static_cast<unsigned>(region[(r % kSlots) * kChunk + kChunk / 2]);
+        CHECK(v >= r + 1);
+      }
+      sender.get();
+      for (size_t s = 0; s < kSlots; ++s) {
+        unsigned want = kRounds - kSlots + static_cast<unsigned>(s) + 1;
+        CHECK(static_cast<unsigned>(region[s * kChunk]) == want);
+        CHECK(static_cast<unsigned>(region[s * kChunk + kChunk - 1]) == want);
+      }
+      CHECK(b->bytes_received() >= kChunk * kRounds);
+    }
+  }
+}
+
+TEST_CASE("conformance: both sides sending bulk at once do not deadlock", "[transport][tcp]") {
+  for (auto& be : backends()) {
+    DYNAMIC_SECTION(be.name) {
+      auto rig = be.make_rig(test_options());
+      auto pr = rig->pair();
+      auto& a = pr.a;
+      auto& b = pr.b;
+      constexpr size_t kSize = 8u << 20;
+      std::vector<std::byte> ra(kSize), rb(kSize);
+      a->register_region(1, ra);
+      b->register_region(1, rb);
+      auto blast = [](Connection& c, std::byte fill) {
+        std::vector<std::byte> src(kSize, fill);
+        for (int i = 0; i < 4; ++i) c.write(1, 0, src);  // 32 MiB each way
+        c.send_control(1, {});
+        auto m = poll_until(c, 60s);
+        return m.type;
+      };
+      auto fa = std::async(std::launch::async, blast, std::ref(*a), std::byte{0xA});
+      auto fb = std::async(std::launch::async, blast, std::ref(*b), std::byte{0xB});
+      CHECK(fa.get() == 1);
+      CHECK(fb.get() == 1);
+      CHECK(rb[kSize - 1] == std::byte{0xA});
+      CHECK(ra[kSize - 1] == std::byte{0xB});
+    }
+  }
+}
+
+TEST_CASE("conformance: peer death surfaces as LinkDown, not a hang", "[transport][tcp]") {
+  for (auto& be : backends()) {
+    DYNAMIC_SECTION(be.name) {
+      auto rig = be.make_rig(test_options());
+      SECTION("peer closes the connection") {
+        auto pr = rig->pair();
+        auto& a = pr.a;
+        auto& b = pr.b;
+        b.reset();
+        auto e = poll_until_error(*a);
+        REQUIRE(e);
+        CHECK_THROWS_AS(std::rethrow_exception(e), LinkDown);
+        // The connection stays failed.
+        CHECK_THROWS_AS(a->poll(0ms), LinkDown);
+        CHECK_THROWS_AS(a->send_control(1, {}), LinkDown);
+      }
+      SECTION("sending to a peer that went away") {
+        auto pr = rig->pair();
+        auto& a = pr.a;
+        auto& b = pr.b;
+        b.reset();
+        std::vector<std::byte> buf(1u << 20);
+        auto deadline = Clock::now() + 10s;
+        bool down = false;
+        try {
+          while (Clock::now() < deadline) {
+            a->write(1, 0, buf);
+            a->send_control(1, {});
+          }
+        } catch (const LinkDown&) {
+          down = true;
+        }
+        CHECK(down);
+      }
+      SECTION("peer process killed") {
+        auto k = rig->killable();
+        if (!k) {
+          WARN(be.name << ": no killable peer, skipped");
+        } else {
+          ::kill(k->pid, SIGKILL);
+          int st = 0;
+          ::waitpid(k->pid, &st, 0);
+          auto e = poll_until_error(*k->conn);
+          REQUIRE(e);
+          CHECK_THROWS_AS(std::rethrow_exception(e), LinkDown);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("conformance: malformed input is a ProtocolError and leaves the region unchanged",
+          "[transport][tcp]") {
+  for (auto& be : backends()) {
+    DYNAMIC_SECTION(be.name) {
+      auto rig = be.make_rig(test_options());
+      auto r = rig->raw();
+      if (!r) {
+        WARN(be.name << ": no raw peer, skipped");
+        continue;
+      }
+      std::vector<std::byte> region(65536, std::byte{0x5A});
+      r->conn->register_region(1, region);
+      std::vector<std::byte> bytes;
+      std::string expect;
+      SECTION("garbage") {
+        bytes.assign(100, std::byte{0xEE});
+        expect = "bad magic";
+      }
+      SECTION("bad magic on an otherwise valid write") {
+        auto h = encode_header({.kind = FrameKind::Write, .field = 1, .length = 16});
+        h[0] = std::byte{'X'};
+        bytes.assign(h.begin(), h.end());
+        bytes.resize(bytes.size() + 16, std::byte{1});
+        expect = "bad magic";
+      }
+      SECTION("another wire version") {
+        auto h = encode_header({.version = 7, .kind = FrameKind::Write, .field = 1, .length = 16});
+        bytes.assign(h.begin(), h.end());
+        bytes.resize(bytes.size() + 16, std::byte{1});
+        expect = "version 7";
+      }
+      SECTION("write past the end of the region") {
+        auto h = encode_header({.kind = FrameKind::Write, .field = 1, .length = 8192, .offset = 65536 - 4096});
+        bytes.assign(h.begin(), h.end());
+        bytes.resize(bytes.size() + 8192, std::byte{1});
+        expect = "out of range";
+      }
+      SECTION("write to an unknown region") {
+        auto h = encode_header({.kind = FrameKind::Write, .field = 99, .length = 16});
+        bytes.assign(h.begin(), h.end());
+        bytes.resize(bytes.size() + 16, std::byte{1});
+        expect = "region 99";
+      }
+      SECTION("write to an unregistered region") {
+        r->conn->unregister_region(1);
+        auto h = encode_header({.kind = FrameKind::Write, .field = 1, .length = 16});
+        bytes.assign(h.begin(), h.end());
+        bytes.resize(bytes.size() + 16, std::byte{1});
+        expect = "not registered";
+      }
+      SECTION("corrupted header checksum") {
+        auto h = encode_header({.kind = FrameKind::Write, .field = 1, .length = 16});
+        h[16] ^= std::byte{1};  // offset 0 -> 1
+        bytes.assign(h.begin(), h.end());
+        bytes.resize(bytes.size() + 16, std::byte{1});
+        expect = "checksum";
+      }
+      send_raw(r->raw.get(), bytes);
+      auto e = poll_until_error(*r->conn);
+      REQUIRE(e);
+      try {
+        std::rethrow_exception(e);
+      } catch (const ProtocolError& pe) {
+        CHECK_THAT(pe.what(), Catch::Contains(expect));
+      } catch (const std::exception& other) {
+        FAIL("expected ProtocolError, got: " << other.what());
+      }
+      size_t changed = 0;
+      for (auto v : region) changed += v != std::byte{0x5A};
+      CHECK(changed == 0);
+      CHECK_THROWS_AS(r->conn->poll(0ms), LinkDown);
+    }
+  }
+}
+
+TEST_CASE("conformance: heartbeats keep idle_for small while the peer is idle but alive",
+          "[transport][tcp]") {
+  for (auto& be : backends()) {
+    DYNAMIC_SECTION(be.name) {
+      auto rig = be.make_rig(test_options());  // heartbeat every 20 ms
+      auto pr = rig->pair();
+      auto& a = pr.a;
+      auto& b = pr.b;
+      std::atomic<bool> stop{false};
+      auto idle_peer = std::async(std::launch::async, [&] {
+        while (!stop) (void)b->poll(30ms);  // sends nothing of its own but heartbeats
+      });
+      auto until = Clock::now() + 800ms;
+      std::chrono::milliseconds worst{0};
+      while (Clock::now() < until) {
+        (void)a->poll(10ms);
+        worst = std::max(worst, a->idle_for());
+      }
+      stop = true;
+      idle_peer.get();
+      CHECK(worst < 500ms);  // generous: 25x the interval
+    }
+  }
+}
+
+TEST_CASE("conformance: idle_for grows while the peer is silent", "[transport][tcp]") {
+  for (auto& be : backends()) {
+    DYNAMIC_SECTION(be.name) {
+      auto rig = be.make_rig(test_options());
+      auto r = rig->raw();
+      if (!r) {
+        WARN(be.name << ": no raw peer, skipped");
+        continue;
+      }
+      auto start = Clock::now();
+      CHECK_FALSE(r->conn->poll(300ms).has_value());
+      CHECK(Clock::now() - start >= 290ms);
+      CHECK(r->conn->idle_for() >= 250ms);
+      // A heartbeat from the silent peer resets it.
+      auto hb = encode_header({.kind = FrameKind::Heartbeat});
+      send_raw(r->raw.get(), hb);
+      auto deadline = Clock::now() + 5s;
+      while (r->conn->idle_for() >= 250ms && Clock::now() < deadline) (void)r->conn->poll(10ms);
+      CHECK(r->conn->idle_for() < 250ms);
+    }
+  }
+}
+
+TEST_CASE("conformance: a new connection works after the old one died", "[transport][tcp]") {
+  for (auto& be : backends()) {
+    DYNAMIC_SECTION(be.name) {
+      auto rig = be.make_rig(test_options());
+      {
+        auto pr = rig->pair();
+        auto& a = pr.a;
+        auto& b = pr.b;
+        b.reset();
+        CHECK(poll_until_error(*a));
+      }
+      auto pr = rig->pair();
+      auto& a = pr.a;
+      auto& b = pr.b;
+      std::vector<std::byte> region(4096);
+      b->register_region(3, region);
+      std::vector<std::byte> src(4096, std::byte{0x77});
+      a->write(3, 0, src);
+      a->send_control(5, {});
+      CHECK(poll_until(*b).type == 5);
+      CHECK(region[4095] == std::byte{0x77});
+    }
+  }
+}
+
+// ---- TCP-specific setup behaviour ---------------------------------------------------------
+
+TEST_CASE("tcp: Hello with another wire version is rejected naming both versions", "[transport][tcp]") {
+  Options o = test_options();
+  SECTION("accepting side") {
+    tcp::Listener l("127.0.0.1", 0, o);
+    auto raw = raw_connect(l.bound_port());
+    send_raw(raw.get(), hello_bytes(3));
+    try {
+      l.accept(5s);
+      FAIL("accepted a peer of another version");
+    } catch (const ProtocolError& e) {
+      CHECK_THAT(e.what(), Catch::Contains("version 3") && Catch::Contains("version 1"));
+    }
+    // The listener survives a bad client.
+    auto acc = std::async(std::launch::async, [&] { return l.accept(5s); });
+    auto c = tcp::connect_tcp("127.0.0.1", l.bound_port(), o);
+    CHECK(acc.get() != nullptr);
+  }
+  SECTION("connecting side") {
+    tcp::Listener l("127.0.0.1", 0, o);
+    auto server = std::async(std::launch::async, [&] {
+      UniqueFd s(::accept4(l.fd(), nullptr, nullptr, SOCK_CLOEXEC));
+      for (int i = 0; i < 500 && !s; ++i) {
+        std::this_thread::sleep_for(10ms);
+        s.reset(::accept4(l.fd(), nullptr, nullptr, SOCK_CLOEXEC));
+      }
+      if (s) send_raw(s.get(), hello_bytes(2));
+      std::this_thread::sleep_for(300ms);
+      return s.valid();
+    });
+    try {
+      tcp::connect_tcp("127.0.0.1", l.bound_port(), o);
+      FAIL("connected to a peer of another version");
+    } catch (const ProtocolError& e) {
+      CHECK_THAT(e.what(), Catch::Contains("version 2") && Catch::Contains("version 1"));
+    }
+    CHECK(server.get());
+  }
+}
+
+TEST_CASE("tcp: a peer that never says Hello times out as LinkDown", "[transport][tcp]") {
+  Options o = test_options();
+  o.connect_timeout = 300ms;
+  tcp::Listener l("127.0.0.1", 0, o);
+  auto raw = raw_connect(l.bound_port());
+  CHECK_THROWS_AS(l.accept(5s), LinkDown);
+  CHECK(l.accept(10ms) == nullptr);
+}
+
+TEST_CASE("tcp: connect to a closed port is LinkDown; addresses parse", "[transport][tcp]") {
+  uint16_t port;
+  {
+    tcp::Listener l("127.0.0.1", 0, test_options());
+    port = l.bound_port();
+    CHECK(port != 0);
+    CHECK(l.local_address() == "127.0.0.1:" + std::to_string(port));
+  }
+  CHECK_THROWS_AS(tcp::connect_tcp("127.0.0.1", port, test_options()), LinkDown);
+  auto hp = tcp::parse_host_port("[::1]:7000");
+  CHECK(hp.host == "::1");
+  CHECK(hp.port == 7000);
+  hp = tcp::parse_host_port("standby.example:0");
+  CHECK(hp.host == "standby.example");
+  CHECK(hp.port == 0);
+  CHECK_THROWS_AS(tcp::parse_host_port("nohost"), ftvm::Error);
+  CHECK_THROWS_AS(tcp::parse_host_port("h:70000"), ftvm::Error);
+  CHECK_THROWS_AS(tcp::parse_host_port("::1:80"), ftvm::Error);
+}
+
+TEST_CASE("tcp: IPv6 loopback and hostname listeners", "[transport][tcp]") {
+  Options o = test_options();
+  std::unique_ptr<tcp::Listener> l6;
+  try {
+    l6 = std::make_unique<tcp::Listener>("::1", 0, o);
+  } catch (const ftvm::Error& e) {
+    WARN("no IPv6 loopback here: " << e.what());
+  }
+  if (l6) {
+    auto acc = std::async(std::launch::async, [&] { return l6->accept(5s); });
+    auto c = tcp::connect_tcp("::1", l6->bound_port(), o);
+    auto s = acc.get();
+    REQUIRE(s);
+    CHECK_THAT(c->peer(), Catch::StartsWith("[::1]:"));
+  }
+  tcp::Listener lh("localhost", 0, o);
+  auto acc = std::async(std::launch::async, [&] { return lh.accept(5s); });
+  auto c = tcp::connect_tcp("localhost", lh.bound_port(), o);
+  CHECK(acc.get() != nullptr);
+}
