@@ -1,1 +1,517 @@
-// placeholder: being written
+#include "vmm-glue/qemu_cmdline.h"
+
+#include <algorithm>
+#include <map>
+#include <optional>
+#include <set>
+#include <utility>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+
+namespace ftvm::vmm {
+
+namespace {
+
+// Options QEMU 7.2 declares without HAS_ARG (qemu-options.def); every other option takes the
+// next argument. An unknown option is assumed to take one, which is what QEMU does for the
+// options it knows and the safest guess for the ones it may add.
+const std::set<std::string>& no_arg_options() {
+  static const std::set<std::string> s = {
+      "S",          "daemonize",     "enable-kvm",     "enable-sync-profile", "full-screen",
+      "mem-prealloc", "no-acpi",     "no-fd-bootchk",  "no-hpet",             "no-reboot",
+      "no-shutdown", "no-user-config", "nodefaults",   "nographic",           "only-migratable",
+      "portrait",   "s",             "singlestep",     "snapshot",            "usb",
+      "version",    "win2k-hack",    "xen-attach",     "xen-domid-restrict",  "preconfig",
+      "audio-help", "h",             "help",           "curses",              "sdl",
+      "alt-grab",   "ctrl-grab",     "semihosting",    "no-quit",
+  };
+  return s;
+}
+
+// One element of argv after argv[0]: an option (with its value when it takes one) or a bare
+// argument (legacy -hda image).
+struct Opt {
+  std::string prefix;  // "-" or "--"; empty for a bare argument
+  std::string name;    // without dashes; the whole token for a bare argument
+  std::optional<std::string> value;
+
+  bool is(std::string_view n) const { return !prefix.empty() && name == n; }
+  void emit(std::vector<std::string>& out) const {
+    out.push_back(prefix + name);
+    if (value) out.push_back(*value);
+  }
+};
+
+std::vector<Opt> parse_argv(const std::vector<std::string>& argv) {
+  if (argv.empty()) fail("QEMU command line is empty: expected the binary followed by options");
+  std::vector<Opt> opts;
+  for (size_t i = 1; i < argv.size(); ++i) {
+    const std::string& a = argv[i];
+    Opt o;
+    if (a.size() > 1 && a[0] == '-') {
+      size_t n = (a.size() > 2 && a[1] == '-') ? 2 : 1;
+      o.prefix = a.substr(0, n);
+      o.name = a.substr(n);
+      if (!no_arg_options().count(o.name)) {
+        if (i + 1 >= argv.size())
+          fail("QEMU option {} has no value: the command line ends after it (check how it was "
+               "read from /proc/PID/cmdline)",
+               a);
+        o.value = argv[++i];
+      }
+    } else {
+      o.name = a;
+    }
+    opts.push_back(std::move(o));
+  }
+  return opts;
+}
+
+// An option value in QEMU keyval syntax or (when it starts with '{') JSON syntax. `implied` is
+// the key QEMU gives a leading item without '=' (e.g. "qom-type" for -object). Serialising keeps
+// the original syntax, and keyval items keep their order and spelling.
+class OptValue {
+ public:
+  OptValue(const std::string& text, const std::string& implied, const std::string& option)
+      : implied_(implied) {
+    size_t first = text.find_first_not_of(" \t\n");
+    if (first != std::string::npos && text[first] == '{') {
+      json_ = true;
+      try {
+        obj_ = nlohmann::json::parse(text);
+      } catch (const nlohmann::json::exception& e) {
+        fail("QEMU option -{} has malformed JSON value '{}': {} (fix the command line)", option,
+             text, e.what());
+      }
+      if (!obj_.is_object())
+        fail("QEMU option -{} value '{}' is JSON but not an object", option, text);
+      return;
+    }
+    bool first_item = true;
+    for (auto& item : split_keyval(text)) {
+      size_t eq = item.find('=');
+      if (eq == std::string::npos) {
+        if (first_item && !implied.empty())
+          items_.push_back({implied, item, Form::Implied});
+        else
+          items_.push_back({item, "on", Form::Bare});
+      } else {
+        items_.push_back({item.substr(0, eq), item.substr(eq + 1), Form::Full});
+      }
+      first_item = false;
+    }
+  }
+
+  bool is_json() const { return json_; }
+
+  // The value of a top-level key as QEMU would read it: JSON booleans as "on"/"off", numbers
+  // and strings as their text; nested objects as their JSON text.
+  std::optional<std::string> get(const std::string& key) const {
+    if (json_) {
+      auto it = obj_.find(key);
+      if (it == obj_.end()) return std::nullopt;
+      if (it->is_boolean()) return it->get<bool>() ? "on" : "off";
+      if (it->is_string()) return it->get<std::string>();
+      return it->dump();
+    }
+    std::optional<std::string> v;
+    for (auto& it : items_)
+      if (it.key == key) v = it.val;  // QEMU: the last occurrence wins
+    return v;
+  }
+  bool get_bool(const std::string& key) const {
+    auto v = get(key);
+    return v && qemu_bool(*v);
+  }
+  std::vector<std::string> keys() const {
+    std::vector<std::string> k;
+    if (json_)
+      for (auto& [key, val] : obj_.items()) k.push_back(key);
+    else
+      for (auto& it : items_) k.push_back(it.key);
+    return k;
+  }
+  // Replaces the value of an existing string key (every occurrence).
+  void set(const std::string& key, const std::string& val) {
+    if (json_) {
+      obj_[key] = val;
+      return;
+    }
+    for (auto& it : items_)
+      if (it.key == key) {
+        it.val = val;
+        if (it.form == Form::Bare) it.form = Form::Full;
+      }
+  }
+  std::string str() const {
+    if (json_) return obj_.dump();
+    std::vector<std::string> parts;
+    for (auto& it : items_) {
+      switch (it.form) {
+        case Form::Implied: parts.push_back(it.val); break;
+        case Form::Bare: parts.push_back(it.key); break;
+        case Form::Full: parts.push_back(it.key + "=" + it.val); break;
+      }
+    }
+    return join_keyval(parts);
+  }
+
+ private:
+  enum class Form { Implied, Bare, Full };
+  struct Item {
+    std::string key, val;
+    Form form;
+  };
+  std::string implied_;
+  bool json_ = false;
+  nlohmann::json obj_;
+  std::vector<Item> items_;
+};
+
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+bool starts_with(const std::string& s, std::string_view p) { return s.rfind(p, 0) == 0; }
+
+const char* kMemfdHint =
+    "use -object memory-backend-memfd,id=mem0,size=<RAM size>,share=on -machine "
+    "memory-backend=mem0 (libvirt: <memoryBacking><source type='memfd'/><access "
+    "mode='shared'/></memoryBacking>)";
+
+}  // namespace
+
+std::vector<std::string> split_keyval(const std::string& s) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == ',') {
+      if (i + 1 < s.size() && s[i + 1] == ',') {
+        cur += ',';
+        ++i;
+        continue;
+      }
+      out.push_back(std::move(cur));
+      cur.clear();
+      continue;
+    }
+    cur += s[i];
+  }
+  out.push_back(std::move(cur));
+  return out;
+}
+
+std::string join_keyval(const std::vector<std::string>& items) {
+  std::string out;
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (i) out += ',';
+    for (char c : items[i]) {
+      out += c;
+      if (c == ',') out += ',';
+    }
+  }
+  return out;
+}
+
+bool qemu_bool(const std::string& v) {
+  std::string l = lower(v);
+  return l == "on" || l == "yes" || l == "true" || l == "y";
+}
+
+std::vector<std::string> check_protectable(const std::vector<std::string>& argv) {
+  std::vector<std::string> problems;
+  auto opts = parse_argv(argv);
+
+  struct Backend {
+    std::string id, type;
+    bool share = false, hugetlb = false;
+  };
+  std::map<std::string, Backend> backends;
+  std::vector<std::string> backend_order;
+  std::optional<std::string> machine_backend;
+  std::vector<std::string> numa_memdevs;
+  bool numa_legacy_mem = false;
+
+  for (const Opt& o : opts) {
+    if (!o.value) {
+      continue;
+    }
+    const std::string& v = *o.value;
+    if (o.is("object")) {
+      OptValue ov(v, "qom-type", o.name);
+      std::string type = ov.get("qom-type").value_or("");
+      if (starts_with(type, "memory-backend-")) {
+        Backend b;
+        b.id = ov.get("id").value_or("");
+        b.type = type;
+        b.share = ov.get_bool("share");
+        b.hugetlb = ov.get_bool("hugetlb");
+        backends[b.id] = b;
+        backend_order.push_back(b.id);
+      }
+    } else if (o.is("machine") || o.is("M")) {
+      OptValue ov(v, "type", o.name);
+      if (auto mb = ov.get("memory-backend")) machine_backend = *mb;
+    } else if (o.is("numa")) {
+      OptValue ov(v, "type", o.name);
+      if (ov.get("type").value_or("node") == "node") {
+        if (auto md = ov.get("memdev"))
+          numa_memdevs.push_back(*md);
+        else if (ov.get("mem"))
+          numa_legacy_mem = true;
+      }
+    } else if (o.is("mem-path")) {
+      problems.push_back(fmt::format(
+          "-mem-path {}: guest RAM backed by a file is not supported (ftd finds and maps guest "
+          "RAM through a shared memfd); remove -mem-path and {}",
+          v, kMemfdHint));
+    } else if (o.is("incoming")) {
+      problems.push_back(fmt::format(
+          "-incoming {}: this QEMU is a migration target waiting for its state, not a running "
+          "guest; protect the VM after the migration completed (on the host it runs on)",
+          v));
+    } else if (o.is("device")) {
+      OptValue ov(v, "driver", o.name);
+      std::string drv = ov.get("driver").value_or("");
+      std::string id = ov.get("id").value_or("");
+      std::string what = id.empty() ? fmt::format("-device {}", drv)
+                                    : fmt::format("-device {} (id {})", drv, id);
+      if (drv.find("balloon") != std::string::npos) {
+        problems.push_back(fmt::format(
+            "{}: memory ballooning is not supported: inflating the balloon (and free page "
+            "reporting) discards guest pages with MADV_DONTNEED/fallocate(PUNCH_HOLE), which the "
+            "dirty trackers do not see, so the standby would diverge; remove the balloon "
+            "(libvirt: <memballoon model='none'/>)",
+            what));
+      } else if (starts_with(drv, "virtio-mem")) {
+        problems.push_back(fmt::format(
+            "{}: virtio-mem is not supported: it plugs and unplugs guest RAM by discarding pages, "
+            "which the dirty trackers do not see; remove the device and size the main RAM "
+            "backend instead",
+            what));
+      } else if (starts_with(drv, "vhost-user")) {
+        problems.push_back(fmt::format(
+            "{}: vhost-user devices are not supported: the backend process writes guest RAM "
+            "directly and its writes are not tracked; use the QEMU-emulated device instead",
+            what));
+      } else if (starts_with(drv, "vhost-")) {
+        problems.push_back(fmt::format(
+            "{}: in-kernel vhost devices are not supported: writes by vhost worker threads are "
+            "not tracked (not verified); use an emulated device instead",
+            what));
+      } else if (starts_with(drv, "vfio")) {
+        problems.push_back(fmt::format(
+            "{}: device assignment is not supported: the device writes guest RAM by DMA, which "
+            "the dirty trackers do not see, and its state cannot be checkpointed; remove it",
+            what));
+      } else if (auto md = ov.get("memdev")) {
+        problems.push_back(fmt::format(
+            "{} uses memory backend '{}': only the machine's main RAM backend is replicated, "
+            "RAM or shared memory of devices (pc-dimm, nvdimm, virtio-pmem, ivshmem) is not; "
+            "remove the device",
+            what, *md));
+      }
+    } else if (o.is("netdev") || o.is("nic") || o.is("net")) {
+      OptValue ov(v, "type", o.name);
+      std::string type = ov.get("type").value_or("");
+      std::string id = ov.get("id").value_or("");
+      std::string what = fmt::format("-{} {}{}", o.name, type, id.empty() ? "" : " (id " + id + ")");
+      if (type == "vhost-user" || type == "vhost-vdpa") {
+        std::string chr = ov.get("chardev").value_or("");
+        problems.push_back(fmt::format(
+            "{}{}: {} networking is not supported: another process writes guest RAM and its "
+            "writes are not tracked; use -netdev tap with vhost=off",
+            what, chr.empty() ? "" : fmt::format(" over -chardev {}", chr), type));
+      } else if (ov.get_bool("vhost") || ov.get_bool("vhostforce") || ov.get("vhostfd") ||
+                 ov.get("vhostfds")) {
+        problems.push_back(fmt::format(
+            "{}: vhost-net is not supported: packets are written into guest RAM by vhost kernel "
+            "threads and those writes are not verified to be tracked; set vhost=off (libvirt: "
+            "<driver name='qemu'/> in the <interface>)",
+            what));
+      }
+    }
+  }
+
+  // The main RAM backend.
+  std::optional<std::string> main_id;
+  if (machine_backend) {
+    main_id = machine_backend;
+  } else if (numa_memdevs.size() == 1) {
+    main_id = numa_memdevs[0];
+  }
+  if (numa_memdevs.size() > 1) {
+    problems.push_back(fmt::format(
+        "-numa node,memdev=: the guest has {} NUMA memory backends ({}); ftvm replicates exactly "
+        "one RAM backend for now: use a single NUMA node with one memory-backend-memfd",
+        numa_memdevs.size(), fmt::join(numa_memdevs, ", ")));
+  } else if (backend_order.size() > 1) {
+    problems.push_back(fmt::format(
+        "-object memory-backend-*: the command line defines {} RAM backends ({}); ftvm "
+        "replicates exactly one (the machine's memory-backend): remove the others",
+        backend_order.size(), fmt::join(backend_order, ", ")));
+  }
+  if (numa_memdevs.size() > 1) {
+    // Already reported: there is no single main backend to check.
+  } else if (!main_id) {
+    problems.push_back(fmt::format(
+        "guest RAM: {} is not a shared memfd backend, so ftd cannot map it from outside QEMU; {}",
+        numa_legacy_mem ? "-numa node,mem= RAM" : "anonymous RAM from -m", kMemfdHint));
+  } else if (!backends.count(*main_id)) {
+    problems.push_back(fmt::format(
+        "-machine memory-backend={}: no -object memory-backend-* with id '{}' on the command "
+        "line; {}",
+        *main_id, *main_id, kMemfdHint));
+  } else {
+    const Backend& b = backends[*main_id];
+    if (b.type != "memory-backend-memfd") {
+      problems.push_back(fmt::format(
+          "-object {},id={}: the main RAM backend must be memory-backend-memfd ({} cannot be "
+          "mapped and tracked from outside QEMU the way ftd does); {}",
+          b.type, b.id, b.type, kMemfdHint));
+    } else {
+      if (!b.share)
+        problems.push_back(fmt::format(
+            "-object memory-backend-memfd,id={}: share=on is required (with share=off QEMU's "
+            "RAM is a private copy-on-write mapping that ftd cannot see through the memfd); add "
+            "share=on",
+            b.id));
+      if (b.hugetlb)
+        problems.push_back(fmt::format(
+            "-object memory-backend-memfd,id={}: hugetlb=on is not supported (dirty tracking and "
+            "copying would work on whole 2 MiB/1 GiB pages and soft-dirty does not cover "
+            "hugetlb); remove hugetlb=on",
+            b.id));
+    }
+  }
+  return problems;
+}
+
+std::vector<std::string> make_twin_cmdline(const std::vector<std::string>& argv,
+                                           const TwinOptions& t) {
+  if (t.run_dir.empty() || t.qmp_socket.empty())
+    fail("make_twin_cmdline: run_dir and qmp_socket must be set (caller bug)");
+  auto opts = parse_argv(argv);
+
+  // Chardevs used by monitors go with the monitors.
+  std::set<std::string> monitor_chardevs;
+  for (const Opt& o : opts) {
+    if (!o.value) continue;
+    if (o.is("mon")) {
+      OptValue ov(*o.value, "chardev", o.name);
+      if (auto c = ov.get("chardev")) monitor_chardevs.insert(*c);
+    } else if ((o.is("monitor") || o.is("qmp") || o.is("qmp-pretty")) &&
+               starts_with(*o.value, "chardev:")) {
+      monitor_chardevs.insert(o.value->substr(8));
+    }
+  }
+
+  std::set<std::string> used_paths;
+  std::string run_dir = t.run_dir;
+  while (run_dir.size() > 1 && run_dir.back() == '/') run_dir.pop_back();
+  auto relocate = [&](const std::string& path) {
+    std::string base = path.substr(path.find_last_of('/') + 1);
+    if (base.empty()) base = "file";
+    std::string candidate = run_dir + "/" + base;
+    for (int k = 1; used_paths.count(candidate); ++k)
+      candidate = fmt::format("{}/{}.{}", run_dir, base, k);
+    used_paths.insert(candidate);
+    return candidate;
+  };
+  // Legacy chardev specs (-serial, -parallel, -monitor, -virtioconsole, ...): unix:PATH[,opts],
+  // file:PATH, pipe:PATH.
+  auto relocate_legacy = [&](const std::string& spec) -> std::string {
+    if (starts_with(spec, "unix:")) {
+      auto items = split_keyval(spec.substr(5));
+      items[0] = relocate(items[0]);
+      return "unix:" + join_keyval(items);
+    }
+    if (starts_with(spec, "file:")) return "file:" + relocate(spec.substr(5));
+    if (starts_with(spec, "pipe:")) return "pipe:" + relocate(spec.substr(5));
+    return spec;
+  };
+  auto check_no_fd = [&](const Opt& o, const OptValue& ov) {
+    for (const char* k : {"fd", "fds", "vhostfd", "vhostfds"})
+      if (auto f = ov.get(k))
+        fail("-{} {}: uses file descriptor {}={} inherited from the process that started QEMU; "
+             "the twin cannot be given the same descriptor: create the twin of a libvirt-managed "
+             "VM through libvirt, or use a path/ifname instead of fd=",
+             o.name, *o.value, k, *f);
+  };
+
+  std::vector<std::string> out{argv[0]};
+  for (const Opt& o : opts) {
+    if (o.prefix.empty()) {
+      o.emit(out);
+      continue;
+    }
+    if (o.is("daemonize") || o.is("pidfile") || o.is("qmp") || o.is("qmp-pretty") ||
+        o.is("mon") || o.is("incoming") || o.is("loadvm") || o.is("S") || o.is("preconfig"))
+      continue;
+    if (o.is("monitor")) {
+      if (o.value == "none") o.emit(out);
+      continue;
+    }
+    if (!o.value) {
+      o.emit(out);
+      continue;
+    }
+    Opt n = o;
+    std::string& v = *n.value;
+    if (v.find("/dev/fdset/") != std::string::npos || o.is("add-fd"))
+      fail("-{} {}: refers to a file descriptor set passed by the process that started QEMU; "
+           "the twin cannot be given the same descriptors: create the twin of a libvirt-managed "
+           "VM through libvirt",
+           o.name, v);
+    if (o.is("chardev")) {
+      OptValue ov(v, "backend", o.name);
+      if (ov.is_json())
+        fail("-chardev {}: JSON chardev syntax is not supported for twins yet; write it as "
+             "keyval (backend,id=...,path=...)",
+             v);
+      std::string id = ov.get("id").value_or("");
+      if (monitor_chardevs.count(id)) continue;
+      check_no_fd(o, ov);
+      std::string backend = ov.get("backend").value_or("");
+      // serial/tty/parallel/parport path= names a host device, not a file QEMU creates.
+      if ((backend == "socket" || backend == "file" || backend == "pipe") && ov.get("path"))
+        ov.set("path", relocate(*ov.get("path")));
+      if (auto lf = ov.get("logfile")) ov.set("logfile", relocate(*lf));
+      v = ov.str();
+    } else if (o.is("serial") || o.is("parallel") || o.is("virtioconsole") ||
+               o.is("debugcon")) {
+      v = relocate_legacy(v);
+    } else if (o.is("D")) {
+      v = relocate(v);
+    } else if (o.is("trace")) {
+      OptValue ov(v, "enable", o.name);
+      if (auto f = ov.get("file")) {
+        ov.set("file", relocate(*f));
+        v = ov.str();
+      }
+    } else if (o.is("vnc")) {
+      if (starts_with(v, "unix:")) {
+        auto items = split_keyval(v.substr(5));
+        items[0] = relocate(items[0]);
+        v = "unix:" + join_keyval(items);
+      }
+    } else if (o.is("name")) {
+      OptValue ov(v, "guest", o.name);
+      if (auto g = ov.get("guest")) ov.set("guest", *g + t.name_suffix);
+      if (auto p = ov.get("process")) ov.set("process", *p + t.name_suffix);
+      v = ov.str();
+    } else if (o.is("netdev") || o.is("nic") || o.is("net")) {
+      check_no_fd(o, OptValue(v, "type", o.name));
+    }
+    n.emit(out);
+  }
+  out.insert(out.end(), {"-S", "-incoming", "defer", "-global", "migration.send-configuration=off",
+                         "-qmp", "unix:" + join_keyval({t.qmp_socket}) + ",server=on,wait=off"});
+  return out;
+}
+
+}  // namespace ftvm::vmm

@@ -1,0 +1,72 @@
+// Pure functions on a QEMU command line (argv[0] is the binary). No processes, no filesystem.
+//
+// Parsing follows QEMU 7.2's rules (vl.c lookup_opt): options may be written `-opt` or `--opt`,
+// the value is always the next argument (QEMU rejects `-opt=value` as "invalid option", so it is
+// treated as an unknown option name, never split); options QEMU declares without an argument
+// (-S, -daemonize, -nodefaults, ...) never consume the next argument; a bare argument that is not
+// an option is QEMU's legacy `-hda` image and is kept untouched. Option values in QEMU's keyval
+// syntax ("driver,key=val,..." where ",," is a literal comma) and in JSON syntax (libvirt >= 7
+// passes `-object '{"qom-type":...}'`, `-device '{...}'`, `-blockdev '{...}'`, `-netdev '{...}'`)
+// are both understood; a rewritten value keeps the syntax it was written in.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace ftvm::vmm {
+
+// Problems that make the VM unprotectable by ftvm, one human-readable sentence each, naming the
+// option and what to change. Empty means protectable. Refused (and why):
+//  * main RAM not one `memory-backend-memfd` with share=on used as the machine's RAM
+//    (`-machine memory-backend=ID`, or a single `-numa node,memdev=ID`): ftd must map the guest
+//    RAM from outside QEMU through the memfd (see process.h). `-m` alone, `-mem-path`,
+//    memory-backend-ram / -file and share=off are refused; so is hugetlb=on (dirty tracking and
+//    copying would work at 2 MiB / 1 GiB granularity and soft-dirty does not cover hugetlb).
+//  * more than one RAM backend (several -numa nodes, pc-dimm, nvdimm, virtio-pmem, ivshmem):
+//    only the main backend is replicated.
+//  * any virtio-balloon device: inflation (and free-page reporting) discards guest pages with
+//    MADV_DONTNEED / fallocate(PUNCH_HOLE), which neither dirty tracker sees, so the replica
+//    would silently diverge. Refusing every balloon is the simple, safe rule.
+//  * virtio-mem: plugs/unplugs RAM by discarding, same reason as the balloon.
+//  * vhost-user devices and `-netdev vhost-user`: another process writes guest RAM.
+//  * vhost in the kernel (`-netdev tap,vhost=on|vhostforce=on|vhostfd=`, vhost-vsock, vhost-scsi)
+//    and vfio-pci: writes by vhost worker threads / device DMA are not verified to be tracked.
+//  * `-incoming`: the process is a migration target, not a running guest.
+std::vector<std::string> check_protectable(const std::vector<std::string>& argv);
+
+struct TwinOptions {
+  std::string run_dir;      // directory for every file/socket the twin creates (must not be
+                            // the primary's); paths are rewritten to run_dir/<basename>
+  std::string qmp_socket;   // the twin's QMP socket (ftd's own monitor connection)
+  std::string name_suffix;  // appended to -name guest= (and process=), e.g. "-ftvm-twin"
+};
+
+// The standby twin's command line: same binary, machine, CPUs, devices and RAM backend (size,
+// memfd), started paused as an incoming-migration target:
+//   removed: -daemonize, -pidfile, -qmp, -qmp-pretty, -monitor (except `none`), -mon and the
+//            -chardev each monitor uses, -incoming, -loadvm, -S, -preconfig;
+//   added:   -S -incoming defer -global migration.send-configuration=off
+//            -qmp unix:<qmp_socket>,server=on,wait=off;
+//   rewritten into run_dir (basename kept, made unique): every -chardev path= / logfile=,
+//            -serial/-parallel/-monitor-style `unix:` `file:` `pipe:` backends, -D, -vnc unix:;
+//   renamed: -name X -> X<suffix>.
+// Kept as they are (documented limitation): -drive / -blockdev file names (disk replication
+// gives the twin its own copy later), -netdev (tap ifname= included), -kernel/-initrd/-bios and
+// other inputs QEMU only reads.
+// Throws ftvm::Error when the command line hands QEMU inherited file descriptors the twin cannot
+// have (fd=, fds=, vhostfd=, /dev/fdset/, -add-fd) outside the removed monitors: such VMs
+// (libvirt-managed ones) must get their twin through libvirt instead.
+std::vector<std::string> make_twin_cmdline(const std::vector<std::string>& argv,
+                                           const TwinOptions& opts);
+
+// Helpers exposed for tests and for other vmm-glue code.
+
+// Splits a QEMU keyval string at single commas (",," is a literal comma, unescaped in the
+// result). "a,,b,c=d" -> {"a,b", "c=d"}.
+std::vector<std::string> split_keyval(const std::string& s);
+// Joins items back, escaping every literal comma as ",,".
+std::string join_keyval(const std::vector<std::string>& items);
+// QEMU's boolean spelling: on/yes/true/y -> true; anything else (off/no/false/n/"") -> false.
+bool qemu_bool(const std::string& v);
+
+}  // namespace ftvm::vmm
