@@ -82,6 +82,7 @@ const char* to_string(MsgType t) {
     case MsgType::PrimaryLost: return "PrimaryLost";
     case MsgType::Disable: return "Disable";
     case MsgType::Error: return "Error";
+    case MsgType::Takeover: return "Takeover";
   }
   return "Unknown";
 }
@@ -302,6 +303,21 @@ template <> ErrorMsg decode<ErrorMsg>(std::span<const std::byte> b) {
   Reader r(b, "Error");
   ErrorMsg m;
   m.text = r.str();
+  r.done();
+  return m;
+}
+
+std::vector<std::byte> encode(const Takeover& m) {
+  Writer w;
+  w.u64(m.session_id);
+  w.str(m.reason);
+  return std::move(w.out);
+}
+template <> Takeover decode<Takeover>(std::span<const std::byte> b) {
+  Reader r(b, "Takeover");
+  Takeover m;
+  m.session_id = r.u64();
+  m.reason = r.str();
   r.done();
   return m;
 }

@@ -30,6 +30,9 @@
 //   Activate{} (planned failover, after a Commit with kFinal) -> load devstate N, cont
 //   <---------------------------------------------------------- ActivateDone{ok, text}
 //   PrimaryLost{reason} (the primary QEMU died) ------------->  activate at once
+//   <------------------------------------------------- Takeover{reason} (sent, best effort,
+//   (a primary that receives it was only stalled, not dead:   before the standby activates
+//    it kills its own QEMU at once: no two running copies)    on silence)
 //   Disable{} ---------------------------------------------->  destroy twin, end session
 //   Goodbye (transport-level) / link loss ------------------->  see state machine
 //
@@ -78,6 +81,7 @@ enum class MsgType : uint16_t {
   PrimaryLost = 10,
   Disable = 11,
   Error = 12,
+  Takeover = 13,
 };
 const char* to_string(MsgType t);
 
@@ -156,6 +160,11 @@ struct ErrorMsg {
   std::string text;
 };
 
+struct Takeover {
+  uint64_t session_id = 0;
+  std::string reason;
+};
+
 // Encoders produce the body of a control message of the matching MsgType.
 std::vector<std::byte> encode(const OpenSession&);
 std::vector<std::byte> encode(const SessionReady&);
@@ -169,6 +178,7 @@ std::vector<std::byte> encode(const ActivateDone&);
 std::vector<std::byte> encode(const PrimaryLost&);
 std::vector<std::byte> encode(const Disable&);
 std::vector<std::byte> encode(const ErrorMsg&);
+std::vector<std::byte> encode(const Takeover&);
 template <typename T> constexpr MsgType type_of();
 
 // Decoders throw ftvm::ProtocolError on a short, long or otherwise malformed body (the
@@ -187,5 +197,6 @@ template <> constexpr MsgType type_of<ActivateDone>() { return MsgType::Activate
 template <> constexpr MsgType type_of<PrimaryLost>() { return MsgType::PrimaryLost; }
 template <> constexpr MsgType type_of<Disable>() { return MsgType::Disable; }
 template <> constexpr MsgType type_of<ErrorMsg>() { return MsgType::Error; }
+template <> constexpr MsgType type_of<Takeover>() { return MsgType::Takeover; }
 
 }  // namespace ftvm::checkpoint

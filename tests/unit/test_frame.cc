@@ -16,8 +16,9 @@ namespace {
 
 std::vector<std::byte> frame_bytes(const FrameHeader& h, std::span<const std::byte> payload = {}) {
   auto hdr = encode_header(h);
-  std::vector<std::byte> out(hdr.begin(), hdr.end());
-  out.insert(out.end(), payload.begin(), payload.end());
+  std::vector<std::byte> out(hdr.size() + payload.size());
+  std::memcpy(out.data(), hdr.data(), hdr.size());
+  if (!payload.empty()) std::memcpy(out.data() + hdr.size(), payload.data(), payload.size());
   return out;
 }
 

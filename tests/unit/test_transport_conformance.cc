@@ -83,8 +83,9 @@ std::vector<std::byte> hello_bytes(uint16_t version = kWireVersion) {
   HelloBody hb;
   hb.version = version;
   auto body = encode_hello(hb);
-  std::vector<std::byte> out(hdr.begin(), hdr.end());
-  out.insert(out.end(), body.begin(), body.end());
+  std::vector<std::byte> out(hdr.size() + body.size());
+  std::memcpy(out.data(), hdr.data(), hdr.size());
+  std::memcpy(out.data() + hdr.size(), body.data(), body.size());
   return out;
 }
 

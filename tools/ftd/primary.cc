@@ -1,6 +1,7 @@
 #include "tools/ftd/primary.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -329,6 +330,7 @@ void PrimarySession::send_ram_pages(const std::vector<uint64_t>& pages) {
 // Steady state
 
 void PrimarySession::pump(std::chrono::milliseconds timeout) {
+  qmp_.take_events();  // STOP/RESUME of every epoch: not needed, must not pile up
   auto m = conn_->poll(timeout);
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -391,6 +393,15 @@ void PrimarySession::handle(const transport::ControlMessage& m) {
     }
     case MsgType::Error:
       throw ProtocolError("standby reported: " + cp::decode<cp::ErrorMsg>(m.body).text);
+    case MsgType::Takeover: {
+      // The standby gave up on us (we were silent too long) and is resuming the twin. This
+      // guest must not run on: fence it now, before anything else.
+      auto t = cp::decode<cp::Takeover>(m.body);
+      watch_->send_signal(SIGKILL);
+      log::error("primary", "{}: the standby is taking over ({}); killed the primary QEMU pid {} so only the twin runs",
+                 name_, t.reason, qemu_pid_);
+      throw QemuGone("fenced: the standby took over after this primary was silent");
+    }
     default:
       throw ProtocolError(fmt::format("unexpected message {} from the standby",
                                       cp::to_string(static_cast<MsgType>(m.type))));

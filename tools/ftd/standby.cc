@@ -309,6 +309,14 @@ void StandbySession::primary_silent(const std::string& why) {
     return;
   }
   log::warn("standby", "{}: primary declared dead: {}", name(), why);
+  // If the primary was only stalled and the link still works, this makes it fence itself.
+  if (conn_) {
+    try {
+      send_msg(*conn_, cp::Takeover{session_id_, why});
+      conn_->flush();
+    } catch (const std::exception&) {
+    }
+  }
   activate(why, declared);
 }
 
