@@ -258,7 +258,7 @@ class Env:
         logf = self.path('%s.ftd.log' % name)
         args = [os.path.join(BUILD, 'ftd'), '--run-dir', run, '--log', logf,
                 '--listen', '127.0.0.1:%d' % self.port if listen else '',
-                '--heartbeat-timeout-ms', str(self.hb_timeout_ms), '--enable-fault-injection',
+                '--heartbeat-timeout-ms', str(self.hb_timeout_ms), '--enable-fault-injection', '--verify-activation',
                 '--stats-dir', self.dir] + list(extra)
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=open(logf + '.out', 'w'), stderr=subprocess.STDOUT)
         self.procs.append(p)

@@ -148,24 +148,25 @@ void PrimarySession::run() {
       if (service_command()) break;
       checkpoint(false);
     } catch (const QemuGone& e) {
-      log::error("primary", "{}: {}", name_, e.what());
-      if (conn_) {
-        try {
-          send_msg(*conn_, cp::PrimaryLost{session_id_, e.what()});
-          conn_->flush();
-        } catch (const std::exception& e2) {
-          log::warn("primary", "{}: could not tell the standby: {}", name_, e2.what());
-        }
-      }
-      set_state("primary-lost", e.what());
+      primary_lost(e.what());
       break;
+    } catch (const LinkDown& e) {
+      link_failed(e.what());
+    } catch (const ProtocolError& e) {
+      link_failed(e.what());
     } catch (const std::exception& e) {
-      // Either the link (LinkDown, ProtocolError, connect failures) or a QEMU-side failure
-      // while QEMU is alive. The guest must keep running in both cases.
-      try {
-        check_qemu();
-      } catch (const QemuGone& g) {
-        set_state("primary-lost", g.what());
+      // A failure on the QEMU side (QMP, tracker, guest memory). QEMU may be dying right now:
+      // its sockets close before its pidfd reports the exit, so give it time to finish.
+      if (watch_->wait_exit(std::chrono::milliseconds(2000))) {
+        primary_lost(fmt::format("primary QEMU (pid {}) exited ({})", qemu_pid_, e.what()));
+        break;
+      }
+      if (!qmp_.connected()) {
+        // QEMU lives but cannot be checkpointed or controlled any more. It must not run on
+        // beside a twin that may take over: fence it, and let the standby resume the guest.
+        watch_->send_signal(SIGKILL);
+        primary_lost(fmt::format("lost control of the primary QEMU (pid {}): {}; killed it so the standby "
+                                 "resumes the guest from the last checkpoint", qemu_pid_, e.what()));
         break;
       }
       link_failed(e.what());
@@ -184,6 +185,19 @@ void PrimarySession::run() {
   }
   for (auto& c : left) c->done.set_exception(std::make_exception_ptr(Error("session of " + name_ + " ended: " + state_)));
   finished_ = true;
+}
+
+void PrimarySession::primary_lost(const std::string& why) {
+  log::error("primary", "{}: {}", name_, why);
+  if (conn_) {
+    try {
+      send_msg(*conn_, cp::PrimaryLost{session_id_, why});
+      conn_->flush();
+    } catch (const std::exception& e2) {
+      log::warn("primary", "{}: could not tell the standby: {}", name_, e2.what());
+    }
+  }
+  set_state("primary-lost", why);
 }
 
 void PrimarySession::check_qemu() {
@@ -224,13 +238,18 @@ void PrimarySession::link_failed(const std::string& why) {
   set_state("degraded", why);
   // Wait before retrying, still answering commands and noticing QEMU's death.
   auto until = Clock::now() + cfg_.reconnect_interval;
-  while (!stop_ && Clock::now() < until) {
-    if (service_command()) {
-      stop_ = true;
-      return;
+  // Never throws: it runs inside run()'s exception handlers. QEMU's death is noticed again by
+  // the next connect attempt.
+  try {
+    while (!stop_ && Clock::now() < until && watch_->alive()) {
+      if (service_command()) {
+        stop_ = true;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
-    check_qemu();
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  } catch (const std::exception& e) {
+    log::warn("primary", "{}: {}", name_, e.what());
   }
 }
 

@@ -72,6 +72,7 @@ class PrimarySession {
   void handle(const transport::ControlMessage& m);
   void pump(std::chrono::milliseconds timeout);
   void check_qemu();
+  void primary_lost(const std::string& why);
   void link_failed(const std::string& why);
   void ensure_running();
   bool service_command();

@@ -388,18 +388,18 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
     log::info("standby", "{}: ACTIVATED twin pid {} at epoch {}: query-status {}, load {:.1f} ms, total {:.1f} ms after "
               "the primary was declared dead", name(), twin_pid_, c.epoch, st, act["load_ms"].get<double>(),
               wall_ms() - declared_wall_ms);
-    // Evidence that the guest executes: its RAM changes after resuming.
-    if (cfg_.verify_activation) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(300));
-      uint64_t d2 = cp::digest_ram(as_span(*twin_ram_));
-      auto st2 = twin_qmp_->execute("query-status").value("status", "");
-      bool moved = act.contains("ram_digest") && fmt::format("{:016x}", d2) != act["ram_digest"].get<std::string>();
-      log::info("standby", "{}: twin {} 300 ms after activation: status {}, RAM {}", name(),
-                moved && st2 == "running" ? "is executing the guest" : "may NOT be executing", st2,
-                moved ? "changed since activation" : "unchanged since activation");
-      std::lock_guard<std::mutex> g(mu_);
-      activation_["executing"] = moved && st2 == "running";
-    }
+    // Evidence that the guest executes: its RAM keeps changing after resuming (off the
+    // activation path: the twin already runs).
+    const uint64_t d0 = cp::digest_ram(as_span(*twin_ram_));
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    const uint64_t d1 = cp::digest_ram(as_span(*twin_ram_));
+    auto st2 = twin_qmp_->execute("query-status").value("status", "");
+    const bool executing = d0 != d1 && st2 == "running";
+    log::info("standby", "{}: twin {} 300 ms after activation: status {}, RAM {}", name(),
+              executing ? "is executing the guest" : "may NOT be executing", st2,
+              d0 != d1 ? "changing" : "unchanged");
+    std::lock_guard<std::mutex> g(mu_);
+    activation_["executing"] = executing;
   } catch (const std::exception& e) {
     log::error("standby", "{}: activation failed: {}", name(), e.what());
     set_state("activation-failed", e.what());
