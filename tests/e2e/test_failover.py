@@ -92,7 +92,7 @@ def kill_ftd():
 
 def planned():
     with Env('fo-planned') as env:
-        g, P, S, twin = setup(env)
+        g, P, S, twin = setup(env, smp=2)  # also covers a 2-vCPU guest
         gone = watch_exit(g.pid)
         r = P.ctl('failover', VM, timeout=120)
         log(r.stdout.strip())
