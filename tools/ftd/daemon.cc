@@ -257,7 +257,12 @@ nlohmann::json Daemon::cmd_fault(const nlohmann::json& req) {
   if (!cfg_.fault_injection)
     return err("refused", "fault injection is disabled (start ftd with --enable-fault-injection; tests only)");
   auto name = need_string(req, "name");
-  auto f = parse_fault(need_string(req, "fault"));
+  Fault f;
+  try {
+    f = parse_fault(need_string(req, "fault"));
+  } catch (const Error& e) {
+    return err("bad_request", e.what());
+  }
   auto s = primary(name);
   if (!s) return err("not_found", fmt::format("no VM named '{}' is protected from this host", name));
   s->inject_fault(f);

@@ -120,7 +120,10 @@ PrimarySession::~PrimarySession() {
 
 void PrimarySession::start() {
   guard_ = std::make_unique<Guard>(qemu_pid_, name_.c_str());
-  guard_pid_ = guard_->pid();
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    guard_pid_ = guard_->pid();
+  }
   thread_ = std::thread([this] { run(); });
 }
 
