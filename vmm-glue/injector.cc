@@ -1,4 +1,5 @@
 #include "vmm-glue/injector.h"
+#include "vmm-glue/process.h"
 
 #include <fcntl.h>
 #include <signal.h>
@@ -40,27 +41,6 @@ std::string describe_status(int st) {
   return fmt::format("reported wait status {:#x}", st);
 }
 
-struct Mapping {
-  uint64_t start, end;
-  std::string perms, path;
-};
-
-std::vector<Mapping> read_maps(pid_t tid) {
-  std::string path = fmt::format("/proc/{}/maps", tid);
-  std::ifstream f(path);
-  if (!f) throw SysError(errno, "open " + path, "is the target still running?");
-  std::vector<Mapping> out;
-  std::string line;
-  while (std::getline(f, line)) {
-    unsigned long long s = 0, e = 0;
-    char perms[8] = {};
-    int n = 0;
-    if (std::sscanf(line.c_str(), "%llx-%llx %7s %*s %*s %*s %n", &s, &e, perms, &n) < 3) continue;
-    Mapping m{s, e, perms, n > 0 ? line.substr(static_cast<size_t>(n)) : std::string()};
-    out.push_back(std::move(m));
-  }
-  return out;
-}
 
 }  // namespace
 

@@ -49,13 +49,9 @@ std::string read_proc_file(pid_t pid, const char* name) {
   return out;
 }
 
-struct MapLine {
-  uint64_t start = 0, end = 0, offset = 0, inode = 0;
-  unsigned dev_major = 0, dev_minor = 0;
-  std::string perms, path;
-};
+}  // namespace
 
-std::vector<MapLine> parse_maps(pid_t pid) {
+std::vector<MapLine> read_maps(pid_t pid) {
   std::vector<MapLine> out;
   std::istringstream in(read_proc_file(pid, "maps"));
   std::string line;
@@ -78,8 +74,6 @@ std::vector<MapLine> parse_maps(pid_t pid) {
   return out;
 }
 
-}  // namespace
-
 std::vector<std::string> read_cmdline(pid_t pid) {
   std::string raw = read_proc_file(pid, "cmdline");
   if (raw.empty())
@@ -99,7 +93,7 @@ std::vector<std::string> read_cmdline(pid_t pid) {
 
 GuestRam find_guest_ram(pid_t pid, uint64_t size) {
   if (size == 0) fail("find_guest_ram: RAM size 0 for process {} (caller bug)", pid);
-  auto maps = parse_maps(pid);
+  auto maps = read_maps(pid);
   std::vector<const MapLine*> found;
   std::string seen;  // what mappings of `size` bytes exist instead, for the error message
   for (const auto& m : maps) {

@@ -18,6 +18,17 @@ namespace ftvm::vmm {
 // exist or has no command line (zombie, kernel thread).
 std::vector<std::string> read_cmdline(pid_t pid);
 
+// One line of /proc/PID/maps.
+struct MapLine {
+  uint64_t start = 0, end = 0, offset = 0, inode = 0;
+  unsigned dev_major = 0, dev_minor = 0;
+  std::string perms, path;  // path: "" for anonymous mappings, "[vdso]", "/memfd:... (deleted)"
+};
+
+// The memory mappings of `pid` (or of a thread id). Throws ftvm::Error when the process is
+// gone or the file cannot be parsed.
+std::vector<MapLine> read_maps(pid_t pid);
+
 // The guest's main RAM inside a QEMU process: a MAP_SHARED mapping, at offset 0, of a memfd of
 // exactly `size` bytes (QEMU 7.2 names it "/memfd:memory-backend-memfd (deleted)").
 struct GuestRam {
