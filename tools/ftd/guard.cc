@@ -64,7 +64,9 @@ Guard::Guard(pid_t qemu_pid, const char* vm_name) {
     // Child: keep only the pipe's read end and the QEMU pidfd (as fds 3 and 4).
     ::prctl(PR_SET_NAME, "ftd-guard", 0, 0, 0);
     ::setsid();  // not killed with ftd's process group
-    if (::dup2(rd.get(), 3) < 0 || ::dup2(qfd.get(), 4) < 0) _exit(2);
+    // Move both above the target slots first: either may already sit on fd 3 or 4.
+    int a = ::fcntl(rd.get(), F_DUPFD, 16), b = ::fcntl(qfd.get(), F_DUPFD, 16);
+    if (a < 0 || b < 0 || ::dup2(a, 3) < 0 || ::dup2(b, 4) < 0) _exit(2);
     ::syscall(SYS_close_range, 5, ~0U, 0);
     guard_main(3, 4, prefix);
   }
