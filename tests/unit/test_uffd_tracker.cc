@@ -11,10 +11,12 @@
 #include <vector>
 
 #include "common/error.h"
-#include "tests/unit/tracker_target.h"
+#include "tests/unit/tracker_oracle.h"
 #include "vmm-glue/uffd_wp_tracker.h"
 
 using ftvm::testing::MemTarget;
+using ftvm::testing::Oracle;
+using ftvm::testing::run_tracker_exactness;
 using ftvm::vmm::UffdWpTracker;
 
 namespace {
@@ -28,52 +30,6 @@ bool tracker_supported() {
   return false;
 }
 
-// Shadow of the target memory; diffs against the live view.
-struct Oracle {
-  const MemTarget& t;
-  std::vector<uint8_t> shadow;
-  uint64_t total_changed = 0, total_reported = 0, total_fp = 0, epochs = 0;
-
-  explicit Oracle(const MemTarget& target)
-      : t(target), shadow(target.view(), target.view() + target.size()) {}
-
-  std::vector<uint64_t> changed_since(const std::vector<uint8_t>& base) const {
-    std::vector<uint64_t> out;
-    for (uint64_t p = 0; p < t.pages(); ++p)
-      if (std::memcmp(base.data() + p * kPage, t.view() + p * kPage, kPage) != 0) out.push_back(p);
-    return out;
-  }
-
-  // Checks the report format and returns pages in `changed` missing from `reported`.
-  static std::vector<uint64_t> missing(const std::vector<uint64_t>& changed,
-                                       const std::vector<uint64_t>& reported) {
-    std::vector<uint64_t> m;
-    std::set_difference(changed.begin(), changed.end(), reported.begin(), reported.end(),
-                        std::back_inserter(m));
-    return m;
-  }
-
-  void check_format(const std::vector<uint64_t>& reported) const {
-    REQUIRE(std::is_sorted(reported.begin(), reported.end()));
-    REQUIRE(std::adjacent_find(reported.begin(), reported.end()) == reported.end());
-    if (!reported.empty()) REQUIRE(reported.back() < t.pages());
-  }
-
-  // Quiescent epoch: the target is not writing. Every changed page must be reported.
-  void epoch(const std::vector<uint64_t>& reported) {
-    check_format(reported);
-    auto changed = changed_since(shadow);
-    auto fn = missing(changed, reported);
-    INFO("epoch " << epochs << ": changed " << changed.size() << " reported " << reported.size());
-    REQUIRE(fn.empty());
-    total_changed += changed.size();
-    total_reported += reported.size();
-    total_fp += reported.size() - changed.size();
-    for (uint64_t p : changed) std::memcpy(shadow.data() + p * kPage, t.view() + p * kPage, kPage);
-    ++epochs;
-  }
-};
-
 uint64_t smaps_pmd_kb(pid_t pid) {
   std::ifstream f("/proc/" + std::to_string(pid) + "/smaps_rollup");
   std::string line;
@@ -86,23 +42,7 @@ uint64_t smaps_pmd_kb(pid_t pid) {
 
 void run_exactness(MemTarget& t, int epochs, uint64_t seed) {
   UffdWpTracker tr(t.pid(), t.addr(), t.size());
-  REQUIRE(tr.page_count() == t.pages());
-  std::vector<uint64_t> rep;
-  tr.collect_and_reset(rep);
-  REQUIRE(rep.size() == t.pages());  // the first report is every page
-  Oracle o(t);
-  for (int ep = 0; ep < epochs; ++ep) {
-    // Vary the amount: none, a few, many.
-    uint32_t n = ep % 17 == 0 ? 0 : (ep % 5 == 0 ? 2000 : 1 + static_cast<uint32_t>(ep * 7 % 300));
-    t.write_random(n, seed + static_cast<uint64_t>(ep));
-    rep.clear();
-    tr.collect_and_reset(rep);
-    o.epoch(rep);
-  }
-  rep.clear();
-  tr.collect_and_reset(rep);
-  CHECK(rep.empty());  // nothing written since the last collect
-  INFO("");
+  Oracle o = run_tracker_exactness(tr, t, epochs, seed);
   WARN("uffd-wp exactness, " << t.size() / (1 << 20) << " MiB, " << o.epochs
                              << " epochs: changed pages " << o.total_changed << ", reported "
                              << o.total_reported << ", false positives " << o.total_fp
