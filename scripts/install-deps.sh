@@ -13,6 +13,8 @@ PACKAGES=(
   libfmt-dev nlohmann-json3-dev libcli11-dev catch2 libxxhash-dev
   # QEMU and the Linux test guest (tests/guest/build-guest.sh)
   qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd gzip
+  # RDMA transport (transport/rdma/) and its Soft-RoCE test lab (tests/rdma-lab/)
+  rdma-core libibverbs-dev librdmacm-dev ibverbs-providers rdmacm-utils ibverbs-utils
   # test tooling
   iproute2 python3 procps util-linux
 )
