@@ -107,6 +107,20 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
     stats_fd_.reset(::open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
     if (!stats_fd_) throw SysError(errno, "open stats file " + p, "check --stats-dir");
   }
+  // Output commit: divert the guest's transmitted frames through ftd (last: it changes the VM).
+  if (cfg_.output_commit) {
+    const auto netdevs = guest_netdevs(argv_);
+    if (!netdevs.empty()) {
+      output_ = std::make_unique<OutputBuffer>(name_, OutputOptions{cfg_.output_cap_bytes, true});
+      try {
+        for (const auto& n : netdevs) output_->attach(qmp_, n, cfg_.run_dir);
+      } catch (...) {
+        output_->detach(qmp_);  // what was attached goes away again
+        throw;
+      }
+      output_->start();
+    }
+  }
   std::random_device rd;
   session_id_ = (uint64_t{rd()} << 32) | rd();
   log::info("primary", "{}: QEMU pid {}, RAM {} MiB at {:#x} ({}), tracker {}, epoch {} ms, standby {}:{}", name_,
@@ -175,9 +189,12 @@ void PrimarySession::run() {
       link_failed(e.what());
     }
   }
-  // Whatever happened, never leave the guest paused behind.
+  // Whatever happened, never leave the guest paused behind, nor its output diverted.
   try {
-    if (state_ != "failed-over" && state_ != "primary-lost") ensure_running();
+    if (state_ != "failed-over" && state_ != "primary-lost") {
+      ensure_running();
+      if (output_ && qmp_.connected()) output_->detach(qmp_);
+    }
   } catch (const std::exception& e) {
     log::error("primary", "{}: could not resume the guest: {}", name_, e.what());
   }
@@ -216,6 +233,7 @@ void PrimarySession::ensure_running() {
 
 void PrimarySession::link_failed(const std::string& why) {
   log::error("primary", "{}: replication to {}:{} failed: {}", name_, host_, port_, why);
+  if (output_) output_->pass_through("degraded: " + why);  // the guest runs on alone: its output is final
   try {
     ensure_running();
   } catch (const std::exception& e) {
@@ -268,6 +286,20 @@ void PrimarySession::connect_and_sync() {
     std::lock_guard<std::mutex> g(mu_);
     link_peer_ = conn_->peer();
     link_backend_ = conn_->backend();
+  }
+  // Output commit: divert the guest's transmitted frames through ftd (last: it changes the VM).
+  if (cfg_.output_commit) {
+    const auto netdevs = guest_netdevs(argv_);
+    if (!netdevs.empty()) {
+      output_ = std::make_unique<OutputBuffer>(name_, OutputOptions{cfg_.output_cap_bytes, true});
+      try {
+        for (const auto& n : netdevs) output_->attach(qmp_, n, cfg_.run_dir);
+      } catch (...) {
+        output_->detach(qmp_);  // what was attached goes away again
+        throw;
+      }
+      output_->start();
+    }
   }
   std::random_device rd;
   session_id_ = (uint64_t{rd()} << 32) | rd();
@@ -386,6 +418,7 @@ void PrimarySession::handle(const transport::ControlMessage& m) {
       const double ack_ms = ms_since(commit_sent_);
       inflight_ = 0;
       retransmits_ = 0;
+      if (output_) output_->release(a.epoch);  // committed on the standby: its output may leave
       std::lock_guard<std::mutex> g(mu_);
       last_acked_ = a.epoch;
       acked_cut_wall_ms_ = inflight_cut_wall_ms_;
@@ -437,9 +470,10 @@ void PrimarySession::wait_for_epoch_boundary() {
     auto now = Clock::now();
     if (inflight_ && now - commit_sent_ > cfg_.ack_timeout)
       throw LinkDown(fmt::format("no ack for epoch {} within {} ms", inflight_, cfg_.ack_timeout.count()));
-    if (!inflight_ && now >= deadline) return;
+    if (!inflight_ && (now >= deadline || (output_ && output_->cut_requested()))) return;  // cap: cut early
     auto wait = inflight_ ? std::chrono::milliseconds(20)
                           : std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now);
+    if (output_) wait = std::min(wait, std::chrono::milliseconds(2));  // notice cut requests promptly
     pump(std::max(wait, std::chrono::milliseconds(0)));
     if (stop_) return;
   }
@@ -479,6 +513,7 @@ void PrimarySession::checkpoint(bool final) {
     throw;
   }
   paused_by_us_ = true;
+  if (output_) output_->seal(rec.epoch);  // guest paused at the cut: frames so far belong to this epoch
   const auto t1 = Clock::now();
   dirty_.clear();
   tracker_->collect_and_reset(dirty_);
@@ -626,6 +661,9 @@ std::string PrimarySession::do_failover() {
   const auto t0 = Clock::now();
   checkpoint(true);  // guest stays paused
   wait_ack(epoch_);
+  // The final epoch is committed and its frames released (handle()): let QEMU send them out
+  // before the twin resumes and this QEMU quits.
+  if (output_) output_->flush(std::chrono::milliseconds(2000));
   send_msg(*conn_, cp::Activate{session_id_});
   conn_->flush();
   auto deadline = Clock::now() + std::chrono::seconds(30);
@@ -668,6 +706,7 @@ std::string PrimarySession::do_disable() {
   }
   guard_.reset();
   ensure_running();
+  if (output_) output_->detach(qmp_);  // held frames go out; filters and chardevs removed
   tracker_.reset();
   set_state("disabled");
   return fmt::format("protection of VM '{}' ended; the twin on the standby is destroyed", name_);
@@ -733,6 +772,7 @@ nlohmann::json PrimarySession::status() const {
       {"standby_lag_ms", lag},
       {"ram_digest", fmt::format("{:016x}", last_ram_digest_)},
       {"rejected_epochs", rejected_},
+      {"output", output_ ? output_->status() : nlohmann::json(nullptr)},
       {"sync", {{"passes", sync_passes_}, {"pages", sync_pages_}, {"ms", sync_ms_}}},
       {"link",
        {{"peer", link_peer_.empty() ? req_.peer : link_peer_},

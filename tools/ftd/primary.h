@@ -28,6 +28,7 @@
 #include "checkpoint/tracker.h"
 #include "common/fd.h"
 #include "tools/ftd/guard.h"
+#include "tools/ftd/output_buffer.h"
 #include "tools/ftd/session.h"
 #include "transport/transport.h"
 #include "vmm-glue/process.h"
@@ -97,6 +98,9 @@ class PrimarySession {
   std::unique_ptr<vmm::ProcessWatch> watch_;
   std::unique_ptr<checkpoint::DirtyTracker> tracker_;
   std::unique_ptr<Guard> guard_;
+  // Output commit (null when the VM has no netdev or --no-output-commit): guest frames are
+  // held per epoch and released on the standby's ack; see output_buffer.h.
+  std::unique_ptr<OutputBuffer> output_;
   UniqueFd devstate_rw_, devstate_wo_;
   std::string devstate_path_;
   bool paused_by_us_ = false;

@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -23,6 +24,10 @@ struct DaemonConfig {
   bool fault_injection = false;               // accept `ftctl fault` (tests only)
   bool verify_activation = false;             // standby: full-RAM digest check before resuming
   std::string stats_dir;                      // primary: per-epoch JSON lines (benchmarks)
+  bool output_commit = true;                  // primary: hold guest frames until their epoch is acked
+  uint64_t output_cap_bytes = uint64_t{16} << 20;  // primary: held bytes per VM before an early cut
+  // standby: the twin's tap for each primary tap ifname (--twin-tap-map P=S); see standby.h
+  std::map<std::string, std::string> twin_tap_map;
 };
 
 // What `ftctl enable` asks for.
