@@ -1,7 +1,8 @@
 // Transport conformance suite: the same cases run against every backend through the abstract
 // Connection. A backend plugs in with a Rig (how to make connected pairs; optionally a peer
 // driven by raw bytes and a peer in a killable process). TCP runs over 127.0.0.1 with
-// ephemeral ports; RDMA adds its Rig to backends() later.
+// ephemeral ports; RDMA (built with FTVM_HAVE_RDMA) runs the same cases over rdma_cm on an
+// address of an RDMA device, as separate hidden test cases tagged [rdma] (see CONFORMANCE_CASE).
 //
 // Catch2 assertions are not thread-safe: worker threads return values (or exceptions)
 // through std::future, and only the main thread asserts. Time bounds are liveness bounds only.
@@ -14,8 +15,14 @@
 #include <unistd.h>
 
 #include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <spawn.h>
+
+#include <fmt/format.h>
 
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <chrono>
 #include <cstring>
 #include <functional>
@@ -29,6 +36,9 @@
 #include "transport/fake/fake_transport.h"
 #include "transport/frame.h"
 #include "transport/tcp/tcp_transport.h"
+#ifdef FTVM_HAVE_RDMA
+#include "transport/rdma/rdma_transport.h"
+#endif
 #include "transport/transport.h"
 
 using namespace std::chrono_literals;
@@ -152,6 +162,83 @@ class FakeRig : public Rig {
   Options opts_;
 };
 
+// ---- RDMA (rdma_cm over the first address that resolves through an RDMA device) ------------
+
+#ifdef FTVM_HAVE_RDMA
+// Where the RDMA cases run: $FTVM_RDMA_ADDR, else the lab's $LAB_IP, else the first local IPv4
+// address that resolves through an RDMA device.
+struct RdmaTarget {
+  std::string addr;
+  std::string dev;
+};
+
+std::optional<RdmaTarget> rdma_target() {
+  std::vector<std::string> candidates;
+  for (const char* var : {"FTVM_RDMA_ADDR", "LAB_IP"})
+    if (const char* v = std::getenv(var); v && *v) candidates.emplace_back(v);
+  ifaddrs* ifa = nullptr;
+  if (getifaddrs(&ifa) == 0) {
+    for (ifaddrs* i = ifa; i; i = i->ifa_next) {
+      if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET) continue;
+      char buf[INET_ADDRSTRLEN] = {};
+      inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr, buf, sizeof buf);
+      candidates.emplace_back(buf);
+    }
+    freeifaddrs(ifa);
+  }
+  for (auto& c : candidates) {
+    std::string dev;
+    if (rdma::rdma_reachable(c, &dev)) return RdmaTarget{c, dev};
+  }
+  return std::nullopt;
+}
+
+constexpr const char* kPeerHelperEnv = "FTVM_RDMA_PEER_HELPER";
+
+class RdmaRig : public Rig {
+ public:
+  RdmaRig(Options o, RdmaTarget t) : opts_(o), target_(std::move(t)), listener_(target_.addr, 0, o) {}
+  Pair pair() override {
+    auto acc = std::async(std::launch::async, [&] { return listener_.accept(10s); });
+    Pair p;
+    p.a = rdma::connect_rdma(target_.addr, listener_.bound_port(), opts_);
+    p.b = acc.get();
+    if (!p.b) throw std::runtime_error("rdma listener accepted nothing within 10 s");
+    return p;
+  }
+  // The peer is this test binary run again (posix_spawn: no fork of a process holding verbs
+  // resources) as the hidden helper case below, which connects and then waits to be killed.
+  std::optional<Killable> killable() override {
+    std::string self = "/proc/self/exe";
+    std::string name = "rdma: killable peer helper";
+    std::string env = fmt::format("{}={}:{}", kPeerHelperEnv, target_.addr, listener_.bound_port());
+    std::vector<char*> envp;
+    for (char** e = environ; *e; ++e) envp.push_back(*e);
+    envp.push_back(env.data());
+    envp.push_back(nullptr);
+    char* argv[] = {self.data(), name.data(), nullptr};
+    pid_t pid = -1;
+    int rc = posix_spawn(&pid, self.c_str(), nullptr, nullptr, argv, envp.data());
+    if (rc != 0) throw ftvm::SysError(rc, "posix_spawn of the rdma peer helper");
+    Killable k;
+    k.pid = pid;
+    k.conn = listener_.accept(20s);
+    if (!k.conn) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+      throw std::runtime_error("the rdma peer helper did not connect within 20 s");
+    }
+    return k;
+  }
+  const RdmaTarget& target() const { return target_; }
+
+ private:
+  Options opts_;
+  RdmaTarget target_;
+  rdma::RdmaListener listener_;
+};
+#endif
+
 struct Backend {
   std::string name;
   std::function<std::unique_ptr<Rig>(Options)> make_rig;
@@ -199,404 +286,387 @@ std::byte page_byte(size_t page, size_t i, unsigned round = 0) {
   return static_cast<std::byte>((page * 31 + i * 7 + round * 13 + 1) & 0xFF);
 }
 
+#ifdef FTVM_HAVE_RDMA
+// Runs one conformance case against rdma and prints the verbs device it used.
+void run_rdma(const char* name, void (*fn)(const Backend&)) {
+  auto t = rdma_target();
+  if (!t) FAIL("no address resolves through an RDMA device here (run in the RDMA lab: ctest -L rdma)");
+  std::printf("[rdma] %s: device %s, address %s\n", name, t->dev.c_str(), t->addr.c_str());
+  std::fflush(stdout);
+  Backend be{"rdma", [t](Options o) { return std::make_unique<RdmaRig>(o, *t); }};
+  fn(be);
+}
+#define FTVM_RDMA_CASE(NAME, FN) \
+  TEST_CASE("rdma conformance: " NAME, "[.][rdma]") { run_rdma(NAME, FN); }
+#else
+#define FTVM_RDMA_CASE(NAME, FN)
+#endif
+
 }  // namespace
 
-TEST_CASE("conformance: connect, identify, exchange control messages", "[transport][tcp]") {
-  for (auto& be : backends()) {
-    DYNAMIC_SECTION(be.name) {
-      auto rig = be.make_rig(test_options());
-      auto pr = rig->pair();
-      auto& a = pr.a;
-      auto& b = pr.b;
-      CHECK(std::string(a->backend()) == be.name);
-      CHECK(std::string(b->backend()) == be.name);
-      CHECK_FALSE(a->peer().empty());
-      CHECK_FALSE(b->peer().empty());
-      a->send_control(1, as_bytes("ping"));
-      auto m = poll_until(*b);
-      CHECK(m.type == 1);
-      CHECK(std::string(reinterpret_cast<const char*>(m.body.data()), m.body.size()) == "ping");
-      b->send_control(2, {});
-      auto r = poll_until(*a);
-      CHECK(r.type == 2);
-      CHECK(r.body.empty());
-      CHECK(a->bytes_sent() > 0);
-      CHECK(b->bytes_received() > 0);
-      CHECK_FALSE(a->poll(0ms).has_value());
-      // Local misuse is an ftvm::Error that leaves the connection usable.
-      std::vector<std::byte> huge(kMaxControlBody + 1);
-      CHECK_THROWS_AS(a->send_control(3, huge), ftvm::Error);
-      CHECK_THROWS_AS(a->send_control(0, {}), ftvm::Error);
-      a->send_control(4, {});
-      CHECK(poll_until(*b).type == 4);
-    }
-  }
+// Every conformance case is a function of the backend. CONFORMANCE_CASE registers it once for
+// the backends every build has (tcp, fake: tags [transport][tcp]) and, in RDMA builds, once more
+// as "rdma conformance: ..." with hidden tags [.][transport][rdma]: those need an RDMA device,
+// so they run only when asked for (`ftvm_unit_tests "[rdma]"`, which the RDMA lab does).
+#define CONFORMANCE_CASE(NAME, FN)                          \
+  static void FN(const Backend& be);                        \
+  TEST_CASE("conformance: " NAME, "[transport][tcp]") {     \
+    for (auto& be : backends()) {                           \
+      DYNAMIC_SECTION(be.name) { FN(be); }                  \
+    }                                                       \
+  }                                                         \
+  FTVM_RDMA_CASE(NAME, FN)                                  \
+  static void FN(const Backend& be)
+
+CONFORMANCE_CASE("connect, identify, exchange control messages", conf_control_exchange) {
+  auto rig = be.make_rig(test_options());
+  auto pr = rig->pair();
+  auto& a = pr.a;
+  auto& b = pr.b;
+  CHECK(std::string(a->backend()) == be.name);
+  CHECK(std::string(b->backend()) == be.name);
+  CHECK_FALSE(a->peer().empty());
+  CHECK_FALSE(b->peer().empty());
+  a->send_control(1, as_bytes("ping"));
+  auto m = poll_until(*b);
+  CHECK(m.type == 1);
+  CHECK(std::string(reinterpret_cast<const char*>(m.body.data()), m.body.size()) == "ping");
+  b->send_control(2, {});
+  auto r = poll_until(*a);
+  CHECK(r.type == 2);
+  CHECK(r.body.empty());
+  CHECK(a->bytes_sent() > 0);
+  CHECK(b->bytes_received() > 0);
+  CHECK_FALSE(a->poll(0ms).has_value());
+  // Local misuse is an ftvm::Error that leaves the connection usable.
+  std::vector<std::byte> huge(kMaxControlBody + 1);
+  CHECK_THROWS_AS(a->send_control(3, huge), ftvm::Error);
+  CHECK_THROWS_AS(a->send_control(0, {}), ftvm::Error);
+  a->send_control(4, {});
+  CHECK(poll_until(*b).type == 4);
 }
 
-TEST_CASE("conformance: writes are visible when the following control message arrives",
-          "[transport][tcp]") {
-  for (auto& be : backends()) {
-    DYNAMIC_SECTION(be.name) {
-      auto rig = be.make_rig(test_options());
-      auto pr = rig->pair();
-      auto& a = pr.a;
-      auto& b = pr.b;
-      constexpr size_t kPage = 4096, kPages = 2048, kWrites = 1000;
-      std::vector<std::byte> region(kPage * kPages, std::byte{0});
-      b->register_region(5, region);
-      std::vector<std::byte> src(kPage * kWrites);
-      std::vector<size_t> where(kWrites);
-      for (size_t i = 0; i < kWrites; ++i) {
-        where[i] = (i * 7919) % kPages;  // scattered, distinct
-        for (size_t k = 0; k < kPage; ++k) src[i * kPage + k] = page_byte(where[i], k);
-      }
-      for (unsigned round = 0; round < 3; ++round) {
-        if (round > 0)
-          for (size_t i = 0; i < kWrites; ++i)
-            for (size_t k = 0; k < kPage; ++k) src[i * kPage + k] = page_byte(where[i], k, round);
-        auto sender = std::async(std::launch::async, [&] {
-          for (size_t i = 0; i < kWrites; ++i)
-            a->write(5, where[i] * kPage, std::span<const std::byte>(src.data() + i * kPage, kPage));
-          a->send_control(9, as_bytes("commit"));
-        });
-        auto m = poll_until(*b);
-        sender.get();
-        REQUIRE(m.type == 9);
-        size_t bad = 0;
-        for (size_t i = 0; i < kWrites; ++i)
-          if (std::memcmp(region.data() + where[i] * kPage, src.data() + i * kPage, kPage) != 0) ++bad;
-        CHECK(bad == 0);
-      }
-      // Pages never written stay zero.
-      std::vector<bool> written(kPages);
-      for (size_t w : where) written[w] = true;
-      size_t dirty_unwritten = 0;
-      for (size_t p = 0; p < kPages; ++p)
-        if (!written[p] && region[p * kPage] != std::byte{0}) ++dirty_unwritten;
-      CHECK(dirty_unwritten == 0);
-    }
+CONFORMANCE_CASE("writes are visible when the following control message arrives", conf_writes_before_control) {
+  auto rig = be.make_rig(test_options());
+  auto pr = rig->pair();
+  auto& a = pr.a;
+  auto& b = pr.b;
+  constexpr size_t kPage = 4096, kPages = 2048, kWrites = 1000;
+  std::vector<std::byte> region(kPage * kPages, std::byte{0});
+  b->register_region(5, region);
+  std::vector<std::byte> src(kPage * kWrites);
+  std::vector<size_t> where(kWrites);
+  for (size_t i = 0; i < kWrites; ++i) {
+    where[i] = (i * 7919) % kPages;  // scattered, distinct
+    for (size_t k = 0; k < kPage; ++k) src[i * kPage + k] = page_byte(where[i], k);
   }
+  for (unsigned round = 0; round < 3; ++round) {
+    if (round > 0)
+      for (size_t i = 0; i < kWrites; ++i)
+        for (size_t k = 0; k < kPage; ++k) src[i * kPage + k] = page_byte(where[i], k, round);
+    auto sender = std::async(std::launch::async, [&] {
+      for (size_t i = 0; i < kWrites; ++i)
+        a->write(5, where[i] * kPage, std::span<const std::byte>(src.data() + i * kPage, kPage));
+      a->send_control(9, as_bytes("commit"));
+    });
+    auto m = poll_until(*b);
+    sender.get();
+    REQUIRE(m.type == 9);
+    size_t bad = 0;
+    for (size_t i = 0; i < kWrites; ++i)
+      if (std::memcmp(region.data() + where[i] * kPage, src.data() + i * kPage, kPage) != 0) ++bad;
+    CHECK(bad == 0);
+  }
+  // Pages never written stay zero.
+  std::vector<bool> written(kPages);
+  for (size_t w : where) written[w] = true;
+  size_t dirty_unwritten = 0;
+  for (size_t p = 0; p < kPages; ++p)
+    if (!written[p] && region[p * kPage] != std::byte{0}) ++dirty_unwritten;
+  CHECK(dirty_unwritten == 0);
 }
 
-TEST_CASE("conformance: one large write spans several frames and lands whole", "[transport][tcp]") {
-  for (auto& be : backends()) {
-    DYNAMIC_SECTION(be.name) {
-      auto rig = be.make_rig(test_options());
-      auto pr = rig->pair();
-      auto& a = pr.a;
-      auto& b = pr.b;
-      std::vector<std::byte> region(40u << 20, std::byte{0});
-      b->register_region(1, region);
-      std::vector<std::byte> src(region.size() - 4096 - 3);
-      for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<std::byte>((i * 2654435761u) >> 13);
-      auto sender = std::async(std::launch::async, [&] {
-        a->write(1, 4096 + 3, src);
+CONFORMANCE_CASE("one large write spans several frames and lands whole", conf_large_write) {
+  auto rig = be.make_rig(test_options());
+  auto pr = rig->pair();
+  auto& a = pr.a;
+  auto& b = pr.b;
+  std::vector<std::byte> region(40u << 20, std::byte{0});
+  b->register_region(1, region);
+  std::vector<std::byte> src(region.size() - 4096 - 3);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<std::byte>((i * 2654435761u) >> 13);
+  auto sender = std::async(std::launch::async, [&] {
+    a->write(1, 4096 + 3, src);
+    a->send_control(1, {});
+  });
+  poll_until(*b, 30s);
+  sender.get();
+  CHECK(std::memcmp(region.data() + 4096 + 3, src.data(), src.size()) == 0);
+  CHECK(region[4096 + 2] == std::byte{0});
+}
+
+CONFORMANCE_CASE("large control bodies arrive intact and in order", conf_large_control) {
+  auto rig = be.make_rig(test_options());
+  auto pr = rig->pair();
+  auto& a = pr.a;
+  auto& b = pr.b;
+  std::vector<size_t> sizes = {0, 1, 4095, 65536, 300000, kMaxControlBody, kMaxControlBody - 1, 17};
+  auto sender = std::async(std::launch::async, [&] {
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      std::vector<std::byte> body(sizes[i]);
+      for (size_t k = 0; k < body.size(); ++k) body[k] = static_cast<std::byte>(k * 3 + i);
+      a->send_control(static_cast<uint16_t>(100 + i), body);
+    }
+  });
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    auto m = poll_until(*b);
+    REQUIRE(m.type == 100 + i);
+    REQUIRE(m.body.size() == sizes[i]);
+    bool ok = true;
+    for (size_t k = 0; k < m.body.size(); ++k) ok &= m.body[k] == static_cast<std::byte>(k * 3 + i);
+    CHECK(ok);
+  }
+  sender.get();
+}
+
+CONFORMANCE_CASE("slow receiver, nothing lost, no deadlock", conf_slow_receiver) {
+  auto rig = be.make_rig(test_options());
+  auto pr = rig->pair();
+  auto& a = pr.a;
+  auto& b = pr.b;
+  constexpr size_t kChunk = 1u << 20, kSlots = 4, kRounds = 48;  // 48 MiB in total
+  std::vector<std::byte> region(kChunk * kSlots);
+  b->register_region(2, region);
+  auto sender = std::async(std::launch::async, [&] {
+    std::vector<std::byte> buf(kChunk);
+    for (unsigned r = 0; r < kRounds; ++r) {
+      std::memset(buf.data(), static_cast<int>(r + 1), buf.size());
+      a->write(2, (r % kSlots) * kChunk, buf);
+      uint32_t seq = r;
+      a->send_control(7, std::span<const std::byte>(reinterpret_cast<const std::byte*>(&seq), sizeof seq));
+    }
+  });
+  for (unsigned r = 0; r < kRounds; ++r) {
+    std::this_thread::sleep_for(5ms);  // the slow receiver
+    auto m = poll_until(*b, 30s);
+    REQUIRE(m.type == 7);
+    uint32_t seq;
+    REQUIRE(m.body.size() == sizeof seq);
+    std::memcpy(&seq, m.body.data(), sizeof seq);
+    REQUIRE(seq == r);
+    // The slot of round r holds round r's data or a later round's (writes after the
+    // control message may already be visible), never older.
+    auto v = static_cast<unsigned>(region[(r % kSlots) * kChunk + kChunk / 2]);
+    CHECK(v >= r + 1);
+  }
+  sender.get();
+  for (size_t s = 0; s < kSlots; ++s) {
+    unsigned want = kRounds - kSlots + static_cast<unsigned>(s) + 1;
+    CHECK(static_cast<unsigned>(region[s * kChunk]) == want);
+    CHECK(static_cast<unsigned>(region[s * kChunk + kChunk - 1]) == want);
+  }
+  CHECK(b->bytes_received() >= kChunk * kRounds);
+}
+
+CONFORMANCE_CASE("both sides sending bulk at once do not deadlock", conf_bulk_both_ways) {
+  auto rig = be.make_rig(test_options());
+  auto pr = rig->pair();
+  auto& a = pr.a;
+  auto& b = pr.b;
+  constexpr size_t kSize = 8u << 20;
+  std::vector<std::byte> ra(kSize), rb(kSize);
+  a->register_region(1, ra);
+  b->register_region(1, rb);
+  auto blast = [](Connection& c, std::byte fill) {
+    std::vector<std::byte> src(kSize, fill);
+    for (int i = 0; i < 4; ++i) c.write(1, 0, src);  // 32 MiB each way
+    c.send_control(1, {});
+    auto m = poll_until(c, 60s);
+    return m.type;
+  };
+  auto fa = std::async(std::launch::async, blast, std::ref(*a), std::byte{0xA});
+  auto fb = std::async(std::launch::async, blast, std::ref(*b), std::byte{0xB});
+  CHECK(fa.get() == 1);
+  CHECK(fb.get() == 1);
+  CHECK(rb[kSize - 1] == std::byte{0xA});
+  CHECK(ra[kSize - 1] == std::byte{0xB});
+}
+
+CONFORMANCE_CASE("peer death surfaces as LinkDown, not a hang", conf_peer_death) {
+  auto rig = be.make_rig(test_options());
+  SECTION("peer closes the connection") {
+    auto pr = rig->pair();
+    auto& a = pr.a;
+    auto& b = pr.b;
+    b.reset();
+    auto e = poll_until_error(*a);
+    REQUIRE(e);
+    CHECK_THROWS_AS(std::rethrow_exception(e), LinkDown);
+    // The connection stays failed.
+    CHECK_THROWS_AS(a->poll(0ms), LinkDown);
+    CHECK_THROWS_AS(a->send_control(1, {}), LinkDown);
+  }
+  SECTION("sending to a peer that went away") {
+    auto pr = rig->pair();
+    auto& a = pr.a;
+    auto& b = pr.b;
+    b.reset();
+    std::vector<std::byte> buf(1u << 20);
+    auto deadline = Clock::now() + 10s;
+    bool down = false;
+    try {
+      while (Clock::now() < deadline) {
+        a->write(1, 0, buf);
         a->send_control(1, {});
-      });
-      poll_until(*b, 30s);
-      sender.get();
-      CHECK(std::memcmp(region.data() + 4096 + 3, src.data(), src.size()) == 0);
-      CHECK(region[4096 + 2] == std::byte{0});
+      }
+    } catch (const LinkDown&) {
+      down = true;
     }
+    CHECK(down);
   }
-}
-
-TEST_CASE("conformance: large control bodies arrive intact and in order", "[transport][tcp]") {
-  for (auto& be : backends()) {
-    DYNAMIC_SECTION(be.name) {
-      auto rig = be.make_rig(test_options());
-      auto pr = rig->pair();
-      auto& a = pr.a;
-      auto& b = pr.b;
-      std::vector<size_t> sizes = {0, 1, 4095, 65536, 300000, kMaxControlBody, kMaxControlBody - 1, 17};
-      auto sender = std::async(std::launch::async, [&] {
-        for (size_t i = 0; i < sizes.size(); ++i) {
-          std::vector<std::byte> body(sizes[i]);
-          for (size_t k = 0; k < body.size(); ++k) body[k] = static_cast<std::byte>(k * 3 + i);
-          a->send_control(static_cast<uint16_t>(100 + i), body);
-        }
-      });
-      for (size_t i = 0; i < sizes.size(); ++i) {
-        auto m = poll_until(*b);
-        REQUIRE(m.type == 100 + i);
-        REQUIRE(m.body.size() == sizes[i]);
-        bool ok = true;
-        for (size_t k = 0; k < m.body.size(); ++k) ok &= m.body[k] == static_cast<std::byte>(k * 3 + i);
-        CHECK(ok);
-      }
-      sender.get();
-    }
-  }
-}
-
-TEST_CASE("conformance: slow receiver, nothing lost, no deadlock", "[transport][tcp]") {
-  for (auto& be : backends()) {
-    DYNAMIC_SECTION(be.name) {
-      auto rig = be.make_rig(test_options());
-      auto pr = rig->pair();
-      auto& a = pr.a;
-      auto& b = pr.b;
-      constexpr size_t kChunk = 1u << 20, kSlots = 4, kRounds = 48;  // 48 MiB in total
-      std::vector<std::byte> region(kChunk * kSlots);
-      b->register_region(2, region);
-      auto sender = std::async(std::launch::async, [&] {
-        std::vector<std::byte> buf(kChunk);
-        for (unsigned r = 0; r < kRounds; ++r) {
-          std::memset(buf.data(), static_cast<int>(r + 1), buf.size());
-          a->write(2, (r % kSlots) * kChunk, buf);
-          uint32_t seq = r;
-          a->send_control(7, std::span<const std::byte>(reinterpret_cast<const std::byte*>(&seq), sizeof seq));
-        }
-      });
-      for (unsigned r = 0; r < kRounds; ++r) {
-        std::this_thread::sleep_for(5ms);  // the slow receiver
-        auto m = poll_until(*b, 30s);
-        REQUIRE(m.type == 7);
-        uint32_t seq;
-        REQUIRE(m.body.size() == sizeof seq);
-        std::memcpy(&seq, m.body.data(), sizeof seq);
-        REQUIRE(seq == r);
-        // The slot of round r holds round r's data or a later round's (writes after the
-        // control message may already be visible), never older.
-        auto v = static_cast<unsigned>(region[(r % kSlots) * kChunk + kChunk / 2]);
-        CHECK(v >= r + 1);
-      }
-      sender.get();
-      for (size_t s = 0; s < kSlots; ++s) {
-        unsigned want = kRounds - kSlots + static_cast<unsigned>(s) + 1;
-        CHECK(static_cast<unsigned>(region[s * kChunk]) == want);
-        CHECK(static_cast<unsigned>(region[s * kChunk + kChunk - 1]) == want);
-      }
-      CHECK(b->bytes_received() >= kChunk * kRounds);
-    }
-  }
-}
-
-TEST_CASE("conformance: both sides sending bulk at once do not deadlock", "[transport][tcp]") {
-  for (auto& be : backends()) {
-    DYNAMIC_SECTION(be.name) {
-      auto rig = be.make_rig(test_options());
-      auto pr = rig->pair();
-      auto& a = pr.a;
-      auto& b = pr.b;
-      constexpr size_t kSize = 8u << 20;
-      std::vector<std::byte> ra(kSize), rb(kSize);
-      a->register_region(1, ra);
-      b->register_region(1, rb);
-      auto blast = [](Connection& c, std::byte fill) {
-        std::vector<std::byte> src(kSize, fill);
-        for (int i = 0; i < 4; ++i) c.write(1, 0, src);  // 32 MiB each way
-        c.send_control(1, {});
-        auto m = poll_until(c, 60s);
-        return m.type;
-      };
-      auto fa = std::async(std::launch::async, blast, std::ref(*a), std::byte{0xA});
-      auto fb = std::async(std::launch::async, blast, std::ref(*b), std::byte{0xB});
-      CHECK(fa.get() == 1);
-      CHECK(fb.get() == 1);
-      CHECK(rb[kSize - 1] == std::byte{0xA});
-      CHECK(ra[kSize - 1] == std::byte{0xB});
-    }
-  }
-}
-
-TEST_CASE("conformance: peer death surfaces as LinkDown, not a hang", "[transport][tcp]") {
-  for (auto& be : backends()) {
-    DYNAMIC_SECTION(be.name) {
-      auto rig = be.make_rig(test_options());
-      SECTION("peer closes the connection") {
-        auto pr = rig->pair();
-        auto& a = pr.a;
-        auto& b = pr.b;
-        b.reset();
-        auto e = poll_until_error(*a);
-        REQUIRE(e);
-        CHECK_THROWS_AS(std::rethrow_exception(e), LinkDown);
-        // The connection stays failed.
-        CHECK_THROWS_AS(a->poll(0ms), LinkDown);
-        CHECK_THROWS_AS(a->send_control(1, {}), LinkDown);
-      }
-      SECTION("sending to a peer that went away") {
-        auto pr = rig->pair();
-        auto& a = pr.a;
-        auto& b = pr.b;
-        b.reset();
-        std::vector<std::byte> buf(1u << 20);
-        auto deadline = Clock::now() + 10s;
-        bool down = false;
-        try {
-          while (Clock::now() < deadline) {
-            a->write(1, 0, buf);
-            a->send_control(1, {});
-          }
-        } catch (const LinkDown&) {
-          down = true;
-        }
-        CHECK(down);
-      }
-      SECTION("peer process killed") {
-        auto k = rig->killable();
-        if (!k) {
-          WARN(be.name << ": no killable peer, skipped");
-        } else {
-          ::kill(k->pid, SIGKILL);
-          int st = 0;
-          ::waitpid(k->pid, &st, 0);
-          auto e = poll_until_error(*k->conn);
-          REQUIRE(e);
-          CHECK_THROWS_AS(std::rethrow_exception(e), LinkDown);
-        }
-      }
-    }
-  }
-}
-
-TEST_CASE("conformance: malformed input is a ProtocolError and leaves the region unchanged",
-          "[transport][tcp]") {
-  for (auto& be : backends()) {
-    DYNAMIC_SECTION(be.name) {
-      auto rig = be.make_rig(test_options());
-      auto r = rig->raw();
-      if (!r) {
-        WARN(be.name << ": no raw peer, skipped");
-        continue;
-      }
-      std::vector<std::byte> region(65536, std::byte{0x5A});
-      r->conn->register_region(1, region);
-      std::vector<std::byte> bytes;
-      std::string expect;
-      SECTION("garbage") {
-        bytes.assign(100, std::byte{0xEE});
-        expect = "bad magic";
-      }
-      SECTION("bad magic on an otherwise valid write") {
-        auto h = encode_header({.kind = FrameKind::Write, .field = 1, .length = 16});
-        h[0] = std::byte{'X'};
-        bytes.assign(h.begin(), h.end());
-        bytes.resize(bytes.size() + 16, std::byte{1});
-        expect = "bad magic";
-      }
-      SECTION("another wire version") {
-        auto h = encode_header({.version = 7, .kind = FrameKind::Write, .field = 1, .length = 16});
-        bytes.assign(h.begin(), h.end());
-        bytes.resize(bytes.size() + 16, std::byte{1});
-        expect = "version 7";
-      }
-      SECTION("write past the end of the region") {
-        auto h = encode_header({.kind = FrameKind::Write, .field = 1, .length = 8192, .offset = 65536 - 4096});
-        bytes.assign(h.begin(), h.end());
-        bytes.resize(bytes.size() + 8192, std::byte{1});
-        expect = "out of range";
-      }
-      SECTION("write to an unknown region") {
-        auto h = encode_header({.kind = FrameKind::Write, .field = 99, .length = 16});
-        bytes.assign(h.begin(), h.end());
-        bytes.resize(bytes.size() + 16, std::byte{1});
-        expect = "region 99";
-      }
-      SECTION("write to an unregistered region") {
-        r->conn->unregister_region(1);
-        auto h = encode_header({.kind = FrameKind::Write, .field = 1, .length = 16});
-        bytes.assign(h.begin(), h.end());
-        bytes.resize(bytes.size() + 16, std::byte{1});
-        expect = "not registered";
-      }
-      SECTION("corrupted header checksum") {
-        auto h = encode_header({.kind = FrameKind::Write, .field = 1, .length = 16});
-        h[16] ^= std::byte{1};  // offset 0 -> 1
-        bytes.assign(h.begin(), h.end());
-        bytes.resize(bytes.size() + 16, std::byte{1});
-        expect = "checksum";
-      }
-      send_raw(r->raw.get(), bytes);
-      auto e = poll_until_error(*r->conn);
+  SECTION("peer process killed") {
+    auto k = rig->killable();
+    if (!k) {
+      WARN(be.name << ": no killable peer, skipped");
+    } else {
+      ::kill(k->pid, SIGKILL);
+      int st = 0;
+      ::waitpid(k->pid, &st, 0);
+      auto e = poll_until_error(*k->conn);
       REQUIRE(e);
-      try {
-        std::rethrow_exception(e);
-      } catch (const ProtocolError& pe) {
-        CHECK_THAT(pe.what(), Catch::Contains(expect));
-      } catch (const std::exception& other) {
-        FAIL("expected ProtocolError, got: " << other.what());
-      }
-      size_t changed = 0;
-      for (auto v : region) changed += v != std::byte{0x5A};
-      CHECK(changed == 0);
-      CHECK_THROWS_AS(r->conn->poll(0ms), LinkDown);
+      CHECK_THROWS_AS(std::rethrow_exception(e), LinkDown);
     }
   }
 }
 
-TEST_CASE("conformance: heartbeats keep idle_for small while the peer is idle but alive",
-          "[transport][tcp]") {
-  for (auto& be : backends()) {
-    DYNAMIC_SECTION(be.name) {
-      auto rig = be.make_rig(test_options());  // heartbeat every 20 ms
-      auto pr = rig->pair();
-      auto& a = pr.a;
-      auto& b = pr.b;
-      std::atomic<bool> stop{false};
-      auto idle_peer = std::async(std::launch::async, [&] {
-        while (!stop) (void)b->poll(30ms);  // sends nothing of its own but heartbeats
-      });
-      auto until = Clock::now() + 800ms;
-      std::chrono::milliseconds worst{0};
-      while (Clock::now() < until) {
-        (void)a->poll(10ms);
-        worst = std::max(worst, a->idle_for());
-      }
-      stop = true;
-      idle_peer.get();
-      CHECK(worst < 500ms);  // generous: 25x the interval
-    }
+CONFORMANCE_CASE("malformed input is a ProtocolError and leaves the region unchanged", conf_malformed_input) {
+  auto rig = be.make_rig(test_options());
+  auto r = rig->raw();
+  if (!r) {
+    WARN(be.name << ": no raw peer, skipped");
+    return;
   }
+  std::vector<std::byte> region(65536, std::byte{0x5A});
+  r->conn->register_region(1, region);
+  std::vector<std::byte> bytes;
+  std::string expect;
+  SECTION("garbage") {
+    bytes.assign(100, std::byte{0xEE});
+    expect = "bad magic";
+  }
+  SECTION("bad magic on an otherwise valid write") {
+    auto h = encode_header({.kind = FrameKind::Write, .field = 1, .length = 16});
+    h[0] = std::byte{'X'};
+    bytes.assign(h.begin(), h.end());
+    bytes.resize(bytes.size() + 16, std::byte{1});
+    expect = "bad magic";
+  }
+  SECTION("another wire version") {
+    auto h = encode_header({.version = 7, .kind = FrameKind::Write, .field = 1, .length = 16});
+    bytes.assign(h.begin(), h.end());
+    bytes.resize(bytes.size() + 16, std::byte{1});
+    expect = "version 7";
+  }
+  SECTION("write past the end of the region") {
+    auto h = encode_header({.kind = FrameKind::Write, .field = 1, .length = 8192, .offset = 65536 - 4096});
+    bytes.assign(h.begin(), h.end());
+    bytes.resize(bytes.size() + 8192, std::byte{1});
+    expect = "out of range";
+  }
+  SECTION("write to an unknown region") {
+    auto h = encode_header({.kind = FrameKind::Write, .field = 99, .length = 16});
+    bytes.assign(h.begin(), h.end());
+    bytes.resize(bytes.size() + 16, std::byte{1});
+    expect = "region 99";
+  }
+  SECTION("write to an unregistered region") {
+    r->conn->unregister_region(1);
+    auto h = encode_header({.kind = FrameKind::Write, .field = 1, .length = 16});
+    bytes.assign(h.begin(), h.end());
+    bytes.resize(bytes.size() + 16, std::byte{1});
+    expect = "not registered";
+  }
+  SECTION("corrupted header checksum") {
+    auto h = encode_header({.kind = FrameKind::Write, .field = 1, .length = 16});
+    h[16] ^= std::byte{1};  // offset 0 -> 1
+    bytes.assign(h.begin(), h.end());
+    bytes.resize(bytes.size() + 16, std::byte{1});
+    expect = "checksum";
+  }
+  send_raw(r->raw.get(), bytes);
+  auto e = poll_until_error(*r->conn);
+  REQUIRE(e);
+  try {
+    std::rethrow_exception(e);
+  } catch (const ProtocolError& pe) {
+    CHECK_THAT(pe.what(), Catch::Contains(expect));
+  } catch (const std::exception& other) {
+    FAIL("expected ProtocolError, got: " << other.what());
+  }
+  size_t changed = 0;
+  for (auto v : region) changed += v != std::byte{0x5A};
+  CHECK(changed == 0);
+  CHECK_THROWS_AS(r->conn->poll(0ms), LinkDown);
 }
 
-TEST_CASE("conformance: idle_for grows while the peer is silent", "[transport][tcp]") {
-  for (auto& be : backends()) {
-    DYNAMIC_SECTION(be.name) {
-      auto rig = be.make_rig(test_options());
-      auto r = rig->raw();
-      if (!r) {
-        WARN(be.name << ": no raw peer, skipped");
-        continue;
-      }
-      auto start = Clock::now();
-      CHECK_FALSE(r->conn->poll(300ms).has_value());
-      CHECK(Clock::now() - start >= 290ms);
-      CHECK(r->conn->idle_for() >= 250ms);
-      // A heartbeat from the silent peer resets it.
-      auto hb = encode_header({.kind = FrameKind::Heartbeat});
-      send_raw(r->raw.get(), hb);
-      auto deadline = Clock::now() + 5s;
-      while (r->conn->idle_for() >= 250ms && Clock::now() < deadline) (void)r->conn->poll(10ms);
-      CHECK(r->conn->idle_for() < 250ms);
-    }
+CONFORMANCE_CASE("heartbeats keep idle_for small while the peer is idle but alive", conf_heartbeats) {
+  auto rig = be.make_rig(test_options());  // heartbeat every 20 ms
+  auto pr = rig->pair();
+  auto& a = pr.a;
+  auto& b = pr.b;
+  std::atomic<bool> stop{false};
+  auto idle_peer = std::async(std::launch::async, [&] {
+    while (!stop) (void)b->poll(30ms);  // sends nothing of its own but heartbeats
+  });
+  auto until = Clock::now() + 800ms;
+  std::chrono::milliseconds worst{0};
+  while (Clock::now() < until) {
+    (void)a->poll(10ms);
+    worst = std::max(worst, a->idle_for());
   }
+  stop = true;
+  idle_peer.get();
+  CHECK(worst < 500ms);  // generous: 25x the interval
 }
 
-TEST_CASE("conformance: a new connection works after the old one died", "[transport][tcp]") {
-  for (auto& be : backends()) {
-    DYNAMIC_SECTION(be.name) {
-      auto rig = be.make_rig(test_options());
-      {
-        auto pr = rig->pair();
-        auto& a = pr.a;
-        auto& b = pr.b;
-        b.reset();
-        CHECK(poll_until_error(*a));
-      }
-      auto pr = rig->pair();
-      auto& a = pr.a;
-      auto& b = pr.b;
-      std::vector<std::byte> region(4096);
-      b->register_region(3, region);
-      std::vector<std::byte> src(4096, std::byte{0x77});
-      a->write(3, 0, src);
-      a->send_control(5, {});
-      CHECK(poll_until(*b).type == 5);
-      CHECK(region[4095] == std::byte{0x77});
-    }
+CONFORMANCE_CASE("idle_for grows while the peer is silent", conf_idle_grows) {
+  auto rig = be.make_rig(test_options());
+  auto r = rig->raw();
+  if (!r) {
+    WARN(be.name << ": no raw peer, skipped");
+    return;
   }
+  auto start = Clock::now();
+  CHECK_FALSE(r->conn->poll(300ms).has_value());
+  CHECK(Clock::now() - start >= 290ms);
+  CHECK(r->conn->idle_for() >= 250ms);
+  // A heartbeat from the silent peer resets it.
+  auto hb = encode_header({.kind = FrameKind::Heartbeat});
+  send_raw(r->raw.get(), hb);
+  auto deadline = Clock::now() + 5s;
+  while (r->conn->idle_for() >= 250ms && Clock::now() < deadline) (void)r->conn->poll(10ms);
+  CHECK(r->conn->idle_for() < 250ms);
+}
+
+CONFORMANCE_CASE("a new connection works after the old one died", conf_reconnect) {
+  auto rig = be.make_rig(test_options());
+  {
+    auto pr = rig->pair();
+    auto& a = pr.a;
+    auto& b = pr.b;
+    b.reset();
+    CHECK(poll_until_error(*a));
+  }
+  auto pr = rig->pair();
+  auto& a = pr.a;
+  auto& b = pr.b;
+  std::vector<std::byte> region(4096);
+  b->register_region(3, region);
+  std::vector<std::byte> src(4096, std::byte{0x77});
+  a->write(3, 0, src);
+  a->send_control(5, {});
+  CHECK(poll_until(*b).type == 5);
+  CHECK(region[4095] == std::byte{0x77});
 }
 
 // ---- TCP-specific setup behaviour ---------------------------------------------------------
@@ -689,3 +759,197 @@ TEST_CASE("tcp: IPv6 loopback and hostname listeners", "[transport][tcp]") {
   auto c = tcp::connect_tcp("localhost", lh.bound_port(), o);
   CHECK(acc.get() != nullptr);
 }
+
+// ---- RDMA-specific behaviour (hidden: needs an RDMA device; run with "[rdma]") ---------------
+
+#ifdef FTVM_HAVE_RDMA
+namespace {
+RdmaTarget require_rdma(const char* test) {
+  auto t = rdma_target();
+  if (!t) FAIL("no address resolves through an RDMA device here (run in the RDMA lab: ctest -L rdma)");
+  std::printf("[rdma] %s: device %s, address %s\n", test, t->dev.c_str(), t->addr.c_str());
+  std::fflush(stdout);
+  return *t;
+}
+
+rdma::RdmaConnection& as_rdma(Connection& c) {
+  auto* r = dynamic_cast<rdma::RdmaConnection*>(&c);
+  REQUIRE(r);
+  return *r;
+}
+}  // namespace
+
+// The peer of RdmaRig::killable(): connects back to the test and waits to be SIGKILLed.
+TEST_CASE("rdma: killable peer helper", "[.][rdma-peer-helper]") {
+  const char* where = std::getenv(kPeerHelperEnv);
+  if (!where) return;
+  auto hp = tcp::parse_host_port(where);
+  auto c = rdma::connect_rdma(hp.host, hp.port, test_options());
+  auto until = Clock::now() + 60s;  // bounded even if nobody kills us
+  try {
+    while (Clock::now() < until) (void)c->poll(100ms);
+  } catch (const ftvm::Error&) {
+  }
+}
+
+TEST_CASE("rdma: device, reachability, refused connections", "[.][rdma]") {
+  auto t = require_rdma("device, reachability, refused connections");
+  CHECK_FALSE(t.dev.empty());
+  Options o = test_options();
+  rdma::RdmaListener l(t.addr, 0, o);
+  CHECK(l.bound_port() != 0);
+  auto acc = std::async(std::launch::async, [&] { return l.accept(10s); });
+  auto a = rdma::connect_rdma(t.addr, l.bound_port(), o, t.dev);  // by name: the right one
+  auto b = acc.get();
+  REQUIRE(b);
+  CHECK(as_rdma(*a).device_name() == t.dev);
+  CHECK(as_rdma(*b).device_name() == t.dev);
+  CHECK(std::string(a->backend()) == "rdma");
+  CHECK_THAT(a->peer(), Catch::Contains(t.addr));
+  // By name: a device the address does not go through is refused, naming both.
+  try {
+    rdma::connect_rdma(t.addr, l.bound_port(), o, "no_such_dev0");
+    FAIL("connected through the wrong device");
+  } catch (const ftvm::Error& e) {
+    CHECK_THAT(e.what(), Catch::Contains("no_such_dev0") && Catch::Contains(t.dev));
+  }
+  // Nobody listening: LinkDown, not a hang.
+  uint16_t closed;
+  {
+    rdma::RdmaListener gone(t.addr, 0, o);
+    closed = gone.bound_port();
+  }
+  auto start = Clock::now();
+  CHECK_THROWS_AS(rdma::connect_rdma(t.addr, closed, o), LinkDown);
+  CHECK(Clock::now() - start < 6s);
+  CHECK(l.accept(10ms) == nullptr);
+}
+
+TEST_CASE("rdma: writes are bounds-checked on the sender against the advertised region",
+          "[.][rdma]") {
+  auto t = require_rdma("writes are bounds-checked on the sender");
+  Options o = test_options();
+  o.connect_timeout = 1000ms;  // also bounds the wait for an advertisement
+  RdmaRig rig(o, t);
+  auto pr = rig.pair();
+  std::vector<std::byte> region(65536, std::byte{0x5A});
+  pr.b->register_region(1, region);
+  std::vector<std::byte> src(8192, std::byte{1});
+  std::string expect;
+  SECTION("past the end") {
+    CHECK_THROWS_WITH(pr.a->write(1, 65536 - 4096, src), Catch::Contains("out of range"));
+  }
+  SECTION("unknown region") {
+    CHECK_THROWS_WITH(pr.a->write(99, 0, src), Catch::Contains("region 99"));
+  }
+  SECTION("unregistered region") {
+    pr.b->unregister_region(1);
+    pr.b->send_control(1, {});  // the withdrawal is ordered before this
+    CHECK(poll_until(*pr.a).type == 1);
+    CHECK_THROWS_WITH(pr.a->write(1, 0, src), Catch::Contains("not registered"));
+  }
+  CHECK_THROWS_AS(pr.a->poll(0ms), LinkDown);
+  size_t changed = 0;
+  for (auto v : region) changed += v != std::byte{0x5A};
+  CHECK(changed == 0);
+}
+
+TEST_CASE("rdma: re-registration, zero-copy sources, advertisement ordering", "[.][rdma]") {
+  auto t = require_rdma("re-registration, zero-copy sources");
+  RdmaRig rig(test_options(), t);
+  auto pr = rig.pair();
+  auto& a = as_rdma(*pr.a);
+  std::vector<std::byte> small(4096), big(4u << 20);
+  pr.b->register_region(2, small);
+  pr.b->send_control(1, {});  // "granted"
+  CHECK(poll_until(a).type == 1);
+  // Staging grows: register the bigger memory under the same id, then grant.
+  pr.b->register_region(2, big);
+  pr.b->send_control(2, {});
+  CHECK(poll_until(a).type == 2);
+  std::vector<std::byte> src(big.size());
+  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<std::byte>((i * 2654435761u) >> 11);
+  a.register_source(src);  // zero-copy from here on
+  a.write(2, 0, src);
+  a.send_control(3, {});
+  CHECK(poll_until(*pr.b).type == 3);
+  CHECK(std::memcmp(big.data(), src.data(), big.size()) == 0);
+  // The source may be reused after flush(): a second round with new content.
+  for (auto& v : src) v = ~v;
+  a.write(2, 0, std::span<const std::byte>(src).subspan(0, 65536));  // a slice of the source
+  a.flush();
+  a.send_control(4, {});
+  CHECK(poll_until(*pr.b).type == 4);
+  CHECK(std::memcmp(big.data(), src.data(), 65536) == 0);
+  a.unregister_source(src);
+  CHECK(pr.b->bytes_received() >= big.size() + 65536);
+}
+
+TEST_CASE("rdma: malformed control messages are ProtocolErrors", "[.][rdma]") {
+  auto t = require_rdma("malformed control messages");
+  RdmaRig rig(test_options(), t);
+  auto pr = rig.pair();
+  std::vector<std::byte> region(65536, std::byte{0x5A});
+  pr.b->register_region(1, region);
+  // A well-formed header to start from: magic, kind, flags, type, returned=0, total, length.
+  auto msg = [](uint8_t kind, uint8_t flags, uint16_t type, uint32_t total, size_t payload) {
+    std::vector<std::byte> m(32 + payload, std::byte{0});
+    put_le(m.data(), kFrameMagic, 4);
+    m[4] = std::byte{kind};
+    m[5] = std::byte{flags};
+    put_le(m.data() + 6, type, 2);
+    put_le(m.data() + 12, total, 4);
+    put_le(m.data() + 16, payload, 4);
+    return m;
+  };
+  std::vector<std::byte> bytes;
+  std::string expect;
+  SECTION("garbage") {
+    bytes.assign(100, std::byte{0xEE});
+    expect = "bad magic";
+  }
+  SECTION("shorter than a header") {
+    bytes.assign(7, std::byte{0});
+    expect = "shorter than";
+  }
+  SECTION("unknown kind") {
+    bytes = msg(77, 0, 0, 0, 0);
+    expect = "unknown message kind 77";
+  }
+  SECTION("control type 0") {
+    bytes = msg(1, 3, 0, 4, 4);
+    expect = "type 0";
+  }
+  SECTION("control body over the limit") {
+    bytes = msg(1, 1, 5, static_cast<uint32_t>(kMaxControlBody + 1), 16);
+    expect = "exceeds";
+  }
+  SECTION("continuation without a first fragment") {
+    bytes = msg(1, 2, 5, 16, 16);
+    expect = "without a matching first";
+  }
+  SECTION("length field lies") {
+    bytes = msg(1, 3, 5, 16, 16);
+    put_le(bytes.data() + 16, 999, 4);
+    expect = "length field";
+  }
+  SECTION("short region advertisement") {
+    bytes = msg(3, 0, 0, 0, 8);
+    expect = "advertisement";
+  }
+  as_rdma(*pr.a).send_raw_message_for_test(bytes);
+  auto e = poll_until_error(*pr.b);
+  REQUIRE(e);
+  try {
+    std::rethrow_exception(e);
+  } catch (const ProtocolError& pe) {
+    CHECK_THAT(pe.what(), Catch::Contains(expect));
+  } catch (const std::exception& other) {
+    FAIL("expected ProtocolError, got: " << other.what());
+  }
+  size_t changed = 0;
+  for (auto v : region) changed += v != std::byte{0x5A};
+  CHECK(changed == 0);
+  CHECK_THROWS_AS(pr.b->poll(0ms), LinkDown);
+}
+#endif
