@@ -505,7 +505,17 @@ std::vector<std::string> make_twin_cmdline(const std::vector<std::string>& argv,
       if (auto p = ov.get("process")) ov.set("process", *p + t.name_suffix);
       v = ov.str();
     } else if (o.is("netdev") || o.is("nic") || o.is("net")) {
-      check_no_fd(o, OptValue(v, "type", o.name));
+      OptValue ov(v, "type", o.name);
+      check_no_fd(o, ov);
+      if (o.is("netdev") && ov.get("type").value_or("") == "tap") {
+        if (auto ifn = ov.get("ifname")) {
+          auto it = t.tap_ifnames.find(*ifn);
+          if (it != t.tap_ifnames.end()) {
+            ov.set("ifname", it->second);
+            v = ov.str();
+          }
+        }
+      }
     }
     n.emit(out);
   }

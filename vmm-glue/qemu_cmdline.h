@@ -10,6 +10,7 @@
 // are both understood; a rewritten value keeps the syntax it was written in.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,10 @@ struct TwinOptions {
                             // the primary's); paths are rewritten to run_dir/<basename>
   std::string qmp_socket;   // the twin's QMP socket (ftd's own monitor connection)
   std::string name_suffix;  // appended to -name guest= (and process=), e.g. "-ftvm-twin"
+  // `-netdev tap,ifname=P` becomes `ifname=S` for each entry P -> S: the twin must not open the
+  // primary's tap (on one host the open fails with EBUSY; on two hosts the names may differ).
+  // Taps not listed keep their ifname.
+  std::map<std::string, std::string> tap_ifnames;
 };
 
 // The standby twin's command line: same binary, machine, CPUs, devices and RAM backend (size,
@@ -50,8 +55,9 @@ struct TwinOptions {
 //   rewritten into run_dir (basename kept, made unique): every -chardev path= / logfile=,
 //            -serial/-parallel/-monitor-style `unix:` `file:` `pipe:` backends, -D, -vnc unix:;
 //   renamed: -name X -> X<suffix>.
+//   mapped:  -netdev tap ifname= through opts.tap_ifnames (keyval and JSON syntax).
 // Kept as they are (documented limitation): -drive / -blockdev file names (disk replication
-// gives the twin its own copy later), -netdev (tap ifname= included), -kernel/-initrd/-bios and
+// gives the twin its own copy later), other -netdev settings, -kernel/-initrd/-bios and
 // other inputs QEMU only reads.
 // Throws ftvm::Error when the command line hands QEMU inherited file descriptors the twin cannot
 // have (fd=, fds=, vhostfd=, /dev/fdset/, -add-fd) outside the removed monitors: such VMs

@@ -33,6 +33,19 @@ int main(int argc, char** argv) {
   app.add_option("--reconnect-ms", reconnect_ms, "Primary: retry period towards a lost standby")
       ->capture_default_str()
       ->check(CLI::Range(10u, 600000u));
+  std::vector<std::string> tap_map;
+  unsigned output_cap_mib = 16;
+  app.add_option("--twin-tap-map", tap_map,
+                 "Standby: PRIMARY_IFNAME=STANDBY_IFNAME: the twin uses this tap instead of the primary's "
+                 "(-netdev tap,ifname=); it is kept admin-down until the twin is activated (repeatable)");
+  app.add_option("--output-cap-mib", output_cap_mib,
+                 "Primary: guest output held per VM before the epoch is cut early (MiB)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 4096u));
+  bool no_output_commit = false;
+  app.add_flag("--no-output-commit", no_output_commit,
+               "Primary: let the guest's network output leave at once instead of after its epoch is committed "
+               "(clients may then see replies a failed-over guest never produced; benchmarks only)");
   app.add_option("--stats-dir", cfg.stats_dir, "Write per-epoch measurements as JSON lines here (benchmarks)");
   bool verify = false;
   app.add_flag("--verify-activation", verify,
@@ -55,6 +68,16 @@ int main(int argc, char** argv) {
   cfg.ack_timeout = std::chrono::milliseconds(ack_ms);
   cfg.reconnect_interval = std::chrono::milliseconds(reconnect_ms);
   cfg.verify_activation = verify && !no_verify;
+  cfg.output_commit = !no_output_commit;
+  cfg.output_cap_bytes = uint64_t{output_cap_mib} << 20;
+  for (const auto& m : tap_map) {
+    auto eq = m.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == m.size() || m.size() - eq - 1 >= 16 || eq >= 16) {
+      fmt::print(stderr, "ftd: --twin-tap-map '{}': expected PRIMARY_IFNAME=STANDBY_IFNAME (names of 1..15 chars)\n", m);
+      return 2;
+    }
+    cfg.twin_tap_map[m.substr(0, eq)] = m.substr(eq + 1);
+  }
 
   // Signals: SIGTERM/SIGINT are read from a signalfd by the main loop, so block them in every
   // thread (threads inherit this mask); a peer that vanishes must not kill us with SIGPIPE.

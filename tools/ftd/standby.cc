@@ -2,12 +2,16 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
 
 #include "checkpoint/digest.h"
@@ -27,6 +31,22 @@ template <typename T>
 void send_msg(transport::Connection& c, const T& m) {
   auto body = cp::encode(m);
   c.send_control(static_cast<uint16_t>(cp::type_of<T>()), body);
+}
+
+// Sets the administrative state of network interface `ifname` (the twin's tap).
+void set_link(const std::string& ifname, bool up) {
+  if (ifname.empty() || ifname.size() >= IFNAMSIZ) fail("bad interface name '{}' in --twin-tap-map", ifname);
+  UniqueFd s(check_sys(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0), "socket for interface ioctls"));
+  ifreq r{};
+  std::memcpy(r.ifr_name, ifname.c_str(), ifname.size());
+  check_sys(::ioctl(s.get(), SIOCGIFFLAGS, &r), "SIOCGIFFLAGS on " + ifname, "does the twin's tap exist?");
+  if (up) r.ifr_flags = static_cast<short>(r.ifr_flags | IFF_UP);
+  else r.ifr_flags = static_cast<short>(r.ifr_flags & ~IFF_UP);
+  check_sys(::ioctl(s.get(), SIOCSIFFLAGS, &r), fmt::format("set {} {}", ifname, up ? "up" : "down"));
+}
+
+bool link_exists(const std::string& ifname) {
+  return std::filesystem::exists("/sys/class/net/" + ifname);
 }
 
 bool safe_name(const std::string& n) {
@@ -173,7 +193,12 @@ void StandbySession::open(const cp::OpenSession& o) {
   vmm::TwinOptions to;
   to.run_dir = vm_dir_;
   to.qmp_socket = qmp;
+  to.tap_ifnames = cfg_.twin_tap_map;
   auto argv = vmm::make_twin_cmdline(o.qemu_argv, to);
+  // The twin's taps stay admin-down until activation: frames queued on a paused twin's tap
+  // would reach the guest stale when it resumes (and confuse its TCP).
+  for (const auto& [p, tap] : cfg_.twin_tap_map)
+    if (link_exists(tap)) set_link(tap, false);
   {
     std::string line;
     for (const auto& a : argv) line += (line.empty() ? "" : " ") + a;
@@ -191,6 +216,8 @@ void StandbySession::open(const cp::OpenSession& o) {
   if (st != "inmigrate")
     throw Error(fmt::format("twin QEMU pid {} is in state '{}', expected 'inmigrate' (see {}/twin.log)", twin_pid_, st,
                             vm_dir_));
+  for (const auto& [p, tap] : cfg_.twin_tap_map)  // QEMU may have created them just now
+    if (link_exists(tap)) set_link(tap, false);
   auto gr = vmm::find_guest_ram(twin_pid_, o.ram_size);
   twin_ram_ = std::make_unique<vmm::MappedRam>(twin_pid_, gr, vmm::MappedRam::Access::ReadWrite);
   replica_ = std::make_unique<cp::Replica>(as_span(*twin_ram_), uint64_t{8} << 20);
@@ -366,6 +393,8 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
       throw Error(fmt::format("loading device state of epoch {} into the twin failed (migration status '{}'; see {}/twin.log)",
                               c.epoch, mst, vm_dir_));
     act["load_ms"] = ms_since(l0);
+    for (const auto& [p, tap] : cfg_.twin_tap_map)  // the twin's NIC goes live
+      if (link_exists(tap)) set_link(tap, true);
     const auto c0 = Clock::now();
     twin_qmp_->execute("cont");
     act["cont_ms"] = ms_since(c0);
