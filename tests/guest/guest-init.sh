@@ -6,6 +6,7 @@
 #   ftvm_dirty_kib_s=1024   rewrite tmpfs-backed guest memory at about this rate (0 = idle)
 #   ftvm_wss_mib=16         size of that buffer (working set)
 #   ftvm_ip=10.x.y.z/24     configure eth0 (if present) and run a TCP echo service on port 7000
+#                           and a TCP counter service on port 7001 (each line -> total + 1)
 #   ftvm_wl_report_s=0      if > 0, print "WL stat ..." every that many seconds
 #   ftvm_wl_selftest=0      1: corrupt one chunk once, so "WL BAD" must appear (checks the check)
 # Console lines: "INIT: ...", "FTVM-GUEST READY", "tick N", "WL BAD ..." (memory content wrong),
@@ -68,6 +69,18 @@ if [ -e /sys/class/net/eth0 ] && [ -n "$ftvm_ip" ]; then
   echo "INIT: eth0 $ftvm_ip mac $(cat /sys/class/net/eth0/address)"
   # TCP echo service: -ll keeps listening, -e runs one cat per connection
   nc -ll -p 7000 -e /bin/cat &
+  # TCP counter service (output-commit tests): each line read adds 1 to the total kept in
+  # /dev/shm (guest RAM) and answers the new total, so replies tell which guest state made them
+  mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
+  cat > /bin/ftvm-counter <<'EOC'
+#!/bin/sh
+while read -r _l; do
+  n=0; [ -r /dev/shm/count ] && read n < /dev/shm/count
+  n=$((n + 1)); echo $n > /dev/shm/count; echo $n
+done
+EOC
+  chmod +x /bin/ftvm-counter
+  nc -ll -p 7001 -e /bin/ftvm-counter &
 elif [ -e /sys/class/net/eth0 ]; then
   echo "INIT: eth0 present, no ftvm_ip= given: not configured"
 fi
