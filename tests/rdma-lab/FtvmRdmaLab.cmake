@@ -18,7 +18,7 @@
 # registered and fails, telling to install rdma-core (scripts/install-deps.sh).
 include_guard(GLOBAL)
 
-set(FTVM_RDMA_LAB_SOURCE_DIR ${CMAKE_CURRENT_LIST_DIR})
+set(FTVM_RDMA_LAB_SOURCE_DIR ${CMAKE_CURRENT_LIST_DIR} CACHE INTERNAL "RDMA lab sources")
 if(NOT DEFINED FTVM_GUEST_DIR)
   set(FTVM_GUEST_DIR ${CMAKE_BINARY_DIR}/guest)
 endif()
@@ -41,13 +41,15 @@ endif()
 if(NOT FTVM_RDMA_TOOL)
   list(APPEND FTVM_RDMA_LAB_MISSING "the rdma tool (iproute2)")
 endif()
+# Global (cache) so ftvm_rdma_lab_test() works from any directory after this file was included.
+set(FTVM_RDMA_LAB_MISSING "${FTVM_RDMA_LAB_MISSING}" CACHE INTERNAL "RDMA lab prerequisites missing")
 if(FTVM_RDMA_LAB_MISSING)
-  set(FTVM_RDMA_LAB_AVAILABLE OFF)
+  set(FTVM_RDMA_LAB_AVAILABLE OFF CACHE INTERNAL "RDMA lab usable")
   list(JOIN FTVM_RDMA_LAB_MISSING ", " _missing)
   message(WARNING "RDMA lab: missing ${_missing}. The RDMA tests (ctest -L rdma) are registered "
                   "but FAIL until you install rdma-core (scripts/install-deps.sh) and re-run cmake.")
 else()
-  set(FTVM_RDMA_LAB_AVAILABLE ON)
+  set(FTVM_RDMA_LAB_AVAILABLE ON CACHE INTERNAL "RDMA lab usable")
   message(STATUS "RDMA lab: librdmacm ${FTVM_RDMA_librdmacm_VERSION}, libibverbs "
                  "${FTVM_RDMA_libibverbs_VERSION}; tests run in a Soft-RoCE guest (ctest -L rdma)")
 endif()
