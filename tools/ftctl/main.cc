@@ -98,6 +98,10 @@ int main(int argc, char** argv) {
   en->add_option("--max-sync-passes", passes, "Pre-copy passes before the first checkpoint")
       ->capture_default_str()
       ->check(CLI::Range(1u, 100u));
+  std::string transport = "auto";
+  en->add_option("--transport", transport, "rdma, tcp, or auto (RDMA when the peer is reachable over an RDMA device)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"rdma", "tcp", "auto"}));
   en->add_flag("--no-wait", no_wait, "Return once syncing started instead of waiting for 'protected'");
   en->add_option("--timeout", timeout_s, "Seconds to wait for 'protected'")->capture_default_str();
 
@@ -135,7 +139,7 @@ int main(int argc, char** argv) {
   try {
     if (*en) {
       auto r = ctl.call({{"cmd", "enable"}, {"qmp", qmp}, {"peer", peer}, {"name", name}, {"epoch_ms", epoch_ms},
-                         {"max_sync_passes", passes}});
+                         {"max_sync_passes", passes}, {"transport", transport}});
       if (!r.value("ok", false)) return fail_with(r);
       const std::string vm = r.value("name", name);
       fmt::print("{}\n", r.value("message", ""));

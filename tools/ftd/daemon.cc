@@ -49,8 +49,8 @@ Daemon::Daemon(DaemonConfig cfg) : cfg_(std::move(cfg)) {
     auto hp = transport::tcp::parse_host_port(cfg_.listen);
     transport::Options o;
     o.heartbeat_interval = cfg_.heartbeat_interval;
-    listener_ = std::make_unique<transport::tcp::Listener>(hp.host, hp.port, o);
-    listen_address_ = listener_->local_address();
+    listener_ = std::make_unique<transport::MultiListener>(hp.host, hp.port, o);
+    listen_address_ = listener_->describe();
   }
 }
 
@@ -202,6 +202,7 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
   r.name = req.value("name", "");
   r.epoch_ms = opt_uint(req, "epoch_ms", 25);
   r.max_sync_passes = opt_uint(req, "max_sync_passes", 8);
+  r.transport = req.value("transport", "auto");
   std::shared_ptr<PrimarySession> s;
   try {
     s = std::make_shared<PrimarySession>(cfg_, r);

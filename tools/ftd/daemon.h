@@ -14,6 +14,7 @@
 #include "tools/ftd/primary.h"
 #include "tools/ftd/session.h"
 #include "tools/ftd/standby.h"
+#include "transport/select.h"
 #include "transport/tcp/tcp_transport.h"
 
 namespace ftvm::ftd {
@@ -44,7 +45,7 @@ class Daemon {
   std::map<std::string, std::shared_ptr<PrimarySession>> primaries_;
   std::vector<std::shared_ptr<StandbySession>> standbys_;
   std::atomic<bool> stop_{false};
-  std::unique_ptr<transport::tcp::Listener> listener_;
+  std::unique_ptr<transport::MultiListener> listener_;
   std::string listen_address_;
 };
 

@@ -46,6 +46,9 @@ int main(int argc, char** argv) {
   app.add_flag("--no-output-commit", no_output_commit,
                "Primary: let the guest's network output leave at once instead of after its epoch is committed "
                "(clients may then see replies a failed-over guest never produced; benchmarks only)");
+  app.add_option("--tracker", cfg.tracker, "Dirty-page tracker: auto (uffd-wp where the kernel has PAGEMAP_SCAN, else soft-dirty), uffd-wp, soft-dirty")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "uffd-wp", "soft-dirty"}));
   app.add_option("--stats-dir", cfg.stats_dir, "Write per-epoch measurements as JSON lines here (benchmarks)");
   bool verify = false;
   app.add_flag("--verify-activation", verify,

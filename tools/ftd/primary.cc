@@ -13,7 +13,8 @@
 #include "common/log.h"
 #include "transport/tcp/tcp_transport.h"
 #include "vmm-glue/qemu_cmdline.h"
-#include "vmm-glue/uffd_wp_tracker.h"
+#include "transport/select.h"
+#include "vmm-glue/tracker_factory.h"
 
 namespace ftvm::ftd {
 
@@ -73,7 +74,10 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
   if (run_state != "running" && run_state != "paused")
     problems.push_back(fmt::format("the VM is in state '{}'; only a running (or paused) VM can be protected", run_state));
   std::string why;
-  if (!vmm::UffdWpTracker::supported(&why)) problems.push_back("dirty-page tracking unavailable: " + why);
+  const auto tracker_kind = vmm::parse_tracker_kind(cfg_.tracker);
+  why = vmm::tracker_unavailable(tracker_kind);
+  if (!why.empty()) problems.push_back("dirty-page tracking unavailable: " + why);
+  transport_kind_ = transport::parse_kind(req_.transport);
   if (!problems.empty()) {
     std::string msg = fmt::format("VM '{}' (QEMU pid {}, {}) cannot be protected:", name_, qemu_pid_, req_.qmp_socket);
     for (const auto& p : problems) msg += "\n  - " + p;
@@ -88,7 +92,7 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
   auto gr = vmm::find_guest_ram(qemu_pid_, ram_size_);
   ram_ = std::make_unique<vmm::MappedRam>(qemu_pid_, gr, vmm::MappedRam::Access::ReadOnly);
   watch_ = std::make_unique<vmm::ProcessWatch>(qemu_pid_);
-  tracker_ = std::make_unique<vmm::UffdWpTracker>(qemu_pid_, gr.addr, gr.size);
+  tracker_ = vmm::make_tracker(tracker_kind, qemu_pid_, gr.addr, gr.size);
   ram_digest_ = std::make_unique<cp::RamDigest>(ram_size_ / kPageSize);
   tracker_name_ = tracker_->name();
 
@@ -281,7 +285,9 @@ void PrimarySession::connect_and_sync() {
   set_state(state_ == "degraded" ? "degraded" : "connecting", reason_);
   transport::Options opts;
   opts.heartbeat_interval = cfg_.heartbeat_interval;
-  conn_ = transport::tcp::connect_tcp(host_, port_, opts);
+  std::string chosen;
+  conn_ = transport::connect(host_, port_, transport_kind_, opts, {}, &chosen);
+  log::info("primary", "{}: connected to the standby {} over {}", name_, conn_->peer(), chosen);
   {
     std::lock_guard<std::mutex> g(mu_);
     link_peer_ = conn_->peer();

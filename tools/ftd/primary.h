@@ -30,6 +30,7 @@
 #include "tools/ftd/guard.h"
 #include "tools/ftd/output_buffer.h"
 #include "tools/ftd/session.h"
+#include "transport/select.h"
 #include "transport/transport.h"
 #include "vmm-glue/process.h"
 #include "vmm-glue/qmp.h"
@@ -107,6 +108,7 @@ class PrimarySession {
 
   // Replication state (session thread).
   std::unique_ptr<transport::Connection> conn_;
+  transport::Kind transport_kind_ = transport::Kind::Auto;
   uint64_t session_id_ = 0;
   uint64_t capacity_ = 0;
   uint64_t epoch_ = 0;        // last epoch cut

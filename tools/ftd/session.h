@@ -24,6 +24,7 @@ struct DaemonConfig {
   bool fault_injection = false;               // accept `ftctl fault` (tests only)
   bool verify_activation = false;             // standby: full-RAM digest check before resuming
   std::string stats_dir;                      // primary: per-epoch JSON lines (benchmarks)
+  std::string tracker = "auto";               // auto | uffd-wp | soft-dirty
   bool output_commit = true;                  // primary: hold guest frames until their epoch is acked
   uint64_t output_cap_bytes = uint64_t{16} << 20;  // primary: held bytes per VM before an early cut
   // standby: the twin's tap for each primary tap ifname (--twin-tap-map P=S); see standby.h
@@ -37,6 +38,7 @@ struct EnableRequest {
   std::string name;  // VM name; default from QEMU (-name) or the QMP socket's file name
   unsigned epoch_ms = 25;
   unsigned max_sync_passes = 8;
+  std::string transport = "auto";  // rdma | tcp | auto
 };
 
 // Fault injection points for tests (only with --enable-fault-injection).
