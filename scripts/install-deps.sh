@@ -17,6 +17,8 @@ PACKAGES=(
   rdma-core libibverbs-dev librdmacm-dev ibverbs-providers rdmacm-utils ibverbs-utils
   # test tooling
   iproute2 python3 procps util-linux
+  # output-commit tests and bench/net_bench.py (capture on the test bridge, ping RTT)
+  tcpdump iputils-ping
 )
 
 dry_run=0
