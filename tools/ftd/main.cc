@@ -1,5 +1,8 @@
 // ftd: the ftvm daemon, one per host. See docs/ARCHITECTURE.md and `ftd --help`.
 #include <signal.h>
+#include <sys/resource.h>
+
+#include <cstring>
 
 #include <CLI/CLI.hpp>
 
@@ -56,6 +59,11 @@ int main(int argc, char** argv) {
                "checkpoint (costs ~0.3 ms per MiB of guest RAM on the activation path; tests use it)");
   app.add_flag("--no-verify-activation", no_verify, "Do not verify (the default)");
   app.add_flag("--enable-fault-injection", cfg.fault_injection, "Accept `ftctl fault` (for tests only)");
+  int nice_value = -10;
+  app.add_option("--nice", nice_value,
+                 "Scheduling niceness of ftd (heartbeats and checkpoints must not starve behind guests)")
+      ->capture_default_str()
+      ->check(CLI::Range(-20, 19));
   app.add_option("--log", log_file, "Append the log to this file instead of stderr");
   app.add_option("--log-level", level, "debug, info, warn or error")
       ->capture_default_str()
@@ -96,6 +104,11 @@ int main(int argc, char** argv) {
     ftvm::log::set_level(level == "debug" ? Level::Debug : level == "warn" ? Level::Warn
                          : level == "error" ? Level::Error : Level::Info);
     if (!log_file.empty()) ftvm::log::set_file(log_file);
+    // Before any thread exists, so every thread inherits it. Best effort: a standby that is
+    // starved of CPU takes a live primary for dead.
+    if (setpriority(PRIO_PROCESS, 0, nice_value) != 0)
+      ftvm::log::warn("ftd", "setpriority({}) failed: {}; ftd runs at the default priority", nice_value,
+                      std::strerror(errno));
     ftvm::ftd::Daemon d(cfg);
     return d.run();
   } catch (const std::exception& e) {
