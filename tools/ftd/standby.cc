@@ -5,6 +5,7 @@
 #include <net/if.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -69,6 +70,7 @@ pid_t spawn(const std::vector<std::string>& argv, const std::string& log_path) {
   if (pid < 0) throw SysError(errno, "fork for the twin QEMU");
   if (pid == 0) {
     ::setsid();
+    ::setpriority(PRIO_PROCESS, 0, 0);  // the twin runs the guest: not at ftd's raised priority
     ::dup2(nullfd.get(), 0);
     ::dup2(logfd.get(), 1);
     ::dup2(logfd.get(), 2);
