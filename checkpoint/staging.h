@@ -32,6 +32,8 @@ class EpochStager {
   uint64_t device_state_bytes() const { return devstate_bytes_; }
   std::span<const std::byte> bytes() const { return {buf_.data(), size_}; }
   std::span<std::byte> mutable_bytes() { return {buf_.data(), size_}; }
+  // The whole allocation (moves only when an epoch outgrows it): what a fabric registers once.
+  std::span<const std::byte> allocation() const { return {buf_.data(), buf_.size()}; }
   uint64_t digest() const { return digest_bytes(bytes()); }
   uint64_t page_index(uint64_t i) const;
   const std::byte* page_data(uint64_t i) const;

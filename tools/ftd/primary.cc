@@ -14,6 +14,9 @@
 #include "transport/tcp/tcp_transport.h"
 #include "vmm-glue/qemu_cmdline.h"
 #include "transport/select.h"
+#ifdef FTVM_HAVE_RDMA
+#include "transport/rdma/rdma_transport.h"
+#endif
 #include "vmm-glue/tracker_factory.h"
 
 namespace ftvm::ftd {
@@ -332,6 +335,8 @@ void PrimarySession::connect_and_sync() {
   log::info("primary", "{}: standby {} ready (twin pid {}, staging {} KiB); full sync of {} MiB", name_,
             conn_->peer(), ready.twin_pid, capacity_ >> 10, ram_size_ >> 20);
   set_state("syncing");
+  registered_staging_ = {};
+  register_sources(/*ram=*/true);
 
   auto t0 = Clock::now();
   epoch_ = 0;
@@ -573,7 +578,26 @@ void PrimarySession::checkpoint(bool final) {
              rec.pause_us / 1000, rec.ram_digest);
 }
 
+// RDMA: guest RAM (the sync source) and the staging buffer are registered once as zero-copy
+// write sources; the staging buffer again only when an epoch outgrew (reallocated) it.
+void PrimarySession::register_sources(bool ram) {
+#ifdef FTVM_HAVE_RDMA
+  auto* rc = dynamic_cast<transport::rdma::RdmaConnection*>(conn_.get());
+  if (!rc) return;
+  if (ram) rc->register_source(as_span(*ram_));
+  auto a = stager_.allocation();
+  if (!a.empty() && (a.data() != registered_staging_.data() || a.size() != registered_staging_.size())) {
+    if (!registered_staging_.empty()) rc->unregister_source(registered_staging_);
+    rc->register_source(a);
+    registered_staging_ = a;
+  }
+#else
+  (void)ram;
+#endif
+}
+
 void PrimarySession::send_epoch(uint64_t epoch, bool final) {
+  register_sources(/*ram=*/false);
   const auto bytes = stager_.bytes();
   if (bytes.size() > capacity_) {
     const uint64_t want = bytes.size() + bytes.size() / 4;

@@ -109,6 +109,8 @@ class PrimarySession {
   // Replication state (session thread).
   std::unique_ptr<transport::Connection> conn_;
   transport::Kind transport_kind_ = transport::Kind::Auto;
+  std::span<const std::byte> registered_staging_;  // RDMA: the staging allocation registered as a source
+  void register_sources(bool ram);
   uint64_t session_id_ = 0;
   uint64_t capacity_ = 0;
   uint64_t epoch_ = 0;        // last epoch cut
