@@ -83,6 +83,7 @@ const char* to_string(MsgType t) {
     case MsgType::Disable: return "Disable";
     case MsgType::Error: return "Error";
     case MsgType::Takeover: return "Takeover";
+    case MsgType::HeartbeatLink: return "HeartbeatLink";
   }
   return "Unknown";
 }
@@ -318,6 +319,19 @@ template <> Takeover decode<Takeover>(std::span<const std::byte> b) {
   Takeover m;
   m.session_id = r.u64();
   m.reason = r.str();
+  r.done();
+  return m;
+}
+
+std::vector<std::byte> encode(const HeartbeatLink& m) {
+  Writer w;
+  w.u64(m.session_id);
+  return std::move(w.out);
+}
+template <> HeartbeatLink decode<HeartbeatLink>(std::span<const std::byte> b) {
+  Reader r(b, "HeartbeatLink");
+  HeartbeatLink m;
+  m.session_id = r.u64();
   r.done();
   return m;
 }

@@ -34,6 +34,10 @@
 //   (a primary that receives it was only stalled, not dead:   before the standby activates
 //    it kills its own QEMU at once: no two running copies)    on silence)
 //   Disable{} ---------------------------------------------->  destroy twin, end session
+//   [RDMA sessions: a second path, a TCP connection to the same host:port]
+//   HeartbeatLink{session_id} ------------------------------->  attached to the session; its
+//   heartbeats count as life; Disable/PrimaryLost/Takeover      silence = silence on BOTH paths
+//   may travel on it when the data path is broken
 //   Goodbye (transport-level) / link loss ------------------->  see state machine
 //
 // Standby state machine (per session):
@@ -82,6 +86,7 @@ enum class MsgType : uint16_t {
   Disable = 11,
   Error = 12,
   Takeover = 13,
+  HeartbeatLink = 14,
 };
 const char* to_string(MsgType t);
 
@@ -160,6 +165,12 @@ struct ErrorMsg {
   std::string text;
 };
 
+// First and only request on the second path (a TCP connection beside an RDMA session): it
+// carries heartbeats, and Disable/PrimaryLost/Takeover when the data path is broken.
+struct HeartbeatLink {
+  uint64_t session_id = 0;
+};
+
 struct Takeover {
   uint64_t session_id = 0;
   std::string reason;
@@ -179,6 +190,7 @@ std::vector<std::byte> encode(const PrimaryLost&);
 std::vector<std::byte> encode(const Disable&);
 std::vector<std::byte> encode(const ErrorMsg&);
 std::vector<std::byte> encode(const Takeover&);
+std::vector<std::byte> encode(const HeartbeatLink&);
 template <typename T> constexpr MsgType type_of();
 
 // Decoders throw ftvm::ProtocolError on a short, long or otherwise malformed body (the
@@ -198,5 +210,6 @@ template <> constexpr MsgType type_of<PrimaryLost>() { return MsgType::PrimaryLo
 template <> constexpr MsgType type_of<Disable>() { return MsgType::Disable; }
 template <> constexpr MsgType type_of<ErrorMsg>() { return MsgType::Error; }
 template <> constexpr MsgType type_of<Takeover>() { return MsgType::Takeover; }
+template <> constexpr MsgType type_of<HeartbeatLink>() { return MsgType::HeartbeatLink; }
 
 }  // namespace ftvm::checkpoint

@@ -140,11 +140,19 @@ void Daemon::listen_loop() {
     if (!c) continue;
     log::info("ftd", "replication connection from {}", c->peer());
     auto s = std::make_shared<StandbySession>(
-        cfg_, std::move(c), [this](const std::string& n, StandbySession* self) { claim_standby(n, self); });
+        cfg_, std::move(c), [this](const std::string& n, StandbySession* self) { claim_standby(n, self); },
+        [this](uint64_t sid, std::unique_ptr<transport::Connection>& conn) {
+          std::lock_guard<std::mutex> g(mu_);
+          for (auto& s : standbys_)
+            if (s->adopt_heartbeat_link(sid, conn)) return true;
+          return false;
+        });
     {
       std::lock_guard<std::mutex> g(mu_);
       // Forget sessions that ended without activating; keep active ones for status.
-      std::erase_if(standbys_, [](const auto& x) { return x->finished() && !x->active() && x.use_count() == 1; });
+      std::erase_if(standbys_, [](const auto& x) {
+        return x->finished() && !x->active() && (x.use_count() == 1 || x->transient());
+      });
       standbys_.push_back(s);
     }
     s->start();
@@ -228,7 +236,7 @@ nlohmann::json Daemon::cmd_status(const nlohmann::json& req) {
   for (auto& [n, s] : primaries_)
     if (want.empty() || n == want) vms.push_back(s->status());
   for (auto& s : standbys_)
-    if (want.empty() || s->name() == want) vms.push_back(s->status());
+    if (!s->transient() && (want.empty() || s->name() == want)) vms.push_back(s->status());
   if (!want.empty() && vms.empty()) return err("not_found", fmt::format("no VM named '{}' on this host", want));
   return {{"ok", true}, {"vms", vms}, {"listen", listen_address_}};
 }

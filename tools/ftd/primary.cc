@@ -218,8 +218,7 @@ void PrimarySession::primary_lost(const std::string& why) {
   log::error("primary", "{}: {}", name_, why);
   if (conn_) {
     try {
-      send_msg(*conn_, cp::PrimaryLost{session_id_, why});
-      conn_->flush();
+      send_both(cp::PrimaryLost{session_id_, why});
     } catch (const std::exception& e2) {
       log::warn("primary", "{}: could not tell the standby: {}", name_, e2.what());
     }
@@ -250,11 +249,11 @@ void PrimarySession::link_failed(const std::string& why) {
     // Best effort: tell the standby to drop the twin rather than take over. If the link is
     // truly down this does not arrive and the standby may take over: see docs (partition).
     try {
-      send_msg(*conn_, cp::Disable{session_id_});
-      conn_->flush();
+      send_both(cp::Disable{session_id_});
     } catch (const std::exception&) {
     }
     conn_.reset();
+    hb_.reset();
   }
   try {
     guard_->disarm();
@@ -332,6 +331,20 @@ void PrimarySession::connect_and_sync() {
   auto ready = cp::decode<cp::SessionReady>(m->body);
   if (ready.session_id != session_id_) throw ProtocolError("standby answered for another session id");
   capacity_ = ready.staging_capacity;
+  hb_.reset();
+  if (std::string(conn_->backend()) != "tcp") {
+    try {
+      hb_ = transport::tcp::connect_tcp(host_, port_, opts);
+      send_msg(*hb_, cp::HeartbeatLink{session_id_});
+      hb_->flush();
+      log::info("primary", "{}: second path (tcp {}) carries heartbeats beside the {} data path", name_, hb_->peer(),
+                conn_->backend());
+    } catch (const std::exception& e) {
+      log::warn("primary", "{}: no second path to the standby ({}); heartbeats use the data path only", name_,
+                e.what());
+      hb_.reset();
+    }
+  }
   log::info("primary", "{}: standby {} ready (twin pid {}, staging {} KiB); full sync of {} MiB", name_,
             conn_->peer(), ready.twin_pid, capacity_ >> 10, ram_size_ >> 20);
   set_state("syncing");
@@ -394,8 +407,34 @@ void PrimarySession::send_ram_pages(const std::vector<uint64_t>& pages) {
 // ---------------------------------------------------------------------------------------------
 // Steady state
 
+// Sends on the data path and, best effort, on the second path: these messages must reach the
+// standby even when only one of the paths works.
+template <typename T>
+void PrimarySession::send_both(const T& m) {
+  if (hb_) {
+    try {
+      send_msg(*hb_, m);
+      hb_->flush();
+    } catch (const std::exception& e) {
+      log::warn("primary", "{}: second path: {}", name_, e.what());
+      hb_.reset();
+    }
+  }
+  send_msg(*conn_, m);
+  conn_->flush();
+}
+
 void PrimarySession::pump(std::chrono::milliseconds timeout) {
   qmp_.take_events();  // STOP/RESUME of every epoch: not needed, must not pile up
+  if (hb_) {
+    try {
+      if (auto hm = hb_->poll(std::chrono::milliseconds(0))) handle(*hm);
+    } catch (const LinkDown& e) {
+      log::warn("primary", "{}: second path to the standby lost: {}; the data path carries heartbeats alone",
+                name_, e.what());
+      hb_.reset();
+    }
+  }
   auto m = conn_->poll(timeout);
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -718,6 +757,7 @@ std::string PrimarySession::do_failover() {
   }
   paused_by_us_ = false;
   conn_.reset();
+  hb_.reset();
   set_state("failed-over", fmt::format("planned failover at epoch {}", epoch_));
   return fmt::format("VM '{}' now runs on the standby ({}); final epoch {}, switchover took {:.1f} ms", name_,
                      link_peer_, epoch_, ms);
@@ -727,12 +767,12 @@ std::string PrimarySession::do_disable() {
   if (conn_) {
     try {
       if (inflight_) wait_ack(inflight_);
-      send_msg(*conn_, cp::Disable{session_id_});
-      conn_->flush();
+      send_both(cp::Disable{session_id_});
     } catch (const std::exception& e) {
       log::warn("primary", "{}: could not tell the standby to drop the twin: {}", name_, e.what());
     }
     conn_.reset();
+    hb_.reset();
   }
   guard_.reset();
   ensure_running();

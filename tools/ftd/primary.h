@@ -108,6 +108,8 @@ class PrimarySession {
 
   // Replication state (session thread).
   std::unique_ptr<transport::Connection> conn_;
+  std::unique_ptr<transport::Connection> hb_;  // second path (TCP) beside an RDMA session
+  template <typename T> void send_both(const T& m);
   transport::Kind transport_kind_ = transport::Kind::Auto;
   std::span<const std::byte> registered_staging_;  // RDMA: the staging allocation registered as a source
   void register_sources(bool ram);

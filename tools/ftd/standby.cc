@@ -86,8 +86,51 @@ pid_t spawn(const std::vector<std::string>& argv, const std::string& log_path) {
 
 }  // namespace
 
-StandbySession::StandbySession(const DaemonConfig& cfg, std::unique_ptr<transport::Connection> conn, Claim claim)
-    : cfg_(cfg), conn_(std::move(conn)), claim_(std::move(claim)) {}
+StandbySession::StandbySession(const DaemonConfig& cfg, std::unique_ptr<transport::Connection> conn, Claim claim,
+                               Adopt adopt)
+    : cfg_(cfg), conn_(std::move(conn)), claim_(std::move(claim)), adopt_(std::move(adopt)) {}
+
+bool StandbySession::adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<transport::Connection>& conn) {
+  if (session_id == 0 || session_id != sid_ || finished_) return false;
+  std::lock_guard<std::mutex> g(mu_);
+  pending_hb_ = std::move(conn);
+  return true;
+}
+
+std::chrono::milliseconds StandbySession::silence() const {
+  auto s = conn_ ? conn_->idle_for() : std::chrono::milliseconds::max();
+  if (hb_) s = std::min(s, hb_->idle_for());
+  return s;
+}
+
+// Polls the second path once. Life on it keeps the session from declaring the primary dead;
+// Disable/PrimaryLost/Takeover may arrive on it when the data path is broken.
+bool StandbySession::poll_second_path() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (pending_hb_) {
+      hb_ = std::move(pending_hb_);
+      log::info("standby", "{}: second path {} attached", name_, hb_->peer());
+    }
+  }
+  if (!hb_) return true;
+  try {
+    auto m = hb_->poll(std::chrono::milliseconds(0));
+    if (!m) return true;
+    switch (static_cast<MsgType>(m->type)) {
+      case MsgType::Disable:
+      case MsgType::PrimaryLost:
+      case MsgType::Error:
+        return handle(*m);
+      default:
+        throw ProtocolError(fmt::format("unexpected {} on the second path", cp::to_string(static_cast<MsgType>(m->type))));
+    }
+  } catch (const LinkDown& e) {
+    log::warn("standby", "{}: second path lost: {}", name(), e.what());
+    hb_.reset();
+  }
+  return true;
+}
 
 StandbySession::~StandbySession() {
   abort("ftd is shutting down");
@@ -135,15 +178,37 @@ void StandbySession::run() {
         destroy_twin(why);
         break;
       }
+      if (!poll_second_path()) break;
       std::optional<transport::ControlMessage> m;
       try {
         m = conn_->poll(std::chrono::milliseconds(20));
-        last_heard = Clock::now() - conn_->idle_for();
+        last_heard = Clock::now() - silence();
       } catch (const LinkDown& e) {
-        // The connection is gone. Treat it as silence that began with the last frame, so
-        // the guard on the primary has the full heartbeat timeout to fence its QEMU.
-        auto when = last_heard + cfg_.heartbeat_timeout;
-        while (Clock::now() < when && !abort_) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        // The data path is gone. With a live second path the primary is alive (only the path
+        // broke): wait for its Disable there, never activate. Otherwise treat it as silence that
+        // began with the last frame on any path, so the guard on the primary has the full
+        // heartbeat timeout to fence its QEMU.
+        const auto lost_at = Clock::now();
+        for (;;) {
+          if (abort_) break;
+          if (!poll_second_path()) {
+            conn_.reset();
+            finished_ = true;
+            return;
+          }
+          if (hb_ && hb_->idle_for() <= cfg_.heartbeat_timeout) {
+            last_heard = Clock::now() - hb_->idle_for();
+            if (Clock::now() - lost_at > 10 * cfg_.heartbeat_timeout) {
+              destroy_twin(fmt::format("data path lost ({}) but the primary is alive on the second path", e.what()));
+              conn_.reset();
+              finished_ = true;
+              return;
+            }
+          } else if (Clock::now() >= last_heard + cfg_.heartbeat_timeout) {
+            break;
+          }
+          std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        }
         if (abort_) continue;
         primary_silent(fmt::format("link to the primary lost ({}) and silent for {} ms", e.what(),
                                    cfg_.heartbeat_timeout.count()));
@@ -153,8 +218,8 @@ void StandbySession::run() {
         if (!handle(*m)) break;
         continue;
       }
-      if (conn_->idle_for() > cfg_.heartbeat_timeout) {
-        primary_silent(fmt::format("no heartbeat from the primary for {} ms", conn_->idle_for().count()));
+      if (silence() > cfg_.heartbeat_timeout) {
+        primary_silent(fmt::format("no heartbeat from the primary for {} ms", silence().count()));
         break;
       }
     }
@@ -188,6 +253,7 @@ void StandbySession::open(const cp::OpenSession& o) {
   }
   claim_(o.vm_name, this);
   session_id_ = o.session_id;
+  sid_ = o.session_id;
   vm_dir_ = cfg_.run_dir + "/vms/" + o.vm_name;
   std::filesystem::create_directories(vm_dir_);
   const std::string qmp = vm_dir_ + "/twin-qmp.sock";
@@ -234,7 +300,7 @@ void StandbySession::open(const cp::OpenSession& o) {
 
 bool StandbySession::handle(const transport::ControlMessage& m) {
   const auto type = static_cast<MsgType>(m.type);
-  if (type != MsgType::OpenSession && !replica_)
+  if (type != MsgType::OpenSession && type != MsgType::HeartbeatLink && !replica_ && !sid_)
     throw ProtocolError(fmt::format("{} before OpenSession", cp::to_string(type)));
   auto check_sid = [&](uint64_t sid) {
     if (sid != session_id_)
@@ -256,6 +322,17 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
         return false;
       }
       return true;
+    }
+    case MsgType::HeartbeatLink: {
+      if (replica_) throw ProtocolError("HeartbeatLink on a data connection");
+      auto h = cp::decode<cp::HeartbeatLink>(m.body);
+      transient_ = true;
+      if (!adopt_ || !adopt_(h.session_id, conn_)) {
+        log::warn("standby", "second path from {} names unknown session {:016x}", conn_->peer(), h.session_id);
+        send_msg(*conn_, cp::ErrorMsg{fmt::format("unknown session {:016x}", h.session_id)});
+        conn_->flush();
+      }
+      return false;
     }
     case MsgType::StagingGrow: {
       auto g = cp::decode<cp::StagingGrow>(m.body);

@@ -35,7 +35,9 @@ class StandbySession {
   // `claim` is called with the VM name from OpenSession before a twin is created; it throws
   // to refuse the session (e.g. the VM already failed over to this host).
   using Claim = std::function<void(const std::string& name, StandbySession* self)>;
-  StandbySession(const DaemonConfig& cfg, std::unique_ptr<transport::Connection> conn, Claim claim);
+  // Hands a second-path connection to the session with that id; false if there is none.
+  using Adopt = std::function<bool(uint64_t session_id, std::unique_ptr<transport::Connection>& conn)>;
+  StandbySession(const DaemonConfig& cfg, std::unique_ptr<transport::Connection> conn, Claim claim, Adopt adopt);
   ~StandbySession();
 
   void start();
@@ -46,6 +48,10 @@ class StandbySession {
   std::string name() const;
   bool finished() const { return finished_; }
   bool active() const { return active_; }
+  // A connection that only delivered a second path to another session (not a VM session).
+  bool transient() const { return transient_; }
+  // Thread-safe: takes `conn` as this session's second path if `session_id` is ours.
+  bool adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<transport::Connection>& conn);
   nlohmann::json status() const;
 
  private:
@@ -60,6 +66,13 @@ class StandbySession {
   DaemonConfig cfg_;
   std::unique_ptr<transport::Connection> conn_;
   Claim claim_;
+  Adopt adopt_;
+  std::unique_ptr<transport::Connection> hb_;          // session thread
+  std::unique_ptr<transport::Connection> pending_hb_;  // under mu_
+  std::atomic<uint64_t> sid_{0};
+  std::atomic<bool> transient_{false};
+  std::chrono::milliseconds silence() const;
+  bool poll_second_path();  // false = session over
 
   uint64_t session_id_ = 0;
   std::string vm_dir_;
