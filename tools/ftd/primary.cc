@@ -623,7 +623,17 @@ void PrimarySession::register_sources(bool ram) {
 #ifdef FTVM_HAVE_RDMA
   auto* rc = dynamic_cast<transport::rdma::RdmaConnection*>(conn_.get());
   if (!rc) return;
-  if (ram) rc->register_source(as_span(*ram_));
+  if (ram) {
+    // ftd maps guest RAM read-only; kernels before 6.2 pin RDMA memory for writing even for a
+    // read-only registration and refuse it (EFAULT). Then the sync copies through the
+    // connection's registered send buffer instead: slower, same bytes.
+    try {
+      rc->register_source(as_span(*ram_));
+    } catch (const std::exception& e) {
+      log::warn("primary", "{}: guest RAM not registered for zero-copy RDMA writes ({}); the full sync copies "
+                "through the send buffer", name_, e.what());
+    }
+  }
   auto a = stager_.allocation();
   if (!a.empty() && (a.data() != registered_staging_.data() || a.size() != registered_staging_.size())) {
     if (!registered_staging_.empty()) rc->unregister_source(registered_staging_);
