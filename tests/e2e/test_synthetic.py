@@ -65,9 +65,11 @@ def setup(env):
     g = boot_synthvm(env)
     g.serial.wait_ticks(3, 30)
     P = env.start_ftd('primary', listen=False)
-    S = env.start_ftd('standby')
+    S = env.start_ftd('standby', extra=['--verify-every-commit'])  # twin RAM == primary RAM after every commit
     protect(env, P, S, g, VM)
     twin = env.twin_serial(S, VM)
+    wait_for(lambda: S.vm(VM, 'standby')['verified_commits'] >= 20, 30,
+             'the standby to verify its whole RAM after 20 commits')
     twin_pid = S.vm(VM, 'standby')['twin_pid']
     for _ in range(3):  # about a hundred epochs; the replica's pages sampled while epochs are applied
         time.sleep(1)

@@ -57,6 +57,9 @@ int main(int argc, char** argv) {
   app.add_flag("--verify-activation", verify,
                "Before the twin resumes, check that its full-RAM digest equals the primary's digest of the committed "
                "checkpoint (costs ~0.3 ms per MiB of guest RAM on the activation path; tests use it)");
+  app.add_flag("--verify-every-commit", cfg.verify_every_commit,
+               "Standby, tests: after applying each epoch, check that the twin's whole RAM equals the primary's "
+               "RAM at that checkpoint (digest; costs a full RAM read per epoch)");
   app.add_flag("--no-verify-activation", no_verify, "Do not verify (the default)");
   app.add_flag("--enable-fault-injection", cfg.fault_injection, "Accept `ftctl fault` (for tests only)");
   int nice_value = -10;

@@ -22,6 +22,7 @@ struct DaemonConfig {
   std::chrono::milliseconds ack_timeout{3000};        // primary: no ack this long -> degraded
   std::chrono::milliseconds reconnect_interval{1000}; // primary: degraded -> retry standby
   bool fault_injection = false;               // accept `ftctl fault` (tests only)
+  bool verify_every_commit = false;          // standby: full-RAM digest after every apply (tests)
   bool verify_activation = false;             // standby: full-RAM digest check before resuming
   std::string stats_dir;                      // primary: per-epoch JSON lines (benchmarks)
   std::string tracker = "auto";               // auto | uffd-wp | soft-dirty

@@ -364,6 +364,15 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
         conn_->flush();
         return true;
       }
+      if (cfg_.verify_every_commit) {
+        // Test mode: the whole twin RAM must now equal the primary's RAM at this checkpoint.
+        const uint64_t d = cp::digest_ram(as_span(*twin_ram_));
+        if (d != c.ram_digest)
+          fail("after applying epoch {} the twin's RAM digest is {:016x}, the primary's is {:016x}", c.epoch, d,
+               c.ram_digest);
+        std::lock_guard<std::mutex> g(mu_);
+        verified_commits_++;
+      }
       send_msg(*conn_, cp::Ack{session_id_, c.epoch, cp::AckStatus::Applied, {}});
       conn_->flush();
       {
@@ -550,6 +559,7 @@ nlohmann::json StandbySession::status() const {
           {"reason", reason_},
           {"epoch", committed_},
           {"twin_pid", twin_pid_},
+          {"verified_commits", verified_commits_},
           {"last_commit_age_ms", last_commit_wall_ms_ > 0 ? wall_ms() - last_commit_wall_ms_ : 0.0},
           {"activation", activation_}};
 }

@@ -86,6 +86,7 @@ class StandbySession {
   mutable std::mutex mu_;
   std::string name_, state_ = "opening", reason_;
   uint64_t committed_ = 0;
+  uint64_t verified_commits_ = 0;
   double last_commit_wall_ms_ = 0;
   nlohmann::json activation_ = nullptr;
   std::atomic<bool> finished_{false}, active_{false}, abort_{false};
