@@ -295,20 +295,6 @@ void PrimarySession::connect_and_sync() {
     link_peer_ = conn_->peer();
     link_backend_ = conn_->backend();
   }
-  // Output commit: divert the guest's transmitted frames through ftd (last: it changes the VM).
-  if (cfg_.output_commit) {
-    const auto netdevs = guest_netdevs(argv_);
-    if (!netdevs.empty()) {
-      output_ = std::make_unique<OutputBuffer>(name_, OutputOptions{cfg_.output_cap_bytes, true});
-      try {
-        for (const auto& n : netdevs) output_->attach(qmp_, n, cfg_.run_dir);
-      } catch (...) {
-        output_->detach(qmp_);  // what was attached goes away again
-        throw;
-      }
-      output_->start();
-    }
-  }
   std::random_device rd;
   session_id_ = (uint64_t{rd()} << 32) | rd();
   cp::OpenSession o;
