@@ -275,6 +275,38 @@ def checker_scenario():
         log('disable: no filters or chardevs left; %d more replies on the same connection' % (len(c.replies()) - n0))
 
 
+def degraded_scenario():
+    """Standby lost: the guest's frames flow without holding (status says so), the client's
+    connection carries on; a returning standby re-protects and frames are held again."""
+    with Net(None) as net, Env('oc-degraded') as env:
+        g, P, S = setup(env, net)
+        c = Client(env, net)
+        wait_for(lambda: len(c.replies()) >= 20, 60, '20 replies while protected')
+        twin_pid = S.vm(VM, 'standby')['twin_pid']
+        S.kill9()
+        os.kill(twin_pid, signal.SIGKILL)
+        wait_for(lambda: P.vm(VM, 'primary')['state'] == 'degraded', 20, 'primary degraded')
+        o = P.vm(VM, 'primary')['output']
+        log('degraded output: mode %s (%s), passed through %d' % (o['mode'], o['mode_reason'], o['frames_passed_through']))
+        check(o['mode'] == 'pass-through', 'output still held while degraded: %s' % o)
+        t_deg = time.time()
+        wait_for(lambda: len([x for x in c.replies() if x[0] > t_deg]) >= 20 or c.errors(), 60,
+                 '20 replies while degraded')
+        o = P.vm(VM, 'primary')['output']
+        check(o['frames_passed_through'] > 0 and o['held_bytes'] == 0, 'frames not passed through: %s' % o)
+        S2 = env.start_ftd('standby', extra=['--twin-tap-map', '%s=%s' % (net.ptap, net.ttap)])
+        wait_for(lambda: P.vm(VM, 'primary')['state'] == 'protected', 90, 'protection to resume')
+        wait_for(lambda: P.vm(VM, 'primary')['output']['mode'] == 'holding', 10, 'output held again')
+        r0 = P.vm(VM, 'primary')['output']['frames_released']
+        n = len(c.replies())
+        wait_for(lambda: len(c.replies()) >= n + 20 or c.errors(), 60, '20 replies after re-protection')
+        check(P.vm(VM, 'primary')['output']['frames_released'] > r0, 'no frame released after re-protection')
+        c.stop()
+        r = c.check_sequence()
+        log('degraded and re-protected: %d replies, totals gap-free 1..%d, standby %s' %
+            (len(r), r[-1][2], S2.vm(VM, 'standby')['state']))
+
+
 def _try_qmp(path, cmds):
     try:
         return qmp(path, cmds, timeout=3)
@@ -284,4 +316,4 @@ def _try_qmp(path, cmds):
 
 if __name__ == '__main__':
     main({'kill-qemu': lambda: failover_scenario(False), 'planned': lambda: failover_scenario(True),
-          'checker': checker_scenario})
+          'checker': checker_scenario, 'degraded': degraded_scenario})
