@@ -120,7 +120,13 @@ QmpClient QmpClient::connect(const std::string& socket_path, std::chrono::millis
   if (c.timeout_.count() < 100) c.timeout_ = std::chrono::milliseconds(100);
   nlohmann::json greeting;
   try {
+    // QEMU may deliver an event (e.g. RESUME while it is still starting) ahead of the greeting:
+    // keep those (bounded) and read on.
     greeting = c.read_message();
+    for (int skipped = 0; greeting.is_object() && greeting.contains("event") && skipped < 64; ++skipped) {
+      c.events_.push_back(std::move(greeting));
+      greeting = c.read_message();
+    }
   } catch (const Error& e) {
     throw Error(fmt::format("{} is not a QMP monitor (no valid greeting): {}", socket_path,
                             e.what()));

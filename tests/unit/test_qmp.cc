@@ -159,6 +159,19 @@ TEST_CASE("QMP: greeting, capabilities and a normal command", "[qmp]") {
   CHECK(c.connected());
 }
 
+TEST_CASE("QMP: an event before the greeting is kept, not taken for the greeting", "[qmp]") {
+  // Seen with a real QEMU that was resuming while the client connected.
+  FakeQmp srv([](int fd) {
+    send_all(fd, R"({"event": "RESUME", "timestamp": {"seconds": 1, "microseconds": 2}})"
+                 "\r\n");
+    handshake(fd);
+  });
+  auto c = QmpClient::connect(srv.path(), 2000ms);
+  auto ev = c.take_events();
+  REQUIRE(ev.size() == 1);
+  CHECK(ev[0]["event"] == "RESUME");
+}
+
 TEST_CASE("QMP: connect waits for the socket to appear", "[qmp]") {
   FakeQmp srv([](int fd) { handshake(fd); }, 300ms);
   auto c = QmpClient::connect(srv.path(), 3000ms);
