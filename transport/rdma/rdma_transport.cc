@@ -16,6 +16,7 @@
 #include <fmt/format.h>
 
 #include "common/error.h"
+#include "transport/address.h"
 #include "common/log.h"
 #include "transport/rdma/rdma_internal.h"
 
@@ -34,40 +35,6 @@ int remaining_ms(Clock::time_point deadline) {
   return static_cast<int>(std::clamp<long long>(left, 0, 1 << 30));
 }
 
-std::string format_addr(const sockaddr* sa) {
-  char buf[INET6_ADDRSTRLEN] = {};
-  if (sa && sa->sa_family == AF_INET) {
-    auto* in = reinterpret_cast<const sockaddr_in*>(sa);
-    inet_ntop(AF_INET, &in->sin_addr, buf, sizeof buf);
-    return fmt::format("{}:{}", buf, ntohs(in->sin_port));
-  }
-  if (sa && sa->sa_family == AF_INET6) {
-    auto* in6 = reinterpret_cast<const sockaddr_in6*>(sa);
-    inet_ntop(AF_INET6, &in6->sin6_addr, buf, sizeof buf);
-    return fmt::format("[{}]:{}", buf, ntohs(in6->sin6_port));
-  }
-  return "(unknown address)";
-}
-
-struct AddrInfo {
-  addrinfo* ai = nullptr;
-  ~AddrInfo() {
-    if (ai) freeaddrinfo(ai);
-  }
-};
-
-void resolve(const std::string& host, uint16_t port, bool passive, AddrInfo& out) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0);
-  std::string service = std::to_string(port);
-  const char* node = (host.empty() || host == "*") ? nullptr : host.c_str();
-  int rc = getaddrinfo(node, service.c_str(), &hints, &out.ai);
-  if (rc != 0)
-    throw Error(fmt::format("resolve address '{}' port {}: {} (check the host name or use an IP address)", host, port,
-                            gai_strerror(rc)));
-}
 
 rdma_event_channel* make_channel(const std::string& what) {
   rdma_event_channel* ch = rdma_create_event_channel();
@@ -249,7 +216,7 @@ void build(RdmaConnection::Resources& r, const std::string& peer) {
 bool rdma_reachable(const std::string& host, std::string* dev) {
   try {
     AddrInfo res;
-    resolve(host, 0, false, res);
+    resolve(host, 0, false, res, false);
     RdmaConnection::Resources r;  // owns channel and id
     r.ch = make_channel("probing " + host);
     if (rdma_create_id(r.ch, &r.id, nullptr, RDMA_PS_TCP) != 0) return false;
@@ -274,7 +241,7 @@ RdmaListener::RdmaListener(const std::string& host, uint16_t port, Options opts,
     : opts_(opts), dev_(std::move(rdma_dev)) {
   bool any = host.empty() || host == "*";
   AddrInfo res;
-  resolve(any ? "0.0.0.0" : host, port, true, res);
+  resolve(any ? "0.0.0.0" : host, port, true, res, false);
   ch_ = make_channel(fmt::format("listening on '{}' port {}", host, port));
   try {
     if (rdma_create_id(ch_, &id_, nullptr, RDMA_PS_TCP) != 0)
@@ -362,7 +329,7 @@ std::unique_ptr<Connection> RdmaListener::accept(std::chrono::milliseconds timeo
 std::unique_ptr<Connection> connect_rdma(const std::string& host, uint16_t port, Options opts,
                                          const std::string& rdma_dev) {
   AddrInfo res;
-  resolve(host, port, false, res);
+  resolve(host, port, false, res, false);
   auto deadline = Clock::now() + opts.connect_timeout;
   std::string last = "no address";
   for (addrinfo* a = res.ai; a; a = a->ai_next) {

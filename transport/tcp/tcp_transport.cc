@@ -17,6 +17,7 @@
 #include <fmt/format.h>
 
 #include "common/error.h"
+#include "transport/address.h"
 #include "common/log.h"
 
 namespace ftvm::transport::tcp {
@@ -29,40 +30,6 @@ int remaining_ms(Clock::time_point deadline) {
   return static_cast<int>(std::clamp<long long>(left, 0, 1 << 30));
 }
 
-std::string format_addr(const sockaddr* sa) {
-  char buf[INET6_ADDRSTRLEN] = {};
-  if (sa->sa_family == AF_INET) {
-    auto* in = reinterpret_cast<const sockaddr_in*>(sa);
-    inet_ntop(AF_INET, &in->sin_addr, buf, sizeof buf);
-    return fmt::format("{}:{}", buf, ntohs(in->sin_port));
-  }
-  if (sa->sa_family == AF_INET6) {
-    auto* in6 = reinterpret_cast<const sockaddr_in6*>(sa);
-    inet_ntop(AF_INET6, &in6->sin6_addr, buf, sizeof buf);
-    return fmt::format("[{}]:{}", buf, ntohs(in6->sin6_port));
-  }
-  return "(unknown address family)";
-}
-
-struct AddrInfo {
-  addrinfo* ai = nullptr;
-  ~AddrInfo() {
-    if (ai) freeaddrinfo(ai);
-  }
-};
-
-void resolve(const std::string& host, uint16_t port, bool passive, AddrInfo& out) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : AI_ADDRCONFIG);
-  std::string service = std::to_string(port);
-  const char* node = (host.empty() || host == "*") ? nullptr : host.c_str();
-  int rc = getaddrinfo(node, service.c_str(), &hints, &out.ai);
-  if (rc != 0)
-    throw Error(fmt::format("resolve address '{}' port {}: {} (check the host name or use an IP address)",
-                            host, port, gai_strerror(rc)));
-}
 
 void set_opt(int fd, int level, int name, int value, const char* what, const std::string& peer) {
   check_sys(setsockopt(fd, level, name, &value, sizeof value), fmt::format("setsockopt {} on socket to {}", what, peer));
@@ -182,14 +149,14 @@ HostPort parse_host_port(std::string_view text) {
 Listener::Listener(const std::string& host, uint16_t port, Options opts) : opts_(opts) {
   bool any = host.empty() || host == "*";
   AddrInfo res;
-  resolve(any ? "::" : host, port, true, res);
+  resolve(any ? "::" : host, port, true, res, true);
   if (any) {
     // Fall back to IPv4 when this host has no IPv6.
     int probe = ::socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (probe < 0) {
       freeaddrinfo(res.ai);
       res.ai = nullptr;
-      resolve("0.0.0.0", port, true, res);
+      resolve("0.0.0.0", port, true, res, true);
     } else {
       ::close(probe);
     }
@@ -254,7 +221,7 @@ std::unique_ptr<Connection> Listener::accept(std::chrono::milliseconds timeout) 
 
 std::unique_ptr<Connection> connect_tcp(const std::string& host, uint16_t port, Options opts) {
   AddrInfo res;
-  resolve(host, port, false, res);
+  resolve(host, port, false, res, true);
   auto deadline = Clock::now() + opts.connect_timeout;
   std::string last = "no address";
   for (addrinfo* a = res.ai; a; a = a->ai_next) {
