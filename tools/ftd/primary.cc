@@ -373,6 +373,7 @@ void PrimarySession::send_ram_pages(const std::vector<uint64_t>& pages) {
   auto ram = as_span(*ram_);
   constexpr uint64_t kMaxRun = 256;  // 1 MiB per write
   size_t i = 0, since_pump = 0;
+  auto last_pump = Clock::now();
   while (i < pages.size()) {
     size_t j = i + 1;
     while (j < pages.size() && pages[j] == pages[j - 1] + 1 && j - i < kMaxRun) j++;
@@ -380,8 +381,11 @@ void PrimarySession::send_ram_pages(const std::vector<uint64_t>& pages) {
     for (size_t k = i; k < j; k++) ram_digest_->update(pages[k], ram.data() + pages[k] * kPageSize);
     conn_->write(cp::kRegionRam, off, std::span<const std::byte>(ram.data() + off, len));
     since_pump += j - i;
-    if (since_pump >= 4096) {  // every 16 MiB: keep heartbeats and inbound errors flowing
+    // Keep heartbeats and inbound errors flowing: one-sided RDMA writes are invisible to the
+    // standby, so a long sync must not starve the heartbeat (every 16 MiB or heartbeat period).
+    if (since_pump >= 4096 || Clock::now() - last_pump > cfg_.heartbeat_interval) {
       since_pump = 0;
+      last_pump = Clock::now();
       conn_->flush();
       pump(std::chrono::milliseconds(0));
       check_qemu();
