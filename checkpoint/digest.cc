@@ -1,11 +1,33 @@
 #include "checkpoint/digest.h"
 
+#include <fcntl.h>
+#include <unistd.h>
 #include <xxhash.h>
+
+#include <memory>
+#include <vector>
 
 #include "checkpoint/tracker.h"
 #include "common/error.h"
+#include "common/fd.h"
 
 namespace ftvm::checkpoint {
+
+uint64_t digest_file(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) throw SysError(errno, "open " + path + " to digest it");
+  std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> st(XXH3_createState(), &XXH3_freeState);
+  if (!st || XXH3_64bits_reset(st.get()) != XXH_OK) fail("XXH3 state allocation failed while digesting {}", path);
+  std::vector<char> buf(1 << 20);
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw SysError(errno, "read " + path + " to digest it");
+    if (n == 0) break;
+    XXH3_64bits_update(st.get(), buf.data(), static_cast<size_t>(n));
+  }
+  return XXH3_64bits_digest(st.get());
+}
 
 uint64_t digest_bytes(std::span<const std::byte> data, uint64_t seed) {
   return XXH3_64bits_withSeed(data.data(), data.size(), seed);

@@ -10,12 +10,18 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 namespace ftvm::checkpoint {
 
 uint64_t digest_bytes(std::span<const std::byte> data, uint64_t seed = 0);
 uint64_t digest_page(const std::byte* page);
+
+// XXH3-64 over the whole content of the file at `path` (disk replicas: the standby reports it
+// at activation under --verify-activation; `ftctl digest` computes it for any file). Throws
+// ftvm::SysError naming the path.
+uint64_t digest_file(const std::string& path);
 
 // Full-RAM digest computed from memory: XXH3 over the per-page hashes of `ram`.
 uint64_t digest_ram(std::span<const std::byte> ram);

@@ -1,5 +1,6 @@
 #include "checkpoint/protocol.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "common/error.h"
@@ -41,6 +42,12 @@ class Reader {
     std::string s(reinterpret_cast<const char*>(b_.data() + pos_), n);
     pos_ += n;
     return s;
+  }
+  // The bytes not read yet (consumed).
+  std::span<const std::byte> rest() {
+    auto r = b_.subspan(pos_);
+    pos_ = b_.size();
+    return r;
   }
   void done() const {
     if (pos_ != b_.size())
@@ -84,6 +91,7 @@ const char* to_string(MsgType t) {
     case MsgType::Error: return "Error";
     case MsgType::Takeover: return "Takeover";
     case MsgType::HeartbeatLink: return "HeartbeatLink";
+    case MsgType::DiskWrite: return "DiskWrite";
   }
   return "Unknown";
 }
@@ -98,6 +106,13 @@ std::vector<std::byte> encode(const OpenSession& m) {
   if (m.qemu_argv.size() > kMaxArgs) fail("protocol: {} QEMU arguments exceed the limit {}", m.qemu_argv.size(), kMaxArgs);
   w.u32(static_cast<uint32_t>(m.qemu_argv.size()));
   for (const auto& a : m.qemu_argv) w.str(a);
+  if (m.disks.size() > kMaxDisks) fail("protocol: {} disks exceed the limit {}", m.disks.size(), kMaxDisks);
+  w.u32(static_cast<uint32_t>(m.disks.size()));
+  for (const auto& d : m.disks) {
+    w.str(d.id);
+    w.str(d.source);
+    w.u64(d.size);
+  }
   return std::move(w.out);
 }
 template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
@@ -114,6 +129,18 @@ template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
   uint32_t n = r.u32();
   if (n > kMaxArgs) throw ProtocolError(fmt::format("OpenSession: {} arguments exceed limit {}", n, kMaxArgs));
   for (uint32_t i = 0; i < n; i++) m.qemu_argv.push_back(r.str());
+  uint32_t nd = r.u32();
+  if (nd > kMaxDisks) throw ProtocolError(fmt::format("OpenSession: {} disks exceed limit {}", nd, kMaxDisks));
+  for (uint32_t i = 0; i < nd; i++) {
+    DiskInfo d;
+    d.id = r.str();
+    d.source = r.str();
+    d.size = r.u64();
+    if (d.source.empty() || d.size == 0 || d.size % 512 != 0)
+      throw ProtocolError(fmt::format("OpenSession: disk {} ('{}', '{}') has size {} (must be a positive multiple "
+                                      "of 512) or no source", i, d.id, d.source, d.size));
+    m.disks.push_back(std::move(d));
+  }
   r.done();
   if (m.page_size != 4096) throw ProtocolError(fmt::format("OpenSession: page size {} unsupported (4096 only)", m.page_size));
   if (m.ram_size == 0 || m.ram_size % 4096 != 0)
@@ -195,6 +222,8 @@ std::vector<std::byte> encode(const Commit& m) {
   w.u64(m.staged_digest);
   w.u64(m.ram_digest);
   w.u32(m.flags);
+  w.u64(m.disk_ops);
+  w.u64(m.disk_digest);
   return std::move(w.out);
 }
 template <> Commit decode<Commit>(std::span<const std::byte> b) {
@@ -207,6 +236,8 @@ template <> Commit decode<Commit>(std::span<const std::byte> b) {
   m.staged_digest = r.u64();
   m.ram_digest = r.u64();
   m.flags = r.u32();
+  m.disk_ops = r.u64();
+  m.disk_digest = r.u64();
   r.done();
   if (m.epoch == 0) throw ProtocolError("Commit: epoch 0 is invalid (epochs start at 1)");
   if (m.flags & ~Commit::kFinal) throw ProtocolError(fmt::format("Commit: unknown flags {:#x}", m.flags));
@@ -333,6 +364,51 @@ template <> HeartbeatLink decode<HeartbeatLink>(std::span<const std::byte> b) {
   HeartbeatLink m;
   m.session_id = r.u64();
   r.done();
+  return m;
+}
+
+std::vector<std::byte> encode_disk_write(uint64_t session_id, uint64_t epoch, uint32_t disk, DiskOp op,
+                                         uint64_t offset, uint64_t length, std::span<const std::byte> data) {
+  if (op == DiskOp::Write ? data.size() != length : !data.empty())
+    fail("protocol: DiskWrite {} of {} bytes carries {} data bytes", static_cast<uint32_t>(op), length, data.size());
+  if (data.size() > kMaxDiskWriteData)
+    fail("protocol: DiskWrite data of {} bytes exceeds the {} byte limit (split it)", data.size(), kMaxDiskWriteData);
+  Writer w;
+  w.out.reserve(44 + data.size());
+  w.u64(session_id);
+  w.u64(epoch);
+  w.u32(disk);
+  w.u32(static_cast<uint32_t>(op));
+  w.u64(offset);
+  w.u64(length);
+  w.out.insert(w.out.end(), data.begin(), data.end());
+  return std::move(w.out);
+}
+std::vector<std::byte> encode(const DiskWrite& m) {
+  return encode_disk_write(m.session_id, m.epoch, m.disk, m.op, m.offset, m.length, m.data);
+}
+template <> DiskWrite decode<DiskWrite>(std::span<const std::byte> b) {
+  Reader r(b, "DiskWrite");
+  DiskWrite m;
+  m.session_id = r.u64();
+  m.epoch = r.u64();
+  m.disk = r.u32();
+  const uint32_t op = r.u32();
+  m.offset = r.u64();
+  m.length = r.u64();
+  const auto data = r.rest();
+  if (op < 1 || op > 3) throw ProtocolError(fmt::format("DiskWrite: invalid operation {}", op));
+  m.op = static_cast<DiskOp>(op);
+  if (m.op == DiskOp::Write) {
+    if (m.length == 0 || m.length > kMaxDiskWriteData || data.size() != m.length)
+      throw ProtocolError(fmt::format("DiskWrite: write of {} bytes carries {} data bytes (limit {})", m.length,
+                                      data.size(), kMaxDiskWriteData));
+    m.data.assign(data.begin(), data.end());
+  } else if (!data.empty() || m.length == 0) {
+    throw ProtocolError(fmt::format("DiskWrite: zero/trim of {} bytes carries {} data bytes", m.length, data.size()));
+  }
+  if (m.epoch == 0) throw ProtocolError("DiskWrite: epoch 0 is invalid (epochs start at 1)");
+  if (m.offset + m.length < m.offset) throw ProtocolError("DiskWrite: offset + length overflows");
   return m;
 }
 

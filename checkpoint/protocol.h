@@ -9,22 +9,29 @@
 //   primary ftd                                              standby ftd
 //   -----------                                              -----------
 //   OpenSession{version, session_id, vm name, RAM size,
-//               QEMU argv} ------------------------------->  start paused twin QEMU
+//               QEMU argv, disks} ------------------------>  create one raw image per disk,
+//                                                            start paused twin QEMU on them
 //                                                            (-S -incoming defer), map its RAM,
 //                                                            register region 1 = twin RAM,
 //                                                            region 2 = staging
 //   <------------------------------- SessionReady{staging capacity, twin pid} | Error{text}
 //   [sync: pre-copy passes while the guest runs]
 //   write(region 1, page * 4096, page) ... (RAM straight into the twin; no epoch yet)
+//   DiskWrite{epoch 1, disk, op, offset, length, data} ... (the mirror job's full copy and the
+//            guest's writes; straight into the twin's images while no epoch is committed)
 //   [steady state, epoch N = 1, 2, ...]
+//   DiskWrite{N, ...} ... (every guest disk write of epoch N, in the order QEMU issued it;
+//                          may start before Commit(N-1) is acked; buffered until Commit(N))
 //   (guest paused: stop, collect dirty pages, copy to staging, save device state, cont)
 //   StagingGrow{bytes} ------------------------------------>  (only when an epoch exceeds
 //   <--------------------------------------- StagingGranted{capacity}        the capacity)
 //   EpochBegin{N, bytes} ----------------------------------->  (logged; torn-epoch diagnosis)
 //   write(region 2, 0, [indices | pages | device state])
 //   Commit{N, pages, devstate bytes, staged digest,
-//          RAM digest, flags} ------------------------------>  verify digest + indices; apply
-//                                                             pages to twin RAM; keep devstate N
+//          RAM digest, flags, disk ops, disk digest} ------>  verify digest + indices and the
+//                                                             epoch's disk ops; apply pages to
+//                                                             twin RAM and disk ops to the
+//                                                             images; keep devstate N
 //   <----------------------------------------------- Ack{N, Applied | Rejected, reason}
 //   ... at most one epoch between Commit and Ack ...
 //   Activate{} (planned failover, after a Commit with kFinal) -> load devstate N, cont
@@ -51,7 +58,12 @@
 //   Active: the twin runs the guest; the session ends; the VM now lives on this host.
 // Invariant: twin RAM changes only (a) during Syncing, by region-1 writes, and (b) when a
 // Commit whose staged bytes and indices verify is applied in full. A partial epoch (no
-// Commit, or a Commit that does not verify) is never applied.
+// Commit, or a Commit that does not verify) is never applied. The same holds for the twin's
+// disk images: DiskWrites go straight in only while Syncing; afterwards they are buffered
+// per epoch (checkpoint/disk_journal.h) and written when their epoch's Commit verifies (RAM
+// and disk both, or neither); on activation the buffered, uncommitted ones are dropped.
+// A DiskWrite whose count or digest does not match its Commit is a protocol error (the
+// session ends and the primary resynchronizes): unlike RAM it cannot be retransmitted.
 //
 // Versioning: kProtocolVersion is sent in OpenSession. The standby accepts exactly its own
 // version and otherwise answers Error{"protocol version X not supported (this ftd speaks Y)"}
@@ -67,7 +79,7 @@
 
 namespace ftvm::checkpoint {
 
-inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr uint32_t kProtocolVersion = 2;  // 2: disks (OpenSession.disks, DiskWrite, Commit.disk_*)
 inline constexpr uint32_t kRegionRam = 1;      // the twin's RAM (writable only while Syncing)
 inline constexpr uint32_t kRegionStaging = 2;  // one epoch: [u64 index * n][pages][devstate]
 
@@ -87,8 +99,17 @@ enum class MsgType : uint16_t {
   Error = 12,
   Takeover = 13,
   HeartbeatLink = 14,
+  DiskWrite = 15,
 };
 const char* to_string(MsgType t);
+
+// One replicated disk of the VM. The standby creates a raw image of `size` bytes for it and
+// gives the twin that image wherever the primary's command line names `source`.
+struct DiskInfo {
+  std::string id;      // the primary's name for it (QEMU device/node), for logs and status
+  std::string source;  // the file the primary's QEMU opened (as QEMU reports it)
+  uint64_t size = 0;   // guest-visible size in bytes (a multiple of 512)
+};
 
 struct OpenSession {
   uint32_t version = kProtocolVersion;
@@ -97,7 +118,9 @@ struct OpenSession {
   uint32_t page_size = 4096;
   std::string vm_name;
   std::vector<std::string> qemu_argv;
+  std::vector<DiskInfo> disks;  // at most kMaxDisks
 };
+inline constexpr size_t kMaxDisks = 64;
 
 struct SessionReady {
   uint64_t session_id = 0;
@@ -130,6 +153,8 @@ struct Commit {
   uint64_t staged_digest = 0;  // digest_bytes() over the staged bytes [0, staged_size())
   uint64_t ram_digest = 0;     // primary's full-RAM digest at this checkpoint
   uint32_t flags = 0;
+  uint64_t disk_ops = 0;     // DiskWrites tagged with this epoch
+  uint64_t disk_digest = 0;  // DiskOpDigest (checkpoint/disk_journal.h) over them, in wire order
   uint64_t staged_size() const { return page_count * (8 + 4096) + devstate_bytes; }
 };
 
@@ -176,6 +201,23 @@ struct Takeover {
   std::string reason;
 };
 
+enum class DiskOp : uint32_t { Invalid = 0, Write = 1, Zero = 2, Trim = 3 };
+
+// One guest disk operation of epoch `epoch` (the epoch whose checkpoint will contain it).
+// Write carries `length` bytes of data; Zero and Trim none (Trim reads back as zeros on the
+// standby). Large writes are split by the sender into several DiskWrites of at most
+// kMaxDiskWriteData bytes; each counts as one op.
+struct DiskWrite {
+  uint64_t session_id = 0;
+  uint64_t epoch = 0;
+  uint32_t disk = 0;  // index into OpenSession::disks
+  DiskOp op = DiskOp::Invalid;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  std::vector<std::byte> data;
+};
+inline constexpr uint64_t kMaxDiskWriteData = 512 * 1024;
+
 // Encoders produce the body of a control message of the matching MsgType.
 std::vector<std::byte> encode(const OpenSession&);
 std::vector<std::byte> encode(const SessionReady&);
@@ -191,6 +233,10 @@ std::vector<std::byte> encode(const Disable&);
 std::vector<std::byte> encode(const ErrorMsg&);
 std::vector<std::byte> encode(const Takeover&);
 std::vector<std::byte> encode(const HeartbeatLink&);
+std::vector<std::byte> encode(const DiskWrite&);
+// Encodes a DiskWrite without copying `data` into a DiskWrite first.
+std::vector<std::byte> encode_disk_write(uint64_t session_id, uint64_t epoch, uint32_t disk, DiskOp op,
+                                         uint64_t offset, uint64_t length, std::span<const std::byte> data);
 template <typename T> constexpr MsgType type_of();
 
 // Decoders throw ftvm::ProtocolError on a short, long or otherwise malformed body (the
@@ -211,5 +257,6 @@ template <> constexpr MsgType type_of<Disable>() { return MsgType::Disable; }
 template <> constexpr MsgType type_of<ErrorMsg>() { return MsgType::Error; }
 template <> constexpr MsgType type_of<Takeover>() { return MsgType::Takeover; }
 template <> constexpr MsgType type_of<HeartbeatLink>() { return MsgType::HeartbeatLink; }
+template <> constexpr MsgType type_of<DiskWrite>() { return MsgType::DiskWrite; }
 
 }  // namespace ftvm::checkpoint

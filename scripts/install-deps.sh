@@ -16,7 +16,7 @@ PACKAGES=(
   # RDMA transport (transport/rdma/) and its Soft-RoCE test lab (tests/rdma-lab/)
   rdma-core libibverbs-dev librdmacm-dev ibverbs-providers rdmacm-utils ibverbs-utils
   # test tooling
-  iproute2 python3 procps util-linux
+  iproute2 python3 procps util-linux e2fsprogs
   # output-commit tests and bench/net_bench.py (capture on the test bridge, ping RTT)
   tcpdump iputils-ping
 )

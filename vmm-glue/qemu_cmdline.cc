@@ -146,6 +146,24 @@ class OptValue {
         if (it.form == Form::Bare) it.form = Form::Full;
       }
   }
+  // Sets `key` to `val`, appending it when absent.
+  void put(const std::string& key, const std::string& val) {
+    if (get(key) || json_) {
+      set(key, val);
+      return;
+    }
+    items_.push_back({key, val, Form::Full});
+  }
+  // Removes every top-level key for which keep(key) is false.
+  template <typename Keep>
+  void retain(Keep keep) {
+    if (json_) {
+      for (auto it = obj_.begin(); it != obj_.end();) it = keep(it.key()) ? std::next(it) : obj_.erase(it);
+      return;
+    }
+    std::erase_if(items_, [&](const Item& it) { return it.form != Form::Implied && !keep(it.key); });
+  }
+  nlohmann::json* json_object() { return json_ ? &obj_ : nullptr; }
   std::string str() const {
     if (json_) return obj_.dump();
     std::vector<std::string> parts;
@@ -443,9 +461,39 @@ std::vector<std::string> make_twin_cmdline(const std::vector<std::string>& argv,
              o.name, *o.value, k, *f);
   };
 
+  // Disks: the primary's image path -> the twin's raw image. The twin's copy is raw whatever
+  // the primary's format (the mirror copies guest-visible bytes), so the format layer above a
+  // rewritten file becomes raw too.
+  std::set<std::string> disks_found;
+  std::set<std::string> rewritten_file_nodes;  // -blockdev driver=file nodes given a twin image
+  auto twin_disk = [&](const std::string& path) -> const std::string* {
+    auto it = t.disk_files.find(path);
+    if (it == t.disk_files.end()) return nullptr;
+    disks_found.insert(path);
+    return &it->second;
+  };
+  auto keep_for_raw = [](const std::string& k) {
+    for (const char* p : {"driver", "node-name", "file", "read-only", "auto-read-only", "force-share", "discard",
+                          "detect-zeroes", "cache"})
+      if (k == p || starts_with(k, std::string(p) + ".")) return true;
+    return false;
+  };
+  for (const Opt& o : opts) {
+    if (!o.is("blockdev") || !o.value) continue;
+    OptValue ov(*o.value, "driver", o.name);
+    if (ov.get("driver").value_or("") != "file") continue;
+    auto fn = ov.get("filename");
+    auto nn = ov.get("node-name");
+    if (fn && nn && t.disk_files.count(*fn)) rewritten_file_nodes.insert(*nn);
+  }
+
   std::vector<std::string> out{argv[0]};
   for (const Opt& o : opts) {
     if (o.prefix.empty()) {
+      if (auto d = twin_disk(o.name)) {
+        out.push_back(*d);
+        continue;
+      }
       o.emit(out);
       continue;
     }
@@ -499,6 +547,56 @@ std::vector<std::string> make_twin_cmdline(const std::vector<std::string>& argv,
         items[0] = relocate(items[0]);
         v = "unix:" + join_keyval(items);
       }
+    } else if (o.is("drive")) {
+      OptValue ov(v, "", o.name);
+      if (auto f = ov.get("file")) {
+        if (auto d = twin_disk(*f)) {
+          ov.set("file", *d);
+          ov.put("format", "raw");
+          v = ov.str();
+        }
+      }
+    } else if (o.is("hda") || o.is("hdb") || o.is("hdc") || o.is("hdd") || o.is("sd") || o.is("mtdblock") ||
+               o.is("pflash")) {
+      if (auto d = twin_disk(v)) v = *d;
+    } else if (o.is("blockdev")) {
+      OptValue ov(v, "driver", o.name);
+      const std::string drv = ov.get("driver").value_or("");
+      if (auto* j = ov.json_object()) {
+        // JSON: the file node may be nested under "file" (format node over a file node).
+        nlohmann::json* file = j;
+        if (j->contains("file") && (*j)["file"].is_object()) file = &(*j)["file"];
+        if (file->value("driver", "") == "file" && file->contains("filename") && (*file)["filename"].is_string()) {
+          if (auto d = twin_disk((*file)["filename"].get<std::string>())) {
+            (*file)["filename"] = *d;
+            if (file != j) {
+              ov.retain(keep_for_raw);
+              (*j)["driver"] = "raw";
+            }
+          }
+        } else if (j->contains("file") && (*j)["file"].is_string() &&
+                   rewritten_file_nodes.count((*j)["file"].get<std::string>())) {
+          ov.retain(keep_for_raw);
+          (*j)["driver"] = "raw";
+        }
+        v = ov.str();
+      } else if (drv == "file" && ov.get("filename")) {
+        if (auto d = twin_disk(*ov.get("filename"))) {
+          ov.set("filename", *d);
+          v = ov.str();
+        }
+      } else if (ov.get("file.driver").value_or("") == "file" && ov.get("file.filename")) {
+        if (auto d = twin_disk(*ov.get("file.filename"))) {
+          ov.set("file.filename", *d);
+          ov.retain(keep_for_raw);
+          ov.set("driver", "raw");
+          v = ov.str();
+        }
+      } else if (auto f = ov.get("file"); f && rewritten_file_nodes.count(*f) && drv != "raw") {
+        ov.retain(keep_for_raw);
+        ov.set("driver", "raw");
+        v = ov.str();
+      }
     } else if (o.is("name")) {
       OptValue ov(v, "guest", o.name);
       if (auto g = ov.get("guest")) ov.set("guest", *g + t.name_suffix);
@@ -519,6 +617,11 @@ std::vector<std::string> make_twin_cmdline(const std::vector<std::string>& argv,
     }
     n.emit(out);
   }
+  for (const auto& [path, twin] : t.disk_files)
+    if (!disks_found.count(path))
+      fail("the disk image {} that QEMU reports is not named on its command line (-drive file=, -blockdev "
+           "filename=, -hda ...), so the twin cannot be given its replica {}: start the VM with the image path on "
+           "the command line", path, twin);
   out.insert(out.end(), {"-S", "-incoming", "defer", "-global", "migration.send-configuration=off",
                          "-qmp", "unix:" + join_keyval({t.qmp_socket}) + ",server=on,wait=off"});
   return out;

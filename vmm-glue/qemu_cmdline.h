@@ -44,6 +44,13 @@ struct TwinOptions {
   // primary's tap (on one host the open fails with EBUSY; on two hosts the names may differ).
   // Taps not listed keep their ifname.
   std::map<std::string, std::string> tap_ifnames;
+  // Replicated disks: the primary's image file (as QEMU reports it in query-block) -> the
+  // twin's raw replica. Rewritten in -drive file= (format becomes raw), -blockdev
+  // driver=file filename= (keyval, dotted file.filename= and JSON, nested or not; the format
+  // node above such a file node becomes driver=raw, keeping only generic block options), and
+  // -hda/-hdb/... or a bare image argument. A path listed here but absent from the command
+  // line is an error (the twin would otherwise open the primary's image).
+  std::map<std::string, std::string> disk_files;
 };
 
 // The standby twin's command line: same binary, machine, CPUs, devices and RAM backend (size,
@@ -56,8 +63,9 @@ struct TwinOptions {
 //            -serial/-parallel/-monitor-style `unix:` `file:` `pipe:` backends, -D, -vnc unix:;
 //   renamed: -name X -> X<suffix>.
 //   mapped:  -netdev tap ifname= through opts.tap_ifnames (keyval and JSON syntax).
-// Kept as they are (documented limitation): -drive / -blockdev file names (disk replication
-// gives the twin its own copy later), other -netdev settings, -kernel/-initrd/-bios and
+//   mapped:  disk images through opts.disk_files (see TwinOptions).
+// Kept as they are (documented limitation): disk files not in opts.disk_files (read-only
+// disks and CD-ROMs: the twin opens the same path), other -netdev settings, -kernel/-initrd/-bios and
 // other inputs QEMU only reads.
 // Throws ftvm::Error when the command line hands QEMU inherited file descriptors the twin cannot
 // have (fd=, fds=, vhostfd=, /dev/fdset/, -add-fd) outside the removed monitors: such VMs

@@ -71,6 +71,8 @@ class Serial(threading.Thread):
         self.lock = threading.Lock()
         self.connected = threading.Event()
         self.stop = False
+        self.sock = None
+        self.send_lock = threading.Lock()
 
     def run(self):
         t0 = time.time()
@@ -86,6 +88,7 @@ class Serial(threading.Thread):
                 time.sleep(0.02)
         else:
             return
+        self.sock = s
         self.connected.set()
         buf = b''
         with open(self.logpath, 'a') as out:
@@ -109,6 +112,17 @@ class Serial(threading.Thread):
                     out.write('%.3f %s\n' % (ts, line))
                     out.flush()
         s.close()
+
+    def send(self, line):
+        """Types `line` on the guest's console (QEMU serves one client per serial socket: ours)."""
+        check(self.connected.is_set() and self.sock is not None, 'serial %s not connected' % self.path)
+        with self.send_lock:
+            self.sock.sendall(line.encode() + b'\n')
+
+    def matching(self, prefix):
+        """(host_time, line) of every line starting with `prefix`."""
+        with self.lock:
+            return [(ts, l) for ts, l in self.lines if l.startswith(prefix)]
 
     def ticks(self):
         with self.lock:

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Builds the Linux test guest from Debian packages:
 #   OUTDIR/vmlinux            uncompressed ELF kernel (boots via PVH: qemu -machine q35 -kernel vmlinux)
-#   OUTDIR/initramfs.cpio.gz  static busybox + virtio modules + tests/guest/guest-init.sh as /init
+#   OUTDIR/initramfs.cpio.gz  static busybox + virtio (net, blk) and ext4 modules +
+#                             tests/guest/guest-init.sh as /init
 #   OUTDIR/kernel-version     e.g. "linux-image-6.1.0-56-amd64 6.1.192-2 6.1.0-56-amd64"
 #   OUTDIR/stamp              inputs of the last successful build (skip when unchanged)
 # Usage: tests/guest/build-guest.sh OUTDIR
@@ -15,7 +16,7 @@ set -euo pipefail
 log() { echo "build-guest: $*" >&2; }
 die() { echo "build-guest: error: $*" >&2; exit 1; }
 
-[[ $# -eq 1 ]] || { sed -n '2,12p' "$0" >&2; exit 2; }
+[[ $# -eq 1 ]] || { sed -n '2,13p' "$0" >&2; exit 2; }
 OUT=$1
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 INIT=$HERE/guest-init.sh
@@ -23,7 +24,11 @@ INIT=$HERE/guest-init.sh
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
+# Load order matters (insmod does not resolve dependencies): every module after what it needs.
+# ext4 (6.1, from modinfo): depends=jbd2,mbcache,crc16, softdep pre: crypto-crc32c (metadata_csum,
+# provided by crc32c_generic); jbd2: softdep pre: crypto-crc32c; libcrc32c: softdep pre: crc32c.
 MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_blk"
+MODULES="$MODULES crc16 crc32c_generic libcrc32c mbcache jbd2 ext4"
 
 # ---- resolve the kernel package (generic amd64 flavour, never -cloud-) ----
 resolve_pkg() {
@@ -80,7 +85,7 @@ X=$OUT/kernel-pkg
 rm -rf "$X"; mkdir -p "$X"
 pats=('./boot/vmlinuz-*' './boot/config-*' './lib/modules/*/modules.builtin')
 for m in $MODULES; do pats+=("./lib/modules/*/$m.ko" "./lib/modules/*/$m.ko.*"); done
-log "+ dpkg-deb --fsys-tarfile $debname | tar -x (vmlinuz + virtio modules)"
+log "+ dpkg-deb --fsys-tarfile $debname | tar -x (vmlinuz + modules)"
 # tar exits non-zero when a pattern matches nothing (module built in): that is fine
 dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$X" --wildcards "${pats[@]}" 2>/dev/null || true
 vmlinuz=$(ls -1 "$X"/boot/vmlinuz-* 2>/dev/null | head -1)

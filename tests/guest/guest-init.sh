@@ -9,8 +9,36 @@
 #                           and a TCP counter service on port 7001 (each line -> total + 1)
 #   ftvm_wl_report_s=0      if > 0, print "WL stat ..." every that many seconds
 #   ftvm_wl_selftest=0      1: corrupt one chunk once, so "WL BAD" must appear (checks the check)
+#   ftvm_disk=vdX           disk record writer: mount /dev/vdX (ext4, made by the host) on
+#                           /mnt/disk and write numbered 4096-byte records to /mnt/disk/records:
+#                           record i (1, 2, ...) at offset (i-1)*4096 = a 64-byte header line
+#                           "REC <i> <md5 of body>" (space padded to 63 bytes + "\n") and a
+#                           4032-byte body = "ftvm-record-<i>\n" repeated, cut at 4032 bytes
+#                           (tests/e2e/disk_records.py checks them). The counter lives only in
+#                           the writer's shell variables (guest RAM): a guest resumed from a
+#                           checkpoint continues from what its memory says, and re-writing a
+#                           record (dd conv=notrunc) is harmless. The writer never looks at what
+#                           the file already holds.
+#   ftvm_disk_sync_every=4  fsync after every that many records (dd conv=fsync of the last one),
+#                           then print "DISK synced <i>" (i = last durable record)
+#   ftvm_disk_rec_s=20      records per second, best effort (0 = as fast as possible)
+#   ftvm_disk_bench=vdX     raw-disk benchmark (DESTROYS the disk's first 1+seq_mib MiB): rounds of
+#                           (a) sync4k: ops x 4 KiB writes at 4 KiB offsets 0.., each one
+#                               "dd bs=4096 count=1 oflag=direct conv=notrunc,fsync" (busybox dd
+#                               has no oflag=dsync: fsync of the block device = write + flush;
+#                               one dd process per op, see "DISKBENCH info exec_ms")
+#                           (b) seq: one "dd bs=1M count=seq_mib seek=1 oflag=direct conv=fsync"
+#                           timed from /proc/uptime (10 ms resolution), one line per round
+#   ftvm_disk_bench_rounds=5  ftvm_disk_bench_sync_ops=256  ftvm_disk_bench_seq_mib=32
+# Console commands (a line typed on the serial console; not echoed; always read):
+#   disk-stop   the writer finishes its current record, syncs, unmounts /mnt/disk and prints
+#               "DISK stopped last=<i>" (or "DISK umount failed ..."); "DISK not running" if no
+#               writer runs
+#   ping        prints "CMD pong" (checks the console input path); other lines: "CMD unknown: ..."
+#   disk-bench vdX  runs the ftvm_disk_bench benchmark on /dev/vdX now (same output lines)
 # Console lines: "INIT: ...", "FTVM-GUEST READY", "tick N", "WL BAD ..." (memory content wrong),
-# "WL stat ...".
+# "WL stat ...", "DISK mounted ...", "DISK synced <i>", "DISK stopped last=<i>", "DISK ... failed
+# ...", "DISKBENCH round=<r> sync4k_ops=<n> sync4k_ms=<t> seq_mib=<m> seq_ms=<t>", "DISKBENCH done".
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -168,6 +196,109 @@ if [ "$DIRTY" -gt 0 ]; then
   workload &
   renice -n 10 -p $! >/dev/null 2>&1
 fi
+
+# ---- disk: record writer (ftvm_disk=), benchmark (ftvm_disk_bench=), console commands ----
+DISK_SYNC=$(num "$ftvm_disk_sync_every" 4); [ "$DISK_SYNC" -gt 0 ] || DISK_SYNC=4
+DISK_RATE=$(num "$ftvm_disk_rec_s" 20)
+DISK_RUN=/run/ftvm-disk            # flags and scratch files: initramfs, i.e. guest RAM
+mkdir -p $DISK_RUN
+wait_blk() {  # wait_blk vdX: up to 5 s for /dev/vdX
+  _i=0; while [ ! -b /dev/$1 ] && [ $_i -lt 50 ]; do usleep 100000; _i=$((_i + 1)); done
+  [ -b /dev/$1 ]
+}
+disk_writer() {
+  dev=$1; D=/mnt/disk; R=$DISK_RUN
+  mkdir -p $D
+  echo starting > $R/state
+  if ! wait_blk "$dev"; then echo "DISK failed: no /dev/$dev"; echo failed > $R/state; return 1; fi
+  if ! out=$(mount -t ext4 /dev/$dev $D 2>&1); then
+    echo "DISK mount failed /dev/$dev: $out"; echo failed > $R/state; return 1
+  fi
+  echo running > $R/state
+  echo "DISK mounted /dev/$dev on $D sync_every=$DISK_SYNC rec_s=$DISK_RATE"
+  i=0; synced=0; cnt=0
+  now_ms; t0=$NOW
+  while [ ! -e $R/stop ]; do
+    if [ "$DISK_RATE" -gt 0 ]; then          # record cnt is due at t0 + cnt/RATE s
+      now_ms; w=$((t0 + cnt * 1000 / DISK_RATE - NOW))
+      if [ $w -gt 0 ]; then usleep $((w * 1000)); continue
+      elif [ $w -lt -1000 ]; then t0=$NOW; cnt=0   # > 1 s behind (e.g. paused): no burst
+      fi
+    fi
+    i=$((i + 1)); cnt=$((cnt + 1))
+    b="ftvm-record-$i
+"
+    while [ ${#b} -lt 4032 ]; do b=$b$b; done
+    b=${b:0:4032}
+    printf '%s' "$b" > $R/body
+    md5sum $R/body > $R/sum; read m _ < $R/sum
+    printf '%-63s\n%s' "REC $i $m" "$b" > $R/rec
+    if [ $((i % DISK_SYNC)) -eq 0 ]; then conv=notrunc,fsync; else conv=notrunc; fi
+    if ! dd if=$R/rec of=$D/records bs=4096 count=1 seek=$((i - 1)) conv=$conv 2>$R/err; then
+      echo "DISK write failed rec=$i: $(cat $R/err)"
+      i=$((i - 1))
+      while [ ! -e $R/stop ]; do usleep 100000; done    # keep mounted until disk-stop
+      break
+    fi
+    if [ $((i % DISK_SYNC)) -eq 0 ]; then synced=$i; echo "DISK synced $i"; fi
+  done
+  # disk-stop: the current record is complete; make everything durable, unmount
+  if sync && [ $synced -lt $i ]; then synced=$i; echo "DISK synced $i"; fi
+  if out=$(umount $D 2>&1); then echo "DISK stopped last=$synced"
+  else echo "DISK umount failed last=$synced: $out"
+  fi
+  echo stopped > $R/state
+}
+disk_bench() {
+  dev=$1
+  rounds=$(num "$ftvm_disk_bench_rounds" 5)
+  ops=$(num "$ftvm_disk_bench_sync_ops" 256)
+  seqm=$(num "$ftvm_disk_bench_seq_mib" 32)
+  if ! wait_blk "$dev"; then echo "DISKBENCH failed: no /dev/$dev"; return 1; fi
+  size=$(blockdev --getsize64 /dev/$dev)
+  if [ "$size" -lt $(( (seqm + 1) * 1048576 )) ]; then
+    echo "DISKBENCH failed: /dev/$dev has $size bytes, needs $((seqm + 1)) MiB"; return 1
+  fi
+  # cost of starting one dd (what a sync4k op pays besides the I/O): ops x dd to /dev/null
+  now_ms; a=$NOW; k=0
+  while [ $k -lt $ops ]; do dd if=/dev/zero of=/dev/null bs=4096 count=1 2>/dev/null; k=$((k + 1)); done
+  now_ms
+  echo "DISKBENCH info dev=/dev/$dev size=$size rounds=$rounds exec_ms=$((NOW - a)) (for $ops x dd to /dev/null)"
+  r=1
+  while [ $r -le $rounds ]; do
+    now_ms; a=$NOW; k=0; err=0
+    while [ $k -lt $ops ]; do
+      dd if=/dev/zero of=/dev/$dev bs=4096 count=1 seek=$k oflag=direct conv=notrunc,fsync 2>/dev/null || err=$((err + 1))
+      k=$((k + 1))
+    done
+    now_ms; b=$NOW
+    dd if=/dev/zero of=/dev/$dev bs=1M count=$seqm seek=1 oflag=direct conv=notrunc,fsync 2>/dev/null || err=$((err + 1))
+    now_ms; c=$NOW
+    [ $err -eq 0 ] || echo "DISKBENCH error round=$r failed_dd=$err"
+    echo "DISKBENCH round=$r sync4k_ops=$ops sync4k_ms=$((b - a)) seq_mib=$seqm seq_ms=$((c - b))"
+    r=$((r + 1))
+  done
+  echo "DISKBENCH done"
+}
+# Console command reader: a background job reading /dev/console lines, so the tick loop below
+# never waits for input. It only raises flags (files in guest RAM); the writer acts on them.
+cmd_reader() {
+  stty -echo 2>/dev/null         # typed commands must not show up inside the console output
+  while read -r line; do
+    case $line in
+      disk-stop)
+        st=; [ -r $DISK_RUN/state ] && read st < $DISK_RUN/state
+        case $st in running|starting) : > $DISK_RUN/stop ;; *) echo "DISK not running" ;; esac ;;
+      ping) echo "CMD pong" ;;
+      "disk-bench "*) disk_bench "${line#disk-bench }" & ;;
+      '') ;;
+      *) echo "CMD unknown: $line" ;;
+    esac
+  done
+}
+[ -n "$ftvm_disk" ] && disk_writer "${ftvm_disk#/dev/}" &
+[ -n "$ftvm_disk_bench" ] && disk_bench "${ftvm_disk_bench#/dev/}" &
+cmd_reader < /dev/console &
 
 echo "FTVM-GUEST READY"
 n=0

@@ -138,7 +138,7 @@ TEST_CASE("protocol messages round-trip and malformed bodies are rejected", "[ch
   }
   SECTION("wrong protocol version names both versions") {
     b[0] = std::byte{9};
-    REQUIRE_THROWS_WITH(decode<OpenSession>(b), Catch::Contains("version 9") && Catch::Contains("speaks 1"));
+    REQUIRE_THROWS_WITH(decode<OpenSession>(b), Catch::Contains("version 9") && Catch::Contains("speaks 2"));
   }
   SECTION("huge string length does not allocate") {
     std::vector<std::byte> evil(b.begin(), b.begin() + 24);
@@ -150,9 +150,13 @@ TEST_CASE("protocol messages round-trip and malformed bodies are rejected", "[ch
     c.epoch = 5;
     c.page_count = 3;
     c.flags = Commit::kFinal;
+    c.disk_ops = 7;
+    c.disk_digest = 0x1234abcd;
     auto c2 = decode<Commit>(encode(c));
     REQUIRE(c2.epoch == 5);
     REQUIRE(c2.flags == Commit::kFinal);
+    REQUIRE(c2.disk_ops == 7);
+    REQUIRE(c2.disk_digest == 0x1234abcd);
     c.epoch = 0;
     REQUIRE_THROWS_AS(decode<Commit>(encode(c)), ProtocolError);
     Ack a{1, 5, AckStatus::Rejected, "digest"};
@@ -171,4 +175,55 @@ TEST_CASE("percentiles use nearest rank", "[checkpoint]") {
   REQUIRE(w.percentile(99) == 99);
   REQUIRE(w.percentile(100) == 100);
   REQUIRE(w.last() == 100);
+}
+
+TEST_CASE("disk messages round-trip and malformed ones are rejected", "[checkpoint][protocol]") {
+  OpenSession o;
+  o.session_id = 1;
+  o.ram_size = 4096;
+  o.vm_name = "vm1";
+  o.qemu_argv = {"qemu"};
+  o.disks = {{"virtio0", "/img/a.qcow2", 64 << 20}, {"virtio1", "/img/b.raw", 1 << 30}};
+  auto o2 = decode<OpenSession>(encode(o));
+  REQUIRE(o2.disks.size() == 2);
+  CHECK(o2.disks[1].source == "/img/b.raw");
+  CHECK(o2.disks[1].size == (1u << 30));
+  o.disks[0].size = 1000;  // not a multiple of 512
+  CHECK_THROWS_WITH(decode<OpenSession>(encode(o)), Catch::Contains("multiple of 512"));
+
+  std::vector<std::byte> data(8192, std::byte{0x5a});
+  auto w = encode_disk_write(1, 3, 1, DiskOp::Write, 4096, data.size(), data);
+  auto d = decode<DiskWrite>(w);
+  CHECK(d.epoch == 3);
+  CHECK(d.disk == 1);
+  CHECK(d.op == DiskOp::Write);
+  CHECK(d.offset == 4096);
+  CHECK(d.data == data);
+  auto z = decode<DiskWrite>(encode_disk_write(1, 3, 0, DiskOp::Zero, 0, uint64_t{1} << 40, {}));
+  CHECK(z.length == uint64_t{1} << 40);
+  CHECK(z.data.empty());
+
+  SECTION("truncated write data") {
+    w.pop_back();
+    CHECK_THROWS_AS(decode<DiskWrite>(w), ProtocolError);
+  }
+  SECTION("invalid operation") {
+    w[20] = std::byte{0};
+    CHECK_THROWS_WITH(decode<DiskWrite>(w), Catch::Contains("invalid operation 0"));
+  }
+  SECTION("zero carrying data") {
+    auto bad = encode_disk_write(1, 3, 0, DiskOp::Zero, 0, 4096, {});
+    bad.push_back(std::byte{1});
+    CHECK_THROWS_AS(decode<DiskWrite>(bad), ProtocolError);
+  }
+  SECTION("epoch 0 and overflow") {
+    CHECK_THROWS_AS(decode<DiskWrite>(encode_disk_write(1, 0, 0, DiskOp::Trim, 0, 512, {})), ProtocolError);
+    CHECK_THROWS_AS(decode<DiskWrite>(encode_disk_write(1, 2, 0, DiskOp::Trim, ~uint64_t{0} - 10, 512, {})),
+                    ProtocolError);
+  }
+  SECTION("sender refuses oversized or inconsistent writes") {
+    std::vector<std::byte> big(kMaxDiskWriteData + 1);
+    CHECK_THROWS(encode_disk_write(1, 1, 0, DiskOp::Write, 0, big.size(), big));
+    CHECK_THROWS(encode_disk_write(1, 1, 0, DiskOp::Write, 0, 10, data));
+  }
 }

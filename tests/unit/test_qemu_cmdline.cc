@@ -384,3 +384,51 @@ TEST_CASE("twin command line maps tap ifnames (--twin-tap-map)", "[qemu_cmdline]
   CHECK(has("tap,id=n2,ifname=other,script=no"));  // not mapped: kept
   CHECK(has("user,id=n3"));
 }
+
+TEST_CASE("twin command line gets the disk replicas", "[qemu_cmdline]") {
+  Argv base = {"qemu-system-x86_64", "-machine", "q35,memory-backend=mem0", "-object",
+               "memory-backend-memfd,id=mem0,size=256M,share=on"};
+  TwinOptions t{"/tmp/s", "/tmp/s/q.sock", "", {}};
+  t.disk_files = {{"/img/a.qcow2", "/r/vm/0.img"}, {"/img/b,x.raw", "/r/vm/1.img"}};
+  auto has = [](const Argv& a, const std::string& v) { return std::find(a.begin(), a.end(), v) != a.end(); };
+
+  SECTION("-drive: file rewritten, format raw") {
+    Argv p = base;
+    p.insert(p.end(), {"-drive", "file=/img/a.qcow2,if=virtio,format=qcow2,cache=none", "-drive",
+                       "file=/img/b,,x.raw,if=virtio", "-drive", "file=/iso/cd.iso,media=cdrom,readonly=on"});
+    auto a = make_twin_cmdline(p, t);
+    INFO(joined(a));
+    CHECK(has(a, "file=/r/vm/0.img,if=virtio,format=raw,cache=none"));
+    CHECK(has(a, "file=/r/vm/1.img,if=virtio,format=raw"));
+    CHECK(has(a, "file=/iso/cd.iso,media=cdrom,readonly=on"));  // not replicated: kept
+  }
+  SECTION("-blockdev keyval: file node renamed, qcow2 node above it becomes raw") {
+    Argv p = base;
+    p.insert(p.end(), {"-blockdev", "driver=file,node-name=f0,filename=/img/a.qcow2,cache.direct=on", "-blockdev",
+                       "driver=qcow2,node-name=q0,file=f0,l2-cache-size=1M,discard=unmap", "-blockdev",
+                       "driver=raw,node-name=r1,file.driver=file,file.filename=/img/b,,x.raw", "-device",
+                       "virtio-blk-pci,drive=q0"});
+    auto a = make_twin_cmdline(p, t);
+    INFO(joined(a));
+    CHECK(has(a, "driver=file,node-name=f0,filename=/r/vm/0.img,cache.direct=on"));
+    CHECK(has(a, "driver=raw,node-name=q0,file=f0,discard=unmap"));
+    CHECK(has(a, "driver=raw,node-name=r1,file.driver=file,file.filename=/r/vm/1.img"));
+  }
+  SECTION("-blockdev JSON, nested and separate") {
+    Argv p = base;
+    p.insert(p.end(), {"-blockdev",
+                       R"({"driver":"qcow2","node-name":"q0","file":{"driver":"file","filename":"/img/a.qcow2"},"cache":{"direct":true},"l2-cache-size":1048576})",
+                       "-blockdev", R"({"driver":"file","node-name":"f1","filename":"/img/b,x.raw"})", "-blockdev",
+                       R"({"driver":"raw","node-name":"r1","file":"f1"})"});
+    auto a = make_twin_cmdline(p, t);
+    INFO(joined(a));
+    CHECK(has(a, R"({"cache":{"direct":true},"driver":"raw","file":{"driver":"file","filename":"/r/vm/0.img"},"node-name":"q0"})"));
+    CHECK(has(a, R"({"driver":"file","filename":"/r/vm/1.img","node-name":"f1"})"));
+    CHECK(has(a, R"({"driver":"raw","file":"f1","node-name":"r1"})"));
+  }
+  SECTION("a replicated disk missing from the command line is an error") {
+    Argv p = base;
+    p.insert(p.end(), {"-drive", "file=/img/a.qcow2,if=virtio"});
+    CHECK_THROWS_WITH(make_twin_cmdline(p, t), Catch::Contains("/img/b,x.raw") && Catch::Contains("not named"));
+  }
+}

@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/digest.h"
 #include "common/error.h"
 #include "tools/ftd/control.h"
 
@@ -61,9 +62,27 @@ void print_human(const nlohmann::json& vms) {
       fmt::print("  link {} via {}  {}  idle {} ms   tracker {}  QEMU pid {}  RAM {} MiB\n", l.value("peer", "?"),
                  l.value("transport", "?"), l.value("healthy", false) ? "healthy" : "DOWN", fmt_ms(l["idle_ms"]),
                  v.value("tracker", "?"), v.value("qemu_pid", 0), v.value("ram_mib", 0));
+      if (v.contains("disk") && v["disk"].is_object()) {
+        const auto& d = v["disk"];
+        for (const auto& x : d["disks"])
+          fmt::print("  disk {} ({}, {} MiB)  {}  copied {}/{} MiB\n", x.value("id", "?"), x.value("source", "?"),
+                     x.value("size", uint64_t{0}) >> 20,
+                     !d.value("running", false) ? "not mirrored" : x.value("ready", false) ? "mirrored" : "initial copy",
+                     x.value("copied", uint64_t{0}) >> 20, x.value("total", uint64_t{0}) >> 20);
+        fmt::print("  disk writes forwarded {} ({:.1f} MiB), queued {} KiB{}{}\n", d.value("forwarded_ops", 0),
+                   d.value("forwarded_bytes", uint64_t{0}) / 1048576.0, d.value("queued_bytes", uint64_t{0}) >> 10,
+                   d.value("failure", "").empty() ? "" : "  FAILED: ", d.value("failure", ""));
+      }
     } else {
       fmt::print("  committed epoch {}  twin pid {}  last commit {} ms ago\n", v.value("epoch", 0),
                  v.value("twin_pid", 0), fmt_ms(v["last_commit_age_ms"]));
+      if (v.contains("disk") && v["disk"].is_object()) {
+        const auto& d = v["disk"];
+        for (const auto& img : d["images"]) fmt::print("  disk replica {}\n", img.get<std::string>());
+        fmt::print("  disk writes buffered {} ({} KiB, {} KiB spilled), applied {}\n", d.value("buffered_ops", 0),
+                   d.value("buffered_bytes", uint64_t{0}) >> 10, d.value("spilled_bytes", uint64_t{0}) >> 10,
+                   d.value("applied_ops", 0));
+      }
       if (v.contains("activation") && !v["activation"].is_null()) {
         const auto& a = v["activation"];
         fmt::print("  activated at epoch {}: {} ms (load {} ms, verify {} ms), status {}\n", a.value("epoch", 0),
@@ -102,6 +121,10 @@ int main(int argc, char** argv) {
   en->add_option("--transport", transport, "rdma, tcp, or auto (RDMA when the peer is reachable over an RDMA device)")
       ->capture_default_str()
       ->check(CLI::IsMember({"rdma", "tcp", "auto"}));
+  bool shared_disk = false;
+  en->add_flag("--shared-disk", shared_disk,
+               "The standby sees the same disks (shared storage) instead of getting replicas: refused, with the "
+               "reason (the twin would see writes made after the checkpoint it resumes)");
   en->add_flag("--no-wait", no_wait, "Return once syncing started instead of waiting for 'protected'");
   en->add_option("--timeout", timeout_s, "Seconds to wait for 'protected'")->capture_default_str();
 
@@ -122,7 +145,12 @@ int main(int argc, char** argv) {
   fa->group("");  // hidden from --help
   std::string fa_name, fa_kind;
   fa->add_option("VM", fa_name)->required();
-  fa->add_option("KIND", fa_kind, "crash-mid-epoch | corrupt-then-crash | corrupt-once")->required();
+  fa->add_option("KIND", fa_kind, "crash-mid-epoch | corrupt-then-crash | corrupt-once | nbd-drop")->required();
+
+  auto* dg = app.add_subcommand("digest", "Print the XXH3-64 digest of files (compare a disk replica with its source; "
+                                          "`status --json` shows the standby's digests at activation)");
+  std::vector<std::string> dg_files;
+  dg->add_option("FILE", dg_files, "Files to digest")->required();
 
   try {
     app.parse(argc, argv);
@@ -136,10 +164,23 @@ int main(int argc, char** argv) {
     return code_for(r);
   };
 
+  if (*dg) {
+    int rc = kOk;
+    for (const auto& f : dg_files) {
+      try {
+        fmt::print("{:016x}  {}\n", ftvm::checkpoint::digest_file(f), f);
+      } catch (const std::exception& e) {
+        fmt::print(stderr, "ftctl: {}\n", e.what());
+        rc = kFailed;
+      }
+    }
+    return rc;
+  }
+
   try {
     if (*en) {
       auto r = ctl.call({{"cmd", "enable"}, {"qmp", qmp}, {"peer", peer}, {"name", name}, {"epoch_ms", epoch_ms},
-                         {"max_sync_passes", passes}, {"transport", transport}});
+                         {"max_sync_passes", passes}, {"transport", transport}, {"shared_disk", shared_disk}});
       if (!r.value("ok", false)) return fail_with(r);
       const std::string vm = r.value("name", name);
       fmt::print("{}\n", r.value("message", ""));

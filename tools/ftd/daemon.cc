@@ -211,6 +211,7 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
   r.epoch_ms = opt_uint(req, "epoch_ms", 25);
   r.max_sync_passes = opt_uint(req, "max_sync_passes", 8);
   r.transport = req.value("transport", "auto");
+  r.shared_disk = req.value("shared_disk", false);
   std::shared_ptr<PrimarySession> s;
   try {
     s = std::make_shared<PrimarySession>(cfg_, r);

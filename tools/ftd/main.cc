@@ -45,6 +45,18 @@ int main(int argc, char** argv) {
                  "Primary: guest output held per VM before the epoch is cut early (MiB)")
       ->capture_default_str()
       ->check(CLI::Range(1u, 4096u));
+  unsigned disk_buffer_mib = 64, disk_queue_mib = 64;
+  app.add_option("--disk-dir", cfg.disk_dir,
+                 "Standby: where the twins' disk replicas are created (DIR/<vm>/<n>.img, raw, sparse)")
+      ->capture_default_str();
+  app.add_option("--disk-buffer-mib", disk_buffer_mib,
+                 "Standby: disk writes of uncommitted epochs kept in RAM per VM before spilling to a file (MiB)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 65536u));
+  app.add_option("--disk-queue-mib", disk_queue_mib,
+                 "Primary: disk writes queued for the standby per VM before the guest's writes wait (MiB)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 65536u));
   bool no_output_commit = false;
   app.add_flag("--no-output-commit", no_output_commit,
                "Primary: let the guest's network output leave at once instead of after its epoch is committed "
@@ -84,6 +96,8 @@ int main(int argc, char** argv) {
   cfg.verify_activation = verify && !no_verify;
   cfg.output_commit = !no_output_commit;
   cfg.output_cap_bytes = uint64_t{output_cap_mib} << 20;
+  cfg.disk_buffer_bytes = uint64_t{disk_buffer_mib} << 20;
+  cfg.disk_queue_bytes = uint64_t{disk_queue_mib} << 20;
   for (const auto& m : tap_map) {
     auto eq = m.find('=');
     if (eq == std::string::npos || eq == 0 || eq + 1 == m.size() || m.size() - eq - 1 >= 16 || eq >= 16) {

@@ -44,6 +44,19 @@ void send_msg(transport::Connection& c, const T& m) {
   c.send_control(static_cast<uint16_t>(cp::type_of<T>()), body);
 }
 
+uid_t process_uid(pid_t pid) {
+  auto path = fmt::format("/proc/{}/status", pid);
+  FILE* f = ::fopen(path.c_str(), "re");
+  if (!f) throw SysError(errno, "open " + path);
+  char line[256];
+  long uid = -1;
+  while (::fgets(line, sizeof line, f))
+    if (std::sscanf(line, "Uid: %ld", &uid) == 1) break;
+  ::fclose(f);
+  if (uid < 0) fail("no Uid line in {}", path);
+  return static_cast<uid_t>(uid);
+}
+
 std::string default_name(const std::vector<std::string>& argv, const std::string& qmp_path) {
   for (size_t i = 0; i + 1 < argv.size(); i++) {
     if (argv[i] == "-name" || argv[i] == "--name") {
@@ -81,6 +94,24 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
   why = vmm::tracker_unavailable(tracker_kind);
   if (!why.empty()) problems.push_back("dirty-page tracking unavailable: " + why);
   transport_kind_ = transport::parse_kind(req_.transport);
+  if (req_.shared_disk)
+    problems.push_back("--shared-disk is refused: with one disk seen by both hosts, the twin would resume checkpoint N "
+                       "on a disk that already holds the primary's writes made after N (a filesystem can be "
+                       "corrupted by that); holding every write until its epoch commits is not implemented. Give "
+                       "each host its own copy (the default: ftvm replicates the disk)");
+  auto disks = find_disks(qmp_, problems);
+  if (!disks.empty()) {
+    // The twin's command line must be buildable with replicas in place of these images.
+    vmm::TwinOptions to;
+    to.run_dir = "/nonexistent";
+    to.qmp_socket = "/nonexistent/qmp.sock";
+    for (size_t i = 0; i < disks.size(); i++) to.disk_files[disks[i].source] = fmt::format("/nonexistent/{}.img", i);
+    try {
+      vmm::make_twin_cmdline(argv_, to);
+    } catch (const std::exception& e) {
+      problems.push_back(e.what());
+    }
+  }
   if (!problems.empty()) {
     std::string msg = fmt::format("VM '{}' (QEMU pid {}, {}) cannot be protected:", name_, qemu_pid_, req_.qmp_socket);
     for (const auto& p : problems) msg += "\n  - " + p;
@@ -128,10 +159,14 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
       output_->start();
     }
   }
+  if (!disks.empty())
+    disks_ = std::make_unique<DiskMirror>(name_, cfg_.run_dir, std::move(disks), qemu_pid_, process_uid(qemu_pid_),
+                                          DiskMirror::Options{cfg_.disk_queue_bytes});
   std::random_device rd;
   session_id_ = (uint64_t{rd()} << 32) | rd();
-  log::info("primary", "{}: QEMU pid {}, RAM {} MiB at {:#x} ({}), tracker {}, epoch {} ms, standby {}:{}", name_,
-            qemu_pid_, ram_size_ >> 20, gr.addr, gr.backing, tracker_->name(), req_.epoch_ms, host_, port_);
+  log::info("primary", "{}: QEMU pid {}, RAM {} MiB at {:#x} ({}), tracker {}, epoch {} ms, {} disk(s), standby {}:{}",
+            name_, qemu_pid_, ram_size_ >> 20, gr.addr, gr.backing, tracker_->name(), req_.epoch_ms,
+            disks_ ? disks_->infos().size() : 0, host_, port_);
 }
 
 PrimarySession::~PrimarySession() {
@@ -240,6 +275,7 @@ void PrimarySession::ensure_running() {
 void PrimarySession::link_failed(const std::string& why) {
   log::error("primary", "{}: replication to {}:{} failed: {}", name_, host_, port_, why);
   if (output_) output_->pass_through("degraded: " + why);  // the guest runs on alone: its output is final
+  if (disks_ && qmp_.connected()) disks_->stop(qmp_);  // re-protection starts a new full copy
   try {
     ensure_running();
   } catch (const std::exception& e) {
@@ -302,6 +338,7 @@ void PrimarySession::connect_and_sync() {
   o.ram_size = ram_size_;
   o.vm_name = name_;
   o.qemu_argv = argv_;
+  if (disks_) o.disks = disks_->infos();
   send_msg(*conn_, o);
   auto deadline = Clock::now() + std::chrono::seconds(60);
   std::optional<transport::ControlMessage> m;
@@ -337,8 +374,10 @@ void PrimarySession::connect_and_sync() {
   registered_staging_ = {};
   register_sources(/*ram=*/true);
 
-  auto t0 = Clock::now();
   epoch_ = 0;
+  inflight_ = 0;
+  if (disks_) wait_disks_ready();
+  auto t0 = Clock::now();
   inflight_ = 0;
   carry_.clear();
   dirty_.clear();
@@ -367,6 +406,35 @@ void PrimarySession::connect_and_sync() {
   }
   log::info("primary", "{}: sync sent {} pages in {} passes, {:.0f} ms", name_, total, pass, ms_since(t0));
   last_cont_ = Clock::now() - std::chrono::milliseconds(req_.epoch_ms);  // first checkpoint at once
+}
+
+// The mirror jobs copy every disk in full while their writes are forwarded (tagged epoch 1:
+// the standby writes them straight into the twin's images); the first checkpoint may only be
+// cut once every job is ready (disk_mirror.h).
+void PrimarySession::wait_disks_ready() {
+  const auto t0 = Clock::now();
+  disks_->start(qmp_, 1);
+  auto last_poll = Clock::time_point{}, last_log = Clock::now();
+  while (!disks_->ready()) {
+    check_qemu();
+    if (Clock::now() - last_poll > std::chrono::milliseconds(100)) {
+      disks_->poll_jobs(qmp_);
+      last_poll = Clock::now();
+    }
+    pump(std::chrono::milliseconds(5));  // forwards the copy, keeps heartbeats going
+    if (Clock::now() - last_log > std::chrono::seconds(5)) {
+      last_log = Clock::now();
+      uint64_t done = 0, total = 0;
+      for (const auto& d : disks_->status()["disks"]) {
+        done += d.value("copied", uint64_t{0});
+        total += d.value("total", uint64_t{0});
+      }
+      log::info("primary", "{}: initial disk copy: {} of {} MiB", name_, done >> 20, total >> 20);
+    }
+    if (stop_) throw LinkDown("ftd is shutting down");
+  }
+  conn_->flush();
+  log::info("primary", "{}: initial disk copy complete in {:.0f} ms", name_, ms_since(t0));
 }
 
 void PrimarySession::send_ram_pages(const std::vector<uint64_t>& pages) {
@@ -415,7 +483,12 @@ void PrimarySession::send_both(const T& m) {
 }
 
 void PrimarySession::pump(std::chrono::milliseconds timeout) {
-  qmp_.take_events();  // STOP/RESUME of every epoch: not needed, must not pile up
+  auto events = qmp_.take_events();  // STOP/RESUME of every epoch: not needed, must not pile up
+  if (disks_ && disks_->running()) {
+    disks_->on_events(events);
+    if (auto f = disks_->failure(); !f.empty()) throw LinkDown(f);
+    if (disks_->forward(*conn_, session_id_, UINT64_MAX)) conn_->flush();
+  }
   if (hb_) {
     try {
       if (auto hm = hb_->poll(std::chrono::milliseconds(0))) handle(*hm);
@@ -545,6 +618,7 @@ void PrimarySession::checkpoint(bool final) {
   cp::EpochRecord rec;
   rec.epoch = ++epoch_;
   rec.wall_ms = wall_ms();
+  if (disks_) disks_->allow_overflow(true);  // `stop` drains disk writes: they must not wait for us
   const auto t0 = Clock::now();
   try {
     qmp_.execute("stop");
@@ -553,6 +627,7 @@ void PrimarySession::checkpoint(bool final) {
     throw;
   }
   paused_by_us_ = true;
+  if (disks_) disks_->cut(rec.epoch);  // drained: every write of this epoch is queued
   if (output_) output_->seal(rec.epoch);  // guest paused at the cut: frames so far belong to this epoch
   const auto t1 = Clock::now();
   dirty_.clear();
@@ -575,6 +650,7 @@ void PrimarySession::checkpoint(bool final) {
     paused_by_us_ = false;
   }
   const auto t5 = Clock::now();
+  if (disks_) disks_->allow_overflow(false);
   last_cont_ = t5;
   rec.stop_us = us_between(t0, t1);
   rec.scan_us = us_between(t1, t2);
@@ -656,8 +732,15 @@ void PrimarySession::send_epoch(uint64_t epoch, bool final) {
       handle(*m);
     }
   }
+  std::pair<uint64_t, uint64_t> disk_summary{0, 0};
+  if (disks_) {
+    disks_->forward(*conn_, session_id_, epoch);  // every disk write of the epoch precedes its Commit
+    disk_summary = disks_->epoch_summary(epoch);
+  }
   send_msg(*conn_, cp::EpochBegin{session_id_, epoch, bytes.size()});
   cp::Commit c;
+  c.disk_ops = disk_summary.first;
+  c.disk_digest = disk_summary.second;
   c.session_id = session_id_;
   c.epoch = epoch;
   c.page_count = stager_.page_count();
@@ -667,6 +750,10 @@ void PrimarySession::send_epoch(uint64_t epoch, bool final) {
   c.flags = final ? cp::Commit::kFinal : 0;
 
   const Fault f = fault_.exchange(Fault::None);
+  if (f == Fault::NbdDrop) {
+    if (disks_) disks_->drop_connections();
+    log::warn("primary", "{}: fault injection: closed QEMU's NBD connections to the disk mirror", name_);
+  }
   if (f == Fault::CrashMidEpoch) {
     conn_->write(cp::kRegionStaging, 0, bytes.subspan(0, bytes.size() / 2));
     conn_->flush();
@@ -776,6 +863,7 @@ std::string PrimarySession::do_disable() {
   }
   guard_.reset();
   ensure_running();
+  if (disks_) disks_->stop(qmp_);
   if (output_) output_->detach(qmp_);  // held frames go out; filters and chardevs removed
   tracker_.reset();
   set_state("disabled");
@@ -843,6 +931,7 @@ nlohmann::json PrimarySession::status() const {
       {"ram_digest", fmt::format("{:016x}", last_ram_digest_)},
       {"rejected_epochs", rejected_},
       {"output", output_ ? output_->status() : nlohmann::json(nullptr)},
+      {"disk", disks_ ? disks_->status() : nlohmann::json(nullptr)},
       {"sync", {{"passes", sync_passes_}, {"pages", sync_pages_}, {"ms", sync_ms_}}},
       {"link",
        {{"peer", link_peer_.empty() ? req_.peer : link_peer_},
@@ -856,7 +945,8 @@ Fault parse_fault(const std::string& s) {
   if (s == "crash-mid-epoch") return Fault::CrashMidEpoch;
   if (s == "corrupt-then-crash") return Fault::CorruptThenCrash;
   if (s == "corrupt-once") return Fault::CorruptOnce;
-  fail("unknown fault '{}' (known: crash-mid-epoch, corrupt-then-crash, corrupt-once)", s);
+  if (s == "nbd-drop") return Fault::NbdDrop;
+  fail("unknown fault '{}' (known: crash-mid-epoch, corrupt-then-crash, corrupt-once, nbd-drop)", s);
 }
 
 }  // namespace ftvm::ftd

@@ -27,6 +27,7 @@
 #include "checkpoint/stats.h"
 #include "checkpoint/tracker.h"
 #include "common/fd.h"
+#include "tools/ftd/disk_mirror.h"
 #include "tools/ftd/guard.h"
 #include "tools/ftd/output_buffer.h"
 #include "tools/ftd/session.h"
@@ -102,6 +103,9 @@ class PrimarySession {
   // Output commit (null when the VM has no netdev or --no-output-commit): guest frames are
   // held per epoch and released on the standby's ack; see output_buffer.h.
   std::unique_ptr<OutputBuffer> output_;
+  // Disk replication (null when the VM has no writable disk); see disk_mirror.h.
+  std::unique_ptr<DiskMirror> disks_;
+  void wait_disks_ready();
   UniqueFd devstate_rw_, devstate_wo_;
   std::string devstate_path_;
   bool paused_by_us_ = false;

@@ -30,6 +30,12 @@ struct DaemonConfig {
   uint64_t output_cap_bytes = uint64_t{16} << 20;  // primary: held bytes per VM before an early cut
   // standby: the twin's tap for each primary tap ifname (--twin-tap-map P=S); see standby.h
   std::map<std::string, std::string> twin_tap_map;
+  // standby: where the twins' disk replicas are created (<disk_dir>/<vm>/<n>.img)
+  std::string disk_dir = "/var/lib/ftvm/disks";
+  // standby: disk writes of open epochs kept in RAM before spilling to a file in the VM's dir
+  uint64_t disk_buffer_bytes = uint64_t{64} << 20;
+  // primary: disk writes queued for the standby before the guest's writes wait
+  uint64_t disk_queue_bytes = uint64_t{64} << 20;
 };
 
 // What `ftctl enable` asks for.
@@ -40,6 +46,8 @@ struct EnableRequest {
   unsigned epoch_ms = 25;
   unsigned max_sync_passes = 8;
   std::string transport = "auto";  // rdma | tcp | auto
+  // Both hosts see the same disks (no replication). Refused: see PrimarySession's constructor.
+  bool shared_disk = false;
 };
 
 // Fault injection points for tests (only with --enable-fault-injection).
@@ -48,6 +56,7 @@ enum class Fault {
   CrashMidEpoch,     // primary ftd writes half of the next epoch's pages, then _exit(9)
   CorruptThenCrash,  // corrupt the next epoch on the wire, wait for the standby's rejection, _exit(9)
   CorruptOnce,       // corrupt the next epoch on the wire once; the primary retransmits it
+  NbdDrop,           // close QEMU's NBD connections to the disk mirror targets (mirror failure)
 };
 Fault parse_fault(const std::string& s);
 

@@ -262,6 +262,23 @@ void StandbySession::open(const cp::OpenSession& o) {
   to.run_dir = vm_dir_;
   to.qmp_socket = qmp;
   to.tap_ifnames = cfg_.twin_tap_map;
+  if (!o.disks.empty()) {
+    // Fresh replicas: the primary's mirror jobs copy every disk in full before epoch 1.
+    disk_dir_ = cfg_.disk_dir + "/" + o.vm_name;
+    std::filesystem::create_directories(disk_dir_);
+    std::vector<checkpoint::DiskImage*> imgs;
+    for (size_t i = 0; i < o.disks.size(); i++) {
+      const auto path = fmt::format("{}/{}.img", disk_dir_, i);
+      images_.push_back(checkpoint::RawImage::create(path, o.disks[i].size));
+      imgs.push_back(images_.back().get());
+      disk_paths_.push_back(path);
+      to.disk_files[o.disks[i].source] = path;
+      log::info("standby", "{}: disk '{}' ({}, {} MiB) -> replica {}", o.vm_name, o.disks[i].id, o.disks[i].source,
+                o.disks[i].size >> 20, path);
+    }
+    journal_ = std::make_unique<checkpoint::DiskJournal>(imgs, cfg_.disk_buffer_bytes, vm_dir_);
+    update_disk_status();
+  }
   auto argv = vmm::make_twin_cmdline(o.qemu_argv, to);
   // The twin's taps stay admin-down until activation: frames queued on a paused twin's tap
   // would reach the guest stale when it resumes (and confuse its TCP).
@@ -351,9 +368,21 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
       begun_epoch_ = b.epoch;
       return true;
     }
+    case MsgType::DiskWrite: {
+      auto d = cp::decode<cp::DiskWrite>(m.body);
+      check_sid(d.session_id);
+      if (!journal_) throw ProtocolError("DiskWrite in a session without disks");
+      journal_->add(d.epoch, d.disk, static_cast<cp::DiskOpKind>(d.op), d.offset, d.length, d.data);
+      return true;
+    }
     case MsgType::Commit: {
       auto c = cp::decode<cp::Commit>(m.body);
       check_sid(c.session_id);
+      // The epoch's disk writes must be complete before its RAM is applied: RAM and disk move
+      // to epoch N together. Missing or altered disk writes cannot be retransmitted: the
+      // ProtocolError ends the session (the primary resynchronizes).
+      if (journal_) journal_->verify(c.epoch, c.disk_ops, c.disk_digest);
+      else if (c.disk_ops) throw ProtocolError(fmt::format("Commit {} counts {} disk writes in a session without disks", c.epoch, c.disk_ops));
       try {
         replica_->apply(c);
       } catch (const ProtocolError& e) {
@@ -363,6 +392,10 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
         send_msg(*conn_, cp::Ack{session_id_, c.epoch, cp::AckStatus::Rejected, e.what()});
         conn_->flush();
         return true;
+      }
+      if (journal_) {
+        journal_->commit(c.epoch, c.disk_ops, c.disk_digest);
+        update_disk_status();
       }
       if (cfg_.verify_every_commit) {
         // Test mode: the whole twin RAM must now equal the primary's RAM at this checkpoint.
@@ -454,6 +487,21 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
         throw Error(fmt::format("twin RAM digest {:016x} differs from the primary's {:016x} for epoch {}", d,
                                 c.ram_digest, c.epoch));
       log::info("standby", "{}: twin RAM digest {:016x} equals the primary's digest of epoch {}", name(), d, c.epoch);
+    }
+    if (journal_) {
+      // The disks go to the same checkpoint as RAM: writes of epochs after it never happened.
+      auto [ops, bytes] = journal_->drop_uncommitted();
+      act["disk_dropped_ops"] = ops;
+      act["disk_dropped_bytes"] = bytes;
+      for (auto& img : images_) img->sync();
+      if (cfg_.verify_activation) {
+        auto digests = nlohmann::json::array();
+        for (const auto& p : disk_paths_) digests.push_back(fmt::format("{:016x}", cp::digest_file(p)));
+        act["disk_digests"] = digests;
+      }
+      act["disks"] = disk_paths_;
+      log::info("standby", "{}: disk replicas at epoch {} ({} uncommitted writes, {} bytes dropped)", name(), c.epoch,
+                ops, bytes);
     }
     // Device state goes in through an fd the twin reads as an incoming migration stream.
     UniqueFd mfd(check_sys(::memfd_create("ftvm-devstate-in", MFD_CLOEXEC), "memfd_create for device state"));
@@ -548,7 +596,37 @@ void StandbySession::destroy_twin(const std::string& why) {
     ::unlink((vm_dir_ + "/twin.pid").c_str());
     twin_pid_ = -1;
   }
+  // The replicas of a twin that never ran are worthless (the primary lives on, or nothing was
+  // committed): remove them.
+  journal_.reset();
+  images_.clear();
+  if (!disk_dir_.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(disk_dir_, ec);
+    if (ec) log::warn("standby", "{}: removing the disk replicas in {} failed: {}", name(), disk_dir_, ec.message());
+    disk_dir_.clear();
+  }
+  disk_paths_.clear();
+  update_disk_status();
   set_state("closed", why);
+}
+
+void StandbySession::update_disk_status() {
+  nlohmann::json j = nullptr;
+  if (!disk_paths_.empty()) {
+    j = {{"images", disk_paths_}};
+    if (journal_) {
+      auto st = journal_->stats();
+      j["buffered_ops"] = st.buffered_ops;
+      j["buffered_bytes"] = st.buffered_bytes;
+      j["spilled_bytes"] = st.spilled_bytes;
+      j["peak_buffered_bytes"] = st.peak_buffered_bytes;
+      j["applied_ops"] = st.applied_ops;
+      j["applied_bytes"] = st.applied_bytes;
+    }
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  disk_status_ = std::move(j);
 }
 
 nlohmann::json StandbySession::status() const {
@@ -561,7 +639,8 @@ nlohmann::json StandbySession::status() const {
           {"twin_pid", twin_pid_},
           {"verified_commits", verified_commits_},
           {"last_commit_age_ms", last_commit_wall_ms_ > 0 ? wall_ms() - last_commit_wall_ms_ : 0.0},
-          {"activation", activation_}};
+          {"activation", activation_},
+          {"disk", disk_status_}};
 }
 
 }  // namespace ftvm::ftd

@@ -21,6 +21,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/disk_journal.h"
 #include "checkpoint/protocol.h"
 #include "checkpoint/replica.h"
 #include "tools/ftd/session.h"
@@ -80,6 +81,13 @@ class StandbySession {
   std::optional<vmm::QmpClient> twin_qmp_;
   std::unique_ptr<vmm::MappedRam> twin_ram_;
   std::unique_ptr<checkpoint::Replica> replica_;
+  // The twin's disk replicas (raw images in DaemonConfig::disk_dir/<vm>/) and the per-epoch
+  // buffer of their writes; see checkpoint/disk_journal.h.
+  std::string disk_dir_;
+  std::vector<std::string> disk_paths_;
+  std::vector<std::unique_ptr<checkpoint::RawImage>> images_;
+  std::unique_ptr<checkpoint::DiskJournal> journal_;
+  void update_disk_status();  // session thread: refreshes disk_status_ (under mu_)
   uint64_t begun_epoch_ = 0;  // last EpochBegin seen (diagnosis of torn epochs)
   std::string last_rejection_;
 
@@ -89,6 +97,7 @@ class StandbySession {
   uint64_t verified_commits_ = 0;
   double last_commit_wall_ms_ = 0;
   nlohmann::json activation_ = nullptr;
+  nlohmann::json disk_status_ = nullptr;
   std::atomic<bool> finished_{false}, active_{false}, abort_{false};
   std::string abort_reason_;
   std::thread thread_;
