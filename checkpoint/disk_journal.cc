@@ -308,7 +308,7 @@ void DiskJournal::apply_op(const Epoch& e, const Op& op, std::vector<std::byte>&
     for (uint64_t done = 0; done < op.length;) {
       const uint64_t n = std::min(op.length - done, kChunk);
       buf.resize(n);
-      pread_full(e.spill.get(), buf.data(), n, op.spill_offset + done,
+      pread_full(e.spill.get(), buf.data(), n, done,
                  fmt::format("read back the disk spill file in {}", spill_dir_));
       img.write(op.offset + done, buf);
       done += n;
@@ -347,6 +347,7 @@ std::pair<uint64_t, uint64_t> DiskJournal::drop_uncommitted() {
     const auto it = std::prev(epochs_.end());
     ops += it->second.ops.size();
     bytes += it->second.buffered_bytes;
+    release(it);
   }
   stats_.dropped_ops += ops;
   stats_.dropped_bytes += bytes;

@@ -491,8 +491,7 @@ class Connection {
           if (info_or_go(opt, data)) return true;
           break;
         default:
-          opt_error(opt, kRepErrUnsup, fmt::format("option {} ({}) is not supported by this server", opt,
-                                                   opt_name(opt)), false);
+          opt_error(opt, kRepErrUnsup, "not supported by this server", false);
           break;
       }
     }

@@ -157,7 +157,20 @@ nlohmann::json QmpClient::execute_with_fd(const std::string& cmd, const nlohmann
   return await_return(cmd);
 }
 
-std::deque<nlohmann::json> QmpClient::take_events() { return std::exchange(events_, {}); }
+std::deque<nlohmann::json> QmpClient::take_events() {
+  // Events QEMU already sent but nobody read yet (e.g. SHUTDOWN right before QEMU exits):
+  // read what is there without waiting. EOF or garbage closes the connection as usual.
+  try {
+    while (fd_.valid()) {
+      auto msg = read_message(Clock::now(), /*timeout_is_error=*/false);
+      if (!msg) break;
+      if (msg->contains("event")) queue_event(std::move(*msg));
+      else log::warn("qmp", "{}: unsolicited message outside a command dropped: {}", path_, excerpt(msg->dump()));
+    }
+  } catch (const Error&) {
+  }
+  return std::exchange(events_, {});
+}
 
 std::optional<nlohmann::json> QmpClient::wait_event(const std::string& name,
                                                     std::chrono::milliseconds timeout) {

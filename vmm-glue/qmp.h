@@ -27,19 +27,11 @@
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "vmm-glue/monitor.h"
 
 namespace ftvm::vmm {
 
-class QmpError : public Error {
- public:
-  QmpError(const std::string& cmd, const std::string& cls, const std::string& desc);
-  const std::string& error_class() const { return cls_; }
-
- private:
-  std::string cls_;
-};
-
-class QmpClient {
+class QmpClient : public Monitor {
  public:
   // Connects to `socket_path`, waiting up to `timeout` for it to appear/accept.
   static QmpClient connect(const std::string& socket_path,
@@ -49,13 +41,15 @@ class QmpClient {
   QmpClient& operator=(QmpClient&&) noexcept = default;
 
   // Runs `cmd` with `args` (object or null) and returns the "return" member.
-  nlohmann::json execute(const std::string& cmd, const nlohmann::json& args = nullptr);
+  nlohmann::json execute(const std::string& cmd, const nlohmann::json& args = nullptr) override;
   // Same, passing `fd` to QEMU with SCM_RIGHTS alongside the command (for getfd / add-fd).
-  nlohmann::json execute_with_fd(const std::string& cmd, const nlohmann::json& args, int fd);
+  nlohmann::json execute_with_fd(const std::string& cmd, const nlohmann::json& args, int fd) override;
 
-  // Events received so far (oldest first); clears the queue. At most 4096 are kept (the oldest
-  // are dropped with a warning) when the owner never takes them.
-  std::deque<nlohmann::json> take_events();
+  // Events received so far, plus those already readable on the socket (read without waiting),
+  // oldest first; clears the queue. At most 4096 are kept (the oldest are dropped with a
+  // warning) when the owner never takes them. EOF while reading closes the client (connected()
+  // becomes false) but the events read before it are returned.
+  std::deque<nlohmann::json> take_events() override;
   // Returns the first event named `name` (already queued or arriving within `timeout`) and
   // removes it from the queue; other events stay queued. std::nullopt on timeout (the connection
   // stays usable). A command reply arriving here is a protocol error.
@@ -67,7 +61,8 @@ class QmpClient {
   const std::string& path() const { return path_; }
   // Bound on the wait for each command's reply (default 10 s).
   void set_timeout(std::chrono::milliseconds t) { timeout_ = t; }
-  bool connected() const { return fd_.valid(); }
+  bool connected() const override { return fd_.valid(); }
+  std::string describe() const override { return "QMP socket " + path_; }
 
  private:
   QmpClient() = default;

@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """Replication life cycle (CTest label `replication`): standby loss and return, retransmission
-of a corrupted epoch, status output, disable."""
+of a corrupted epoch, status output, disable, and a guest that powers itself off (protection
+ends, nothing fails over)."""
 import os
 import signal
 import time
@@ -73,6 +74,17 @@ def standby_loss():
         check(st['status'] == 'running', 'guest status after disable: %s' % st)
         # And protection can be enabled again.
         protect(env, P, S2, g, VM)
+
+        # The guest powers itself off: protection ends, the twin is destroyed, nothing fails over.
+        twin2 = S2.vm(VM, 'standby')['twin_pid']
+        g.serial.send('poweroff')
+        wait_for(lambda: P.vm(VM, 'primary')['state'] == 'shut-down', 30, 'the primary to report shut-down')
+        log('primary: %s' % P.vm(VM, 'primary')['reason'])
+        wait_for(lambda: not pid_alive(twin2), 10, 'the twin to be destroyed after the guest powered off')
+        sv = [v for v in S2.status() if v['name'] == VM]
+        check(all(v['state'] == 'closed' and not v.get('activation') for v in sv),
+              'the standby activated or kept a twin after a guest poweroff: %s' % sv)
+        wait_for(lambda: not pid_alive(g.pid), 10, 'the primary QEMU to exit after the poweroff')
 
 
 if __name__ == '__main__':

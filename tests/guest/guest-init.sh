@@ -36,6 +36,7 @@
 #               writer runs
 #   ping        prints "CMD pong" (checks the console input path); other lines: "CMD unknown: ..."
 #   disk-bench vdX  runs the ftvm_disk_bench benchmark on /dev/vdX now (same output lines)
+#   poweroff    the guest powers itself off (ACPI: QEMU reports SHUTDOWN with guest=true)
 # Console lines: "INIT: ...", "FTVM-GUEST READY", "tick N", "WL BAD ..." (memory content wrong),
 # "WL stat ...", "DISK mounted ...", "DISK synced <i>", "DISK stopped last=<i>", "DISK ... failed
 # ...", "DISKBENCH round=<r> sync4k_ops=<n> sync4k_ms=<t> seq_mib=<m> seq_ms=<t>", "DISKBENCH done".
@@ -291,6 +292,7 @@ cmd_reader() {
         case $st in running|starting) : > $DISK_RUN/stop ;; *) echo "DISK not running" ;; esac ;;
       ping) echo "CMD pong" ;;
       "disk-bench "*) disk_bench "${line#disk-bench }" & ;;
+      poweroff) echo "CMD powering off"; sync; poweroff -f ;;
       '') ;;
       *) echo "CMD unknown: $line" ;;
     esac

@@ -18,7 +18,7 @@ namespace ftvm::ftd {
 namespace cp = checkpoint;
 using Clock = std::chrono::steady_clock;
 
-std::vector<DiskSpec> find_disks(vmm::QmpClient& qmp, std::vector<std::string>& problems) {
+std::vector<DiskSpec> find_disks(vmm::Monitor& qmp, std::vector<std::string>& problems) {
   nlohmann::json blocks;
   try {
     blocks = qmp.execute("query-block");
@@ -148,7 +148,7 @@ std::string DiskMirror::failure() const {
   return {};
 }
 
-void DiskMirror::start(vmm::QmpClient& qmp, uint64_t epoch) {
+void DiskMirror::start(vmm::Monitor& qmp, uint64_t epoch) {
   if (running_) fail("disk mirror of {} already running (bug)", vm_);
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -213,7 +213,7 @@ void DiskMirror::start(vmm::QmpClient& qmp, uint64_t epoch) {
   }
 }
 
-void DiskMirror::stop(vmm::QmpClient& qmp) noexcept {
+void DiskMirror::stop(vmm::Monitor& qmp) noexcept {
   if (!running_) return;
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -297,9 +297,8 @@ void DiskMirror::on_events(const std::deque<nlohmann::json>& events) {
   }
 }
 
-void DiskMirror::poll_jobs(vmm::QmpClient& qmp) {
+void DiskMirror::poll_jobs(vmm::Monitor& qmp) {
   auto jobs = qmp.execute("query-block-jobs");
-  on_events(qmp.take_events());
   std::vector<bool> seen(disks_.size(), false);
   for (const auto& j : jobs) {
     const std::string dev = j.value("device", "");

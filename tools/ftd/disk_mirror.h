@@ -61,7 +61,7 @@ struct DiskSpec {
 // twin opens them as they are). Problems that make a disk unreplicable are appended to
 // `problems` (one sentence each, naming the disk and what to change). A VMM without a block
 // layer (no query-block) has no disks.
-std::vector<DiskSpec> find_disks(vmm::QmpClient& qmp, std::vector<std::string>& problems);
+std::vector<DiskSpec> find_disks(vmm::Monitor& qmp, std::vector<std::string>& problems);
 
 class DiskMirror {
  public:
@@ -83,16 +83,17 @@ class DiskMirror {
   // Starts the NBD exports and the mirror jobs (a full copy); writes from now on carry
   // `epoch` until the next cut(). Throws ftvm::Error (with what QEMU said) when a job cannot
   // be started; whatever was set up is torn down again then.
-  void start(vmm::QmpClient& qmp, uint64_t epoch);
+  void start(vmm::Monitor& qmp, uint64_t epoch);
   // Cancels the jobs, removes the NBD nodes and closes the exports. Queued writes are
   // dropped; writes arriving meanwhile are acked and dropped. Never throws (logs).
-  void stop(vmm::QmpClient& qmp) noexcept;
+  void stop(vmm::Monitor& qmp) noexcept;
   bool running() const { return running_; }
 
   // Feeds QMP events (BLOCK_JOB_READY / _ERROR / _COMPLETED / _CANCELLED of our jobs).
   void on_events(const std::deque<nlohmann::json>& events);
-  // Polls query-block-jobs (progress and readiness; also makes QEMU's events arrive).
-  void poll_jobs(vmm::QmpClient& qmp);
+  // Polls query-block-jobs (progress and readiness). QEMU's events that arrive meanwhile stay
+  // queued in the Monitor for the session, which feeds them to on_events().
+  void poll_jobs(vmm::Monitor& qmp);
   // Every job reached ready (the initial copy is complete).
   bool ready() const;
   // Non-empty when replication of some disk failed (job error, NBD connection lost): says

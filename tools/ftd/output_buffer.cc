@@ -60,7 +60,7 @@ UniqueFd accept_within(int lfd, const std::string& path, std::chrono::millisecon
   return UniqueFd(check_sys(::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK), "accept on " + path));
 }
 
-void qmp_quiet(vmm::QmpClient& qmp, const std::string& cmd, const nlohmann::json& args) {
+void qmp_quiet(vmm::Monitor& qmp, const std::string& cmd, const nlohmann::json& args) {
   try {
     qmp.execute(cmd, args);
   } catch (const std::exception&) {
@@ -142,7 +142,7 @@ void OutputBuffer::add_channel(const std::string& netdev, UniqueFd divert, Uniqu
   chans_.push_back(std::move(c));
 }
 
-void OutputBuffer::attach(vmm::QmpClient& qmp, const std::string& netdev, const std::string& sock_dir) {
+void OutputBuffer::attach(vmm::Monitor& qmp, const std::string& netdev, const std::string& sock_dir) {
   const std::string cout_id = "ftvm-out-" + netdev, cin_id = "ftvm-in-" + netdev;
   const std::string fdiv = "ftvm-divert-" + netdev, fret = "ftvm-return-" + netdev;
   // Leftovers of an ftd that died: filters on dead sockets would drop the guest's output.
@@ -404,7 +404,7 @@ bool OutputBuffer::flush(std::chrono::milliseconds timeout) {
   }
 }
 
-void OutputBuffer::detach(vmm::QmpClient& qmp) {
+void OutputBuffer::detach(vmm::Monitor& qmp) {
   if (detached_) return;
   detached_ = true;
   try {

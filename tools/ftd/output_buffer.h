@@ -105,7 +105,7 @@ class OutputBuffer {
   // Sets up interception of `netdev` over `qmp` (chardevs + filters above; sockets in
   // `sock_dir`). Leftovers with ftvm's ids from an earlier ftd are removed first. Throws
   // ftvm::Error naming the netdev and the failing step; what was added is removed again.
-  void attach(vmm::QmpClient& qmp, const std::string& netdev, const std::string& sock_dir);
+  void attach(vmm::Monitor& qmp, const std::string& netdev, const std::string& sock_dir);
   // For tests: a channel over already-connected sockets (divert: ftd reads; ret: ftd writes).
   void add_channel(const std::string& netdev, UniqueFd divert, UniqueFd ret);
   // Starts the I/O thread (after the attach() calls).
@@ -123,7 +123,7 @@ class OutputBuffer {
   // frames go straight to the backend again), forwards what QEMU had already diverted, waits
   // for it to be consumed, removes the return filter and both chardevs. Errors are logged,
   // never thrown (the VM must end up on its plain path whatever happens).
-  void detach(vmm::QmpClient& qmp);
+  void detach(vmm::Monitor& qmp);
   nlohmann::json status() const;
 
  private:

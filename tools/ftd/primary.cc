@@ -34,6 +34,13 @@ class QemuGone : public Error {
   using Error::Error;
 };
 
+// The guest powered itself off (QMP SHUTDOWN with guest=true): protection ends, the twin is
+// destroyed; nothing fails over (the VM is meant to be off everywhere).
+class GuestShutdown : public Error {
+ public:
+  using Error::Error;
+};
+
 double us_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::micro>(b - a).count();
 }
@@ -74,18 +81,18 @@ std::string default_name(const std::vector<std::string>& argv, const std::string
 }  // namespace
 
 PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
-    : cfg_(cfg), req_(std::move(req)), qmp_(vmm::QmpClient::connect(req_.qmp_socket)) {
+    : cfg_(cfg), req_(std::move(req)), qmp_(std::make_unique<vmm::QmpClient>(vmm::QmpClient::connect(req_.qmp_socket))) {
   if (req_.epoch_ms < 1 || req_.epoch_ms > 10000)
     fail("--epoch-ms {} is out of range (1..10000 ms; 25 is the default)", req_.epoch_ms);
   auto hp = transport::tcp::parse_host_port(req_.peer);
   host_ = hp.host;
   port_ = hp.port ? hp.port : 7410;
-  qemu_pid_ = qmp_.peer_pid();
+  qemu_pid_ = static_cast<vmm::QmpClient&>(*qmp_).peer_pid();
   argv_ = vmm::read_cmdline(qemu_pid_);
   name_ = req_.name.empty() ? default_name(argv_, req_.qmp_socket) : req_.name;
 
   std::vector<std::string> problems = vmm::check_protectable(argv_);
-  auto st = qmp_.execute("query-status");
+  auto st = qmp_->execute("query-status");
   const std::string run_state = st.value("status", "");
   if (run_state != "running" && run_state != "paused")
     problems.push_back(fmt::format("the VM is in state '{}'; only a running (or paused) VM can be protected", run_state));
@@ -99,7 +106,7 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
                        "on a disk that already holds the primary's writes made after N (a filesystem can be "
                        "corrupted by that); holding every write until its epoch commits is not implemented. Give "
                        "each host its own copy (the default: ftvm replicates the disk)");
-  auto disks = find_disks(qmp_, problems);
+  auto disks = find_disks(*qmp_, problems);
   if (!disks.empty()) {
     // The twin's command line must be buildable with replicas in place of these images.
     vmm::TwinOptions to;
@@ -119,7 +126,7 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
   }
 
   // The main RAM backend: the memdev the tracker and the copies work on.
-  auto memdevs = qmp_.execute("query-memdev");
+  auto memdevs = qmp_->execute("query-memdev");
   if (!memdevs.is_array() || memdevs.size() != 1)
     fail("VM '{}': expected exactly one memory backend from query-memdev, got {}", name_, memdevs.dump());
   ram_size_ = memdevs[0].value("size", uint64_t{0});
@@ -137,7 +144,7 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
                                "memfd_create for device state"));
   devstate_wo_.reset(check_sys(::open(fmt::format("/proc/self/fd/{}", devstate_rw_.get()).c_str(), O_WRONLY | O_CLOEXEC),
                                "reopen device-state memfd write-only"));
-  auto r = qmp_.execute_with_fd("add-fd", {{"opaque", "ftvm device state"}}, devstate_wo_.get());
+  auto r = qmp_->execute_with_fd("add-fd", {{"opaque", "ftvm device state"}}, devstate_wo_.get());
   devstate_path_ = fmt::format("/dev/fdset/{}", r.at("fdset-id").get<int64_t>());
 
   if (!cfg_.stats_dir.empty()) {
@@ -151,9 +158,9 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
     if (!netdevs.empty()) {
       output_ = std::make_unique<OutputBuffer>(name_, OutputOptions{cfg_.output_cap_bytes, true});
       try {
-        for (const auto& n : netdevs) output_->attach(qmp_, n, cfg_.run_dir);
+        for (const auto& n : netdevs) output_->attach(*qmp_, n, cfg_.run_dir);
       } catch (...) {
-        output_->detach(qmp_);  // what was attached goes away again
+        output_->detach(*qmp_);  // what was attached goes away again
         throw;
       }
       output_->start();
@@ -206,7 +213,14 @@ void PrimarySession::run() {
       wait_for_epoch_boundary();
       if (service_command()) break;
       checkpoint(false);
+    } catch (const GuestShutdown& e) {
+      guest_shut_down(e.what());
+      break;
     } catch (const QemuGone& e) {
+      if (saw_guest_shutdown()) {
+        guest_shut_down("the guest shut itself down and QEMU exited");
+        break;
+      }
       primary_lost(e.what());
       break;
     } catch (const LinkDown& e) {
@@ -215,12 +229,21 @@ void PrimarySession::run() {
       link_failed(e.what());
     } catch (const std::exception& e) {
       // A failure on the QEMU side (QMP, tracker, guest memory). QEMU may be dying right now:
-      // its sockets close before its pidfd reports the exit, so give it time to finish.
+      // its sockets close before its pidfd reports the exit, so give it time to finish. A
+      // guest that powered off makes `cont` fail (QEMU wants a reset) or QEMU exit.
+      if (saw_guest_shutdown()) {
+        guest_shut_down(std::string("the guest shut itself down (") + e.what() + ")");
+        break;
+      }
       if (watch_->wait_exit(std::chrono::milliseconds(2000))) {
+        if (saw_guest_shutdown()) {
+          guest_shut_down("the guest shut itself down and QEMU exited");
+          break;
+        }
         primary_lost(fmt::format("primary QEMU (pid {}) exited ({})", qemu_pid_, e.what()));
         break;
       }
-      if (!qmp_.connected()) {
+      if (!qmp_->connected()) {
         // QEMU lives but cannot be checkpointed or controlled any more. It must not run on
         // beside a twin that may take over: fence it, and let the standby resume the guest.
         watch_->send_signal(SIGKILL);
@@ -233,9 +256,9 @@ void PrimarySession::run() {
   }
   // Whatever happened, never leave the guest paused behind, nor its output diverted.
   try {
-    if (state_ != "failed-over" && state_ != "primary-lost") {
+    if (state_ != "failed-over" && state_ != "primary-lost" && state_ != "shut-down") {
       ensure_running();
-      if (output_ && qmp_.connected()) output_->detach(qmp_);
+      if (output_ && qmp_->connected()) output_->detach(*qmp_);
     }
   } catch (const std::exception& e) {
     log::error("primary", "{}: could not resume the guest: {}", name_, e.what());
@@ -261,13 +284,44 @@ void PrimarySession::primary_lost(const std::string& why) {
   set_state("primary-lost", why);
 }
 
+bool PrimarySession::saw_guest_shutdown() {
+  if (!guest_shutdown_.empty()) return true;
+  try {
+    if (qmp_->connected()) process_events();
+  } catch (const GuestShutdown&) {
+    return true;
+  } catch (const std::exception&) {
+  }
+  return !guest_shutdown_.empty();
+}
+
+void PrimarySession::guest_shut_down(const std::string& why) {
+  log::info("primary", "{}: {}; protection ends and the twin is destroyed (nothing to fail over)", name_, why);
+  if (conn_) {
+    try {
+      send_both(cp::Disable{session_id_});
+    } catch (const std::exception& e) {
+      log::warn("primary", "{}: could not tell the standby to drop the twin: {}", name_, e.what());
+    }
+    conn_.reset();
+    hb_.reset();
+  }
+  try {
+    if (guard_) guard_->disarm();
+  } catch (const std::exception& e) {
+    log::warn("primary", "{}: {}", name_, e.what());
+  }
+  paused_by_us_ = false;  // never `cont` a powered-off guest
+  set_state("shut-down", why);
+}
+
 void PrimarySession::check_qemu() {
   if (!watch_->alive()) throw QemuGone(fmt::format("primary QEMU (pid {}) exited", qemu_pid_));
 }
 
 void PrimarySession::ensure_running() {
   if (!paused_by_us_) return;
-  qmp_.execute("cont");
+  qmp_->execute("cont");
   paused_by_us_ = false;
   last_cont_ = Clock::now();
 }
@@ -275,7 +329,7 @@ void PrimarySession::ensure_running() {
 void PrimarySession::link_failed(const std::string& why) {
   log::error("primary", "{}: replication to {}:{} failed: {}", name_, host_, port_, why);
   if (output_) output_->pass_through("degraded: " + why);  // the guest runs on alone: its output is final
-  if (disks_ && qmp_.connected()) disks_->stop(qmp_);  // re-protection starts a new full copy
+  if (disks_ && qmp_->connected()) disks_->stop(*qmp_);  // re-protection starts a new full copy
   try {
     ensure_running();
   } catch (const std::exception& e) {
@@ -413,12 +467,12 @@ void PrimarySession::connect_and_sync() {
 // cut once every job is ready (disk_mirror.h).
 void PrimarySession::wait_disks_ready() {
   const auto t0 = Clock::now();
-  disks_->start(qmp_, 1);
+  disks_->start(*qmp_, 1);
   auto last_poll = Clock::time_point{}, last_log = Clock::now();
   while (!disks_->ready()) {
     check_qemu();
     if (Clock::now() - last_poll > std::chrono::milliseconds(100)) {
-      disks_->poll_jobs(qmp_);
+      disks_->poll_jobs(*qmp_);
       last_poll = Clock::now();
     }
     pump(std::chrono::milliseconds(5));  // forwards the copy, keeps heartbeats going
@@ -482,10 +536,24 @@ void PrimarySession::send_both(const T& m) {
   conn_->flush();
 }
 
+// Takes QEMU's queued events: the mirror jobs' to the disk mirror; a guest-initiated SHUTDOWN
+// ends protection (GuestShutdown). STOP/RESUME of every epoch are dropped (must not pile up).
+void PrimarySession::process_events() {
+  auto events = qmp_->take_events();
+  for (const auto& e : events) {
+    if (e.value("event", "") != "SHUTDOWN" || !e.contains("data")) continue;
+    const bool by_guest = e["data"].value("guest", false);
+    const std::string why = e["data"].value("reason", "");
+    log::info("primary", "{}: QEMU reports SHUTDOWN ({}, {})", name_, by_guest ? "by the guest" : "by the host", why);
+    if (by_guest) guest_shutdown_ = why.empty() ? "guest-shutdown" : why;
+  }
+  if (disks_ && disks_->running()) disks_->on_events(events);
+  if (!guest_shutdown_.empty()) throw GuestShutdown("the guest shut itself down (" + guest_shutdown_ + ")");
+}
+
 void PrimarySession::pump(std::chrono::milliseconds timeout) {
-  auto events = qmp_.take_events();  // STOP/RESUME of every epoch: not needed, must not pile up
+  process_events();
   if (disks_ && disks_->running()) {
-    disks_->on_events(events);
     if (auto f = disks_->failure(); !f.empty()) throw LinkDown(f);
     if (disks_->forward(*conn_, session_id_, UINT64_MAX)) conn_->flush();
   }
@@ -621,7 +689,7 @@ void PrimarySession::checkpoint(bool final) {
   if (disks_) disks_->allow_overflow(true);  // `stop` drains disk writes: they must not wait for us
   const auto t0 = Clock::now();
   try {
-    qmp_.execute("stop");
+    qmp_->execute("stop");
   } catch (const std::exception& e) {
     check_qemu();
     throw;
@@ -642,11 +710,11 @@ void PrimarySession::checkpoint(bool final) {
   stager_.stage_pages(dirty_, as_span(*ram_));
   const auto t3 = Clock::now();
   check_sys(::lseek(devstate_wo_.get(), 0, SEEK_SET), "rewind device-state memfd");
-  qmp_.execute("xen-save-devices-state", {{"filename", devstate_path_}, {"live", false}});
+  qmp_->execute("xen-save-devices-state", {{"filename", devstate_path_}, {"live", false}});
   read_device_state();
   const auto t4 = Clock::now();
   if (!final) {
-    qmp_.execute("cont");
+    qmp_->execute("cont");
     paused_by_us_ = false;
   }
   const auto t5 = Clock::now();
@@ -838,7 +906,7 @@ std::string PrimarySession::do_failover() {
   const double ms = ms_since(t0);
   guard_->disarm();
   try {
-    qmp_.execute("quit");
+    qmp_->execute("quit");
   } catch (const std::exception&) {
     // QEMU closes the monitor while quitting; that is the expected end.
   }
@@ -863,8 +931,8 @@ std::string PrimarySession::do_disable() {
   }
   guard_.reset();
   ensure_running();
-  if (disks_) disks_->stop(qmp_);
-  if (output_) output_->detach(qmp_);  // held frames go out; filters and chardevs removed
+  if (disks_) disks_->stop(*qmp_);
+  if (output_) output_->detach(*qmp_);  // held frames go out; filters and chardevs removed
   tracker_.reset();
   set_state("disabled");
   return fmt::format("protection of VM '{}' ended; the twin on the standby is destroyed", name_);

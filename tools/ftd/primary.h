@@ -5,7 +5,8 @@
 //
 // States: connecting -> syncing -> protected; any link failure -> degraded (the guest keeps
 // running unprotected; the session reconnects and starts a fresh full sync); planned failover
-// -> failed-over; QEMU died -> primary-lost; disable -> disabled.
+// -> failed-over; QEMU died -> primary-lost; disable -> disabled; the guest powered itself off
+// (QMP SHUTDOWN with guest=true) -> shut-down (the twin is destroyed, nothing fails over).
 #pragma once
 
 #include <atomic>
@@ -74,6 +75,10 @@ class PrimarySession {
   void wait_ack(uint64_t epoch);
   void handle(const transport::ControlMessage& m);
   void pump(std::chrono::milliseconds timeout);
+  void process_events();
+  bool saw_guest_shutdown();
+  void guest_shut_down(const std::string& why);
+  std::string guest_shutdown_;  // SHUTDOWN reason when the guest powered itself off
   void check_qemu();
   void primary_lost(const std::string& why);
   void link_failed(const std::string& why);
@@ -92,7 +97,7 @@ class PrimarySession {
   uint16_t port_ = 0;
 
   // VM handles (session thread only after start()).
-  vmm::QmpClient qmp_;
+  std::unique_ptr<vmm::Monitor> qmp_;
   pid_t qemu_pid_ = -1;
   std::vector<std::string> argv_;
   uint64_t ram_size_ = 0;

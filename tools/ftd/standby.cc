@@ -493,7 +493,8 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
       auto [ops, bytes] = journal_->drop_uncommitted();
       act["disk_dropped_ops"] = ops;
       act["disk_dropped_bytes"] = bytes;
-      for (auto& img : images_) img->sync();
+      // No fsync here: the twin opens the same files, so it sees these writes through the page
+      // cache; its own flushes (fdatasync of the image) later make them durable with its writes.
       if (cfg_.verify_activation) {
         auto digests = nlohmann::json::array();
         for (const auto& p : disk_paths_) digests.push_back(fmt::format("{:016x}", cp::digest_file(p)));

@@ -1,0 +1,657 @@
+#include "vmm-glue/libvirt_xml.h"
+
+#include <cctype>
+#include <climits>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <set>
+
+#include <fmt/format.h>
+#include <libxml/parser.h>
+#include <libxml/tree.h>
+
+#include "common/error.h"
+
+namespace ftvm::vmm {
+
+namespace {
+
+constexpr const char* kQemuNs = "http://libvirt.org/schemas/domain/qemu/1.0";
+
+const xmlChar* X(const char* s) { return reinterpret_cast<const xmlChar*>(s); }
+std::string S(const xmlChar* s) { return s ? reinterpret_cast<const char*>(s) : ""; }
+
+struct DocFree {
+  void operator()(xmlDoc* d) const { xmlFreeDoc(d); }
+};
+using DocPtr = std::unique_ptr<xmlDoc, DocFree>;
+
+// Parses `xml`; `what` names the document in errors ("domain XML").
+DocPtr parse(const std::string& xml, const char* what) {
+  static std::once_flag once;
+  std::call_once(once, [] { xmlInitParser(); });
+  if (xml.find_first_not_of(" \t\r\n") == std::string::npos)
+    fail("{}: empty document (expected the output of `virsh dumpxml`)", what);
+  if (xml.size() > INT_MAX) fail("{}: {} bytes is too large to parse", what, xml.size());
+  std::unique_ptr<xmlParserCtxt, void (*)(xmlParserCtxt*)> ctxt(xmlNewParserCtxt(),
+                                                                 xmlFreeParserCtxt);
+  if (!ctxt) fail("{}: cannot allocate an XML parser (out of memory)", what);
+  DocPtr doc(xmlCtxtReadMemory(ctxt.get(), xml.data(), static_cast<int>(xml.size()), "domain.xml",
+                               nullptr, XML_PARSE_NONET | XML_PARSE_NOERROR | XML_PARSE_NOWARNING));
+  if (!doc || !ctxt->wellFormed) {
+    const xmlError* e = xmlCtxtGetLastError(ctxt.get());
+    std::string msg = e && e->message ? e->message : "not well-formed";
+    while (!msg.empty() && (msg.back() == '\n' || msg.back() == ' ')) msg.pop_back();
+    fail("{}: malformed XML at line {}: {} (pass the output of `virsh dumpxml` unchanged)", what,
+         e ? e->line : 0, msg);
+  }
+  if (!xmlDocGetRootElement(doc.get())) fail("{}: no root element", what);
+  return doc;
+}
+
+bool is_elem(xmlNode* n) { return n && n->type == XML_ELEMENT_NODE; }
+// An element of libvirt's own (unnamespaced) vocabulary.
+bool is_elem(xmlNode* n, const char* name) {
+  return is_elem(n) && n->ns == nullptr && S(n->name) == name;
+}
+bool in_ns(xmlNode* n, const char* href, const char* name) {
+  return is_elem(n) && n->ns && n->ns->href && S(n->ns->href) == href && S(n->name) == name;
+}
+
+xmlNode* child(xmlNode* parent, const char* name) {
+  if (!parent) return nullptr;
+  for (xmlNode* c = parent->children; c; c = c->next)
+    if (is_elem(c, name)) return c;
+  return nullptr;
+}
+std::vector<xmlNode*> children(xmlNode* parent, const char* name) {
+  std::vector<xmlNode*> out;
+  if (!parent) return out;
+  for (xmlNode* c = parent->children; c; c = c->next)
+    if (is_elem(c, name)) out.push_back(c);
+  return out;
+}
+
+std::optional<std::string> attr(xmlNode* n, const char* name) {
+  if (!n) return std::nullopt;
+  xmlChar* v = xmlGetNoNsProp(n, X(name));
+  if (!v) return std::nullopt;
+  std::string s = S(v);
+  xmlFree(v);
+  return s;
+}
+std::string attr_or(xmlNode* n, const char* name, const std::string& dflt = "") {
+  return attr(n, name).value_or(dflt);
+}
+void set_attr(xmlNode* n, const char* name, const std::string& v) {
+  if (!xmlSetProp(n, X(name), X(v.c_str())))
+    fail("XML: cannot set attribute {}='{}' (out of memory)", name, v);
+}
+
+bool is_blank_text(xmlNode* n) {
+  if (!n || n->type != XML_TEXT_NODE) return false;
+  std::string s = S(n->content);
+  return s.find_first_not_of(" \t\r\n") == std::string::npos;
+}
+
+// The indentation of `n` (what follows the last newline of the blank text before it).
+std::string indent_of(xmlNode* n) {
+  if (!is_blank_text(n->prev)) return "";
+  std::string s = S(n->prev->content);
+  size_t nl = s.rfind('\n');
+  return nl == std::string::npos ? "" : s.substr(nl + 1);
+}
+
+xmlNode* new_text(xmlDoc* doc, const std::string& s) {
+  xmlNode* t = xmlNewDocText(doc, X(s.c_str()));
+  if (!t) fail("XML: out of memory");
+  return t;
+}
+
+// Makes the whitespace just before `elem` exactly `ws` (no text node merging surprises).
+void ensure_ws_before(xmlNode* elem, const std::string& ws) {
+  if (is_blank_text(elem->prev))
+    xmlNodeSetContent(elem->prev, X(ws.c_str()));
+  else if (!elem->prev || elem->prev->type != XML_TEXT_NODE)
+    xmlAddPrevSibling(elem, new_text(elem->doc, ws));
+}
+
+xmlNode* new_elem(xmlDoc* doc, const char* name, xmlNs* ns = nullptr) {
+  xmlNode* n = xmlNewDocNode(doc, ns, X(name), nullptr);
+  if (!n) fail("XML: out of memory");
+  return n;
+}
+
+// Appends `elem` as the last element child of `parent`, indented like its siblings.
+void append_child(xmlNode* parent, xmlNode* elem) {
+  xmlNode* first_elem = nullptr;
+  for (xmlNode* c = parent->children; c && !first_elem; c = c->next)
+    if (is_elem(c)) first_elem = c;
+  std::string ind = first_elem ? indent_of(first_elem) : indent_of(parent) + "  ";
+  xmlNode* last = parent->last;
+  if (last && is_blank_text(last)) {
+    xmlAddPrevSibling(last, elem);
+  } else {
+    xmlAddChild(parent, elem);
+    if (!last) xmlAddNextSibling(elem, new_text(parent->doc, "\n" + indent_of(parent)));
+  }
+  ensure_ws_before(elem, "\n" + ind);
+}
+
+// Inserts `elem` right after its future sibling `ref`, same indentation.
+void insert_after(xmlNode* ref, xmlNode* elem) {
+  xmlAddNextSibling(ref, elem);
+  ensure_ws_before(elem, "\n" + indent_of(ref));
+}
+
+// Removes `n` and the indentation before it.
+void remove_node(xmlNode* n) {
+  if (is_blank_text(n->prev)) {
+    xmlNode* p = n->prev;
+    xmlUnlinkNode(p);
+    xmlFreeNode(p);
+  }
+  xmlUnlinkNode(n);
+  xmlFreeNode(n);
+}
+
+void remove_children(xmlNode* n) {
+  while (n->children) {
+    xmlNode* c = n->children;
+    xmlUnlinkNode(c);
+    xmlFreeNode(c);
+  }
+}
+
+std::string serialize(xmlDoc* doc) {
+  std::unique_ptr<xmlBuffer, void (*)(xmlBuffer*)> buf(xmlBufferCreate(), xmlBufferFree);
+  if (!buf) fail("XML: out of memory");
+  if (xmlNodeDump(buf.get(), doc, xmlDocGetRootElement(doc), 0, 0) < 0)
+    fail("XML: cannot serialise the domain XML");
+  std::string out(reinterpret_cast<const char*>(xmlBufferContent(buf.get())),
+                  static_cast<size_t>(xmlBufferLength(buf.get())));
+  out += '\n';
+  return out;
+}
+
+xmlNode* domain_root(xmlDoc* doc, const char* what) {
+  xmlNode* root = xmlDocGetRootElement(doc);
+  if (!is_elem(root, "domain"))
+    fail("{}: root element is <{}>, expected <domain> (pass the output of `virsh dumpxml`)", what,
+         S(root->name));
+  return root;
+}
+
+// ---- protection -------------------------------------------------------------------------------
+
+std::string escape_attr(const std::string& s) {
+  std::string o;
+  for (char c : s) {
+    switch (c) {
+      case '&': o += "&amp;"; break;
+      case '<': o += "&lt;"; break;
+      case '>': o += "&gt;"; break;
+      case '"': o += "&quot;"; break;
+      case '\'': o += "&apos;"; break;
+      case '\n': o += "&#10;"; break;
+      case '\t': o += "&#9;"; break;
+      case '\r': o += "&#13;"; break;
+      default: o += c;
+    }
+  }
+  return o;
+}
+
+bool all_digits(const std::string& s) {
+  return !s.empty() && s.find_first_not_of("0123456789") == std::string::npos;
+}
+
+void check_port(const std::string& peer, const std::string& port) {
+  if (!all_digits(port) || port.size() > 5 || std::stoul(port) < 1 || std::stoul(port) > 65535)
+    fail("ftvm protection: peer='{}': port '{}' is not a number in 1..65535 "
+         "(write peer='HOST' or peer='HOST:PORT', IPv6 as '[ADDR]:PORT')",
+         peer, port);
+}
+
+void validate(const Protection& p) {
+  if (p.peer.empty())
+    fail("ftvm protection: attribute peer is missing or empty (write peer='HOST[:PORT]': the "
+         "standby host's ftd)");
+  for (unsigned char c : p.peer)
+    if (c <= ' ' || c == 0x7f || c == '/' || c == '\'' || c == '"')
+      fail("ftvm protection: peer='{}' contains a space, quote, slash or control character "
+           "(write peer='HOST[:PORT]')",
+           p.peer);
+  if (p.peer.front() == '[') {
+    size_t close = p.peer.find(']');
+    if (close == std::string::npos || close == 1)
+      fail("ftvm protection: peer='{}': unterminated or empty IPv6 '[ADDR]' (write "
+           "peer='[ADDR]:PORT')",
+           p.peer);
+    std::string rest = p.peer.substr(close + 1);
+    if (!rest.empty()) {
+      if (rest[0] != ':')
+        fail("ftvm protection: peer='{}': expected ':PORT' after ']' (write peer='[ADDR]:PORT')",
+             p.peer);
+      check_port(p.peer, rest.substr(1));
+    }
+  } else if (size_t c = p.peer.find(':'); c != std::string::npos && p.peer.find(':', c + 1) ==
+                                                                        std::string::npos) {
+    if (c == 0) fail("ftvm protection: peer='{}': the host is empty (write peer='HOST[:PORT]')",
+                     p.peer);
+    check_port(p.peer, p.peer.substr(c + 1));
+  }  // otherwise a host name, IPv4 address or bare IPv6 address without a port
+  if (p.transport != "auto" && p.transport != "tcp" && p.transport != "rdma")
+    fail("ftvm protection: transport='{}' is not accepted (use auto, tcp or rdma)", p.transport);
+  if (p.epoch_ms < 1 || p.epoch_ms > 10000)
+    fail("ftvm protection: epoch-ms='{}' is out of range (use an integer from 1 to 10000 "
+         "milliseconds; default 25)",
+         p.epoch_ms);
+  if (p.failover != "auto")
+    fail("ftvm protection: failover='{}' is not accepted (the only policy is auto)", p.failover);
+}
+
+std::string protection_attrs(const Protection& p) {
+  validate(p);
+  return fmt::format("peer=\"{}\" transport=\"{}\" epoch-ms=\"{}\" failover=\"{}\"",
+                     escape_attr(p.peer), escape_attr(p.transport), p.epoch_ms,
+                     escape_attr(p.failover));
+}
+
+std::string local_name(xmlNode* n) {
+  std::string s = S(n->name);
+  size_t c = s.find(':');  // an unbound prefix stays in the name ("ftvm:protection")
+  return c == std::string::npos ? s : s.substr(c + 1);
+}
+
+Protection read_protection(xmlNode* e) {
+  Protection p;
+  bool have_peer = false;
+  for (xmlAttr* a = e->properties; a; a = a->next) {
+    std::string name = S(a->name);
+    xmlChar* raw = xmlNodeListGetString(e->doc, a->children, 1);
+    std::string v = S(raw);
+    xmlFree(raw);
+    if (name == "peer") {
+      p.peer = v;
+      have_peer = true;
+    } else if (name == "transport") {
+      p.transport = v;
+    } else if (name == "failover") {
+      p.failover = v;
+    } else if (name == "epoch-ms") {
+      if (!all_digits(v) || v.size() > 6)
+        fail("ftvm protection: epoch-ms='{}' is not an integer (use 1 to 10000 milliseconds; "
+             "default 25)",
+             v);
+      p.epoch_ms = static_cast<unsigned>(std::stoul(v));
+    } else {
+      fail("ftvm protection: unknown attribute {}='{}' (accepted: peer, transport, epoch-ms, "
+           "failover)",
+           name, v);
+    }
+  }
+  if (!have_peer) p.peer.clear();
+  validate(p);
+  return p;
+}
+
+// ---- prepare ------------------------------------------------------------------------------------
+
+std::string describe_nic(xmlNode* nic, size_t index) {
+  std::string type = attr_or(nic, "type", "?");
+  if (auto mac = attr(child(nic, "mac"), "address")) return fmt::format("<interface type='{}'> with mac {}", type, *mac);
+  if (auto dev = attr(child(nic, "target"), "dev")) return fmt::format("<interface type='{}'> {}", type, *dev);
+  return fmt::format("<interface type='{}'> #{}", type, index + 1);
+}
+
+std::string describe_disk(xmlNode* disk) {
+  std::string target = attr_or(child(disk, "target"), "dev", "?");
+  xmlNode* src = child(disk, "source");
+  std::string from;
+  for (const char* k : {"file", "dev", "name", "pool", "volume", "dir", "path"})
+    if (auto v = attr(src, k)) {
+      from = fmt::format(" (source {}='{}')", k, *v);
+      break;
+    }
+  return fmt::format("disk {}{}", target, from);
+}
+
+bool disk_writable(xmlNode* disk) {
+  return attr_or(disk, "device", "disk") != "cdrom" && !child(disk, "readonly");
+}
+
+// Finds the issues of `root`; with `fix`, also fixes the fixable ones in place.
+std::vector<PrepareIssue> analyze(xmlNode* root, bool fix) {
+  std::vector<PrepareIssue> out;
+  auto issue = [&](std::string what, std::string fixs, bool fixable) {
+    out.push_back(PrepareIssue{std::move(what), std::move(fixs), true, fixable});
+  };
+  xmlDoc* doc = root->doc;
+
+  // Guest RAM: a shared memfd, no hugepages.
+  xmlNode* mb = child(root, "memoryBacking");
+  xmlNode* src = child(mb, "source");
+  xmlNode* acc = child(mb, "access");
+  std::string src_type = attr_or(src, "type", "anonymous");
+  std::string mode = attr_or(acc, "mode", "private");
+  if (src_type != "memfd" || mode != "shared") {
+    issue(fmt::format("guest RAM is not a shared memfd (memoryBacking source type '{}', access "
+                      "mode '{}'): ftd maps the guest RAM from outside QEMU through the memfd",
+                      src_type, mode),
+          "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>", true);
+    if (fix) {
+      if (!mb) {
+        mb = new_elem(doc, "memoryBacking");
+        xmlNode* after = child(root, "currentMemory");
+        if (!after) after = child(root, "memory");
+        if (after) insert_after(after, mb);
+        else append_child(root, mb);
+      }
+      if (!src) append_child(mb, src = new_elem(doc, "source"));
+      set_attr(src, "type", "memfd");
+      if (!acc) append_child(mb, acc = new_elem(doc, "access"));
+      set_attr(acc, "mode", "shared");
+    }
+  }
+  if (xmlNode* hp = child(mb, "hugepages")) {
+    issue("guest RAM uses hugepages (<memoryBacking><hugepages>): dirty tracking and copying would "
+          "work at huge-page granularity and soft-dirty does not cover hugetlb",
+          "remove <hugepages>...</hugepages> from <memoryBacking>", true);
+    if (fix) remove_node(hp);
+  }
+  std::vector<xmlNode*> cells = children(child(child(root, "cpu"), "numa"), "cell");
+  if (cells.size() > 1)
+    issue(fmt::format("{} NUMA cells in <cpu><numa>: libvirt gives each its own RAM backend and "
+                      "ftd replicates only one",
+                      cells.size()),
+          "use a single <cell> (or remove <numa>); not changed automatically", false);
+  for (xmlNode* cell : cells)
+    if (auto ma = attr(cell, "memAccess"); ma && *ma != "shared") {
+      issue(fmt::format("NUMA <cell id='{}' memAccess='{}'> overrides the shared memory access",
+                        attr_or(cell, "id", "?"), *ma),
+            "memAccess='shared' on that <cell>", true);
+      if (fix) set_attr(cell, "memAccess", "shared");
+    }
+
+  xmlNode* devices = child(root, "devices");
+
+  // The balloon.
+  std::vector<xmlNode*> balloons = children(devices, "memballoon");
+  if (balloons.empty()) {
+    issue("no <memballoon> element: libvirt then adds a virtio balloon, and a balloon (free-page "
+          "reporting included) discards guest pages the dirty trackers cannot see",
+          "<memballoon model='none'/> in <devices>", true);
+    if (fix) {
+      if (!devices) append_child(root, devices = new_elem(doc, "devices"));
+      xmlNode* b = new_elem(doc, "memballoon");
+      set_attr(b, "model", "none");
+      append_child(devices, b);
+    }
+  }
+  for (xmlNode* b : balloons) {
+    std::string model = attr_or(b, "model", "?");
+    if (model == "none") continue;
+    issue(fmt::format("<memballoon model='{}'>: a balloon (free-page reporting included) discards "
+                      "guest pages the dirty trackers cannot see",
+                      model),
+          "<memballoon model='none'/> (replacing the whole element)", true);
+    if (fix) {
+      remove_children(b);
+      while (b->properties) xmlRemoveProp(b->properties);
+      set_attr(b, "model", "none");
+    }
+  }
+
+  // Network interfaces.
+  std::vector<xmlNode*> nics = children(devices, "interface");
+  for (size_t i = 0; i < nics.size(); ++i) {
+    xmlNode* nic = nics[i];
+    std::string type = attr_or(nic, "type");
+    std::string what = describe_nic(nic, i);
+    const char* emulated =
+        "use an emulated NIC instead: <interface type='network'> or type='bridge' with "
+        "<model type='virtio'/> and <driver name='qemu'/>; not changed automatically";
+    if (type == "vhostuser" || type == "vdpa") {
+      issue(fmt::format("{}: a {} backend writes guest RAM directly, outside QEMU", what,
+                        type == "vdpa" ? "vhost-vDPA" : "vhost-user"),
+            emulated, false);
+      continue;
+    }
+    if (type == "hostdev") {
+      issue(fmt::format("{}: an assigned (VFIO) device writes guest RAM by DMA", what), emulated,
+            false);
+      continue;
+    }
+    std::string model = attr_or(child(nic, "model"), "type");
+    bool vhost_capable = type == "network" || type == "bridge" || type == "ethernet" ||
+                         type == "direct";
+    if (model.rfind("virtio", 0) != 0 || !vhost_capable) continue;
+    xmlNode* drv = child(nic, "driver");
+    std::string name = attr_or(drv, "name", "(default: vhost)");
+    if (name == "qemu") continue;
+    issue(fmt::format("{} model {} uses in-kernel vhost (driver name {}): writes by vhost worker "
+                      "threads are not tracked",
+                      what, model, name),
+          "<driver name='qemu'/> in that <interface>", true);
+    if (fix) {
+      if (!drv) append_child(nic, drv = new_elem(doc, "driver"));
+      set_attr(drv, "name", "qemu");
+    }
+  }
+
+  // Disks.
+  for (xmlNode* disk : children(devices, "disk")) {
+    std::string type = attr_or(disk, "type", "file");
+    if (type == "vhostuser" || type == "vhostvdpa") {
+      issue(fmt::format("{} is type='{}': another process writes guest RAM directly",
+                        describe_disk(disk), type),
+            "use a local image file (<disk type='file'>) on an emulated controller; not changed "
+            "automatically",
+            false);
+      continue;
+    }
+    if (disk_writable(disk) && type != "file")
+      issue(fmt::format("writable {} is type='{}': ftd mirrors only local image files", describe_disk(disk),
+                        type),
+            "use a local image file (<disk type='file' device='disk'><source file='/path/to/image'/>) "
+            "or mark the disk <readonly/>; not changed automatically",
+            false);
+  }
+
+  // Devices that write guest RAM from elsewhere, or add RAM that is not replicated.
+  for (xmlNode* fs : children(devices, "filesystem"))
+    if (attr_or(child(fs, "driver"), "type") == "virtiofs")
+      issue(fmt::format("<filesystem> {} uses virtiofs: virtiofsd (vhost-user) writes guest RAM "
+                        "directly",
+                        attr_or(child(fs, "target"), "dir", "?")),
+            "remove the <filesystem> (or use a 9p <driver type='path'/>); not changed "
+            "automatically",
+            false);
+  for (xmlNode* v : children(devices, "video"))
+    if (attr_or(child(v, "driver"), "name") == "vhostuser")
+      issue("<video> with <driver name='vhostuser'>: a vhost-user GPU process writes guest RAM",
+            "use an emulated video model without the vhostuser driver; not changed automatically",
+            false);
+  for (xmlNode* h : children(devices, "hostdev"))
+    issue(fmt::format("<hostdev type='{}'>: an assigned host device writes guest RAM by DMA (or "
+                      "through in-kernel vhost-scsi)",
+                      attr_or(h, "type", "?")),
+          "remove the <hostdev>; not changed automatically", false);
+  if (!children(devices, "vsock").empty())
+    issue("<vsock>: vhost-vsock in the kernel writes guest RAM outside QEMU",
+          "remove the <vsock> device; not changed automatically", false);
+  for (xmlNode* s : children(devices, "shmem"))
+    issue(fmt::format("<shmem name='{}'>: shared memory that is not replicated",
+                      attr_or(s, "name", "?")),
+          "remove the <shmem> device; not changed automatically", false);
+  for (xmlNode* m : children(devices, "memory"))
+    issue(fmt::format("<memory model='{}'> device: RAM outside the main memfd is not replicated "
+                      "(and virtio-mem discards pages the trackers cannot see)",
+                      attr_or(m, "model", "?")),
+          "remove the <memory> device (grow <memory> instead); not changed automatically", false);
+  return out;
+}
+
+}  // namespace
+
+bool looks_like_uuid(const std::string& s) {
+  auto hex = [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; };
+  if (s.size() == 32) {
+    for (char c : s)
+      if (!hex(c)) return false;
+    return true;
+  }
+  if (s.size() != 36) return false;
+  for (size_t i = 0; i < s.size(); ++i) {
+    bool dash = i == 8 || i == 13 || i == 18 || i == 23;
+    if (dash ? s[i] != '-' : !hex(s[i])) return false;
+  }
+  return true;
+}
+
+std::optional<Protection> parse_protection(const std::string& xml) {
+  DocPtr doc = parse(xml, "protection metadata");
+  xmlNode* root = xmlDocGetRootElement(doc.get());
+  if (is_elem(root, "domain")) {
+    xmlNode* found = nullptr;
+    for (xmlNode* c = child(root, "metadata") ? child(root, "metadata")->children : nullptr; c;
+         c = c->next) {
+      if (!in_ns(c, kProtectionNs, "protection")) continue;
+      if (found)
+        fail("domain XML: two <ftvm:protection> elements in <metadata> (keep one: `virsh "
+             "metadata DOMAIN {} --remove` clears them)",
+             kProtectionNs);
+      found = c;
+    }
+    if (!found) return std::nullopt;
+    return read_protection(found);
+  }
+  if (local_name(root) != "protection")
+    fail("protection metadata: root element is <{}>, expected <domain> or <protection>",
+         S(root->name));
+  if (root->ns && root->ns->href && S(root->ns->href) != kProtectionNs)
+    fail("protection metadata: <{}> is in namespace '{}', expected '{}'", S(root->name),
+         S(root->ns->href), kProtectionNs);
+  return read_protection(root);
+}
+
+std::string protection_element(const Protection& p) {
+  return "<protection " + protection_attrs(p) + "/>";
+}
+
+std::string protection_element_qualified(const Protection& p) {
+  return fmt::format("<{0}:protection xmlns:{0}=\"{1}\" {2}/>", kProtectionPrefix, kProtectionNs,
+                     protection_attrs(p));
+}
+
+std::vector<PrepareIssue> prepare_check(const std::string& domain_xml) {
+  DocPtr doc = parse(domain_xml, "domain XML");
+  return analyze(domain_root(doc.get(), "domain XML"), false);
+}
+
+std::string prepare_fix(const std::string& domain_xml) {
+  DocPtr doc = parse(domain_xml, "domain XML");
+  analyze(domain_root(doc.get(), "domain XML"), true);
+  return serialize(doc.get());
+}
+
+std::string twin_xml(const std::string& domain_xml, const TwinXmlOptions& opts) {
+  DocPtr doc = parse(domain_xml, "domain XML");
+  xmlNode* root = domain_root(doc.get(), "domain XML");
+  xmlDoc* d = doc.get();
+
+  xmlUnsetProp(root, X("id"));  // live-only
+
+  xmlNode* name = child(root, "name");
+  if (!opts.name.empty()) {
+    if (!name) fail("domain XML: no <name> element (pass the output of `virsh dumpxml`)");
+    remove_children(name);
+    xmlAddChild(name, new_text(d, opts.name));
+  }
+  xmlNode* uuid = child(root, "uuid");
+  if (opts.uuid == "generate") {
+    if (uuid) remove_node(uuid);
+  } else if (!opts.uuid.empty()) {
+    if (!looks_like_uuid(opts.uuid))
+      fail("twin XML: uuid '{}' is not a UUID (use 8-4-4-4-12 hex digits, \"generate\" or \"\" to "
+           "keep the primary's)",
+           opts.uuid);
+    if (!uuid) {
+      uuid = new_elem(d, "uuid");
+      if (name) insert_after(name, uuid);
+      else append_child(root, uuid);
+    }
+    remove_children(uuid);
+    xmlAddChild(uuid, new_text(d, opts.uuid));
+  }
+
+  std::set<std::string> used;
+  for (xmlNode* disk : children(child(root, "devices"), "disk")) {
+    xmlNode* src = child(disk, "source");
+    auto file = attr(src, "file");
+    if (!file) continue;
+    auto it = opts.disk_files.find(*file);
+    if (it == opts.disk_files.end()) continue;
+    used.insert(*file);
+    set_attr(src, "file", it->second);
+    xmlNode* drv = child(disk, "driver");
+    if (!drv) {
+      drv = new_elem(d, "driver");
+      set_attr(drv, "name", "qemu");
+      append_child(disk, drv);
+    }
+    set_attr(drv, "type", "raw");
+    for (xmlNode* bs : children(disk, "backingStore")) remove_node(bs);
+  }
+  for (const auto& [from, to] : opts.disk_files)
+    if (!used.count(from))
+      fail("twin XML: disk image '{}' (to be replaced by '{}') is not the <source file=...> of "
+           "any <disk> in the domain XML; the twin would open the primary's image (name the "
+           "files as `virsh domblklist` shows them)",
+           from, to);
+
+  if (xmlNode* md = child(root, "metadata")) {
+    for (xmlNode* c = md->children; c;) {
+      xmlNode* next = c->next;
+      if (in_ns(c, kProtectionNs, "protection")) remove_node(c);
+      c = next;
+    }
+    bool any = false;
+    for (xmlNode* c = md->children; c; c = c->next) any = any || is_elem(c);
+    if (!any) remove_node(md);
+  }
+
+  if (!opts.extra_qemu_args.empty()) {
+    xmlNs* ns = xmlSearchNsByHref(d, root, X(kQemuNs));
+    if (!ns) ns = xmlNewNs(root, X(kQemuNs), X("qemu"));
+    if (!ns)
+      fail("domain XML: cannot declare xmlns:qemu='{}' on <domain> (the prefix 'qemu' is bound to "
+           "another namespace)",
+           kQemuNs);
+    xmlNode* cl = nullptr;
+    for (xmlNode* c = root->children; c && !cl; c = c->next)
+      if (in_ns(c, kQemuNs, "commandline")) cl = c;
+    if (!cl) append_child(root, cl = new_elem(d, "commandline", ns));
+    for (const auto& a : opts.extra_qemu_args) {
+      xmlNode* arg = new_elem(d, "arg", ns);
+      set_attr(arg, "value", a);
+      append_child(cl, arg);
+    }
+  }
+  return serialize(d);
+}
+
+std::vector<std::string> disk_sources(const std::string& domain_xml) {
+  DocPtr doc = parse(domain_xml, "domain XML");
+  xmlNode* root = domain_root(doc.get(), "domain XML");
+  std::vector<std::string> out;
+  for (xmlNode* disk : children(child(root, "devices"), "disk")) {
+    if (attr_or(disk, "type", "file") != "file" || !disk_writable(disk)) continue;
+    if (auto f = attr(child(disk, "source"), "file"); f && !f->empty()) out.push_back(*f);
+  }
+  return out;
+}
+
+}  // namespace ftvm::vmm

@@ -1,0 +1,123 @@
+// Pure functions on libvirt domain XML (libxml2; no libvirt calls, no filesystem).
+//
+// Input is what `virsh dumpxml` / virDomainGetXMLDesc returns (live or inactive). Malformed XML,
+// or XML whose root is not <domain>, throws ftvm::Error naming the line and libxml2's message.
+// Rewritten XML keeps the document's layout (added elements are indented like their siblings)
+// and has no `<?xml ...?>` declaration; attributes come out double-quoted. Unknown elements,
+// comments and other namespaces' metadata are kept untouched.
+#pragma once
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace ftvm::vmm {
+
+// ---- protection metadata ----------------------------------------------------------------------
+//
+// A protected domain carries in its <metadata>:
+//   <ftvm:protection xmlns:ftvm="https://ftvm.dev/xmlns/protection/1"
+//                    peer="HOST[:PORT]" transport="auto|tcp|rdma" epoch-ms="25" failover="auto"/>
+constexpr const char* kProtectionNs = "https://ftvm.dev/xmlns/protection/1";
+constexpr const char* kProtectionPrefix = "ftvm";  // the `key` for virDomainSetMetadata
+
+struct Protection {
+  std::string peer;               // standby ftd: "host", "host:port", "[v6]:port" (required)
+  std::string transport = "auto";  // auto | tcp | rdma
+  unsigned epoch_ms = 25;          // 1..10000
+  std::string failover = "auto";   // auto (the only policy so far)
+
+  bool operator==(const Protection&) const = default;
+};
+
+// Reads the protection element from either
+//  * a whole domain XML: the child of <domain><metadata> in namespace kProtectionNs (any
+//    prefix); absent -> std::nullopt; or
+//  * the string virDomainGetMetadata returns for kProtectionNs: just the element, which libvirt
+//    hands back with its namespace stripped (`<protection peer=.../>`, sometimes with a dangling
+//    `ftvm:` prefix); any root element named `protection` is taken as that element.
+// A present but invalid element throws ftvm::Error naming the attribute and the accepted values:
+// no/empty peer or a bad port, transport not auto|tcp|rdma, epoch-ms not an integer in
+// 1..10000, failover not "auto", an unknown attribute (a typo would otherwise be ignored).
+std::optional<Protection> parse_protection(const std::string& xml);
+
+// The snippet to pass to virDomainSetMetadata(dom, VIR_DOMAIN_METADATA_ELEMENT, snippet,
+// kProtectionPrefix, kProtectionNs, flags): `<protection peer="..." transport="..."
+// epoch-ms="..." failover="..."/>`. It deliberately carries NO xmlns: libvirt moves the element
+// into `uri` with prefix `key` itself and refuses a snippet that already declares that prefix
+// ("internal error: failed to create a new XML namespace"); the domain XML then holds
+// `<ftvm:protection xmlns:ftvm="https://ftvm.dev/xmlns/protection/1" .../>`.
+// Validates `p` like parse_protection (throws ftvm::Error).
+std::string protection_element(const Protection& p);
+
+// The same element, namespaced and self-contained, for writing into a domain XML by hand
+// (`<ftvm:protection xmlns:ftvm="https://ftvm.dev/xmlns/protection/1" .../>`).
+std::string protection_element_qualified(const Protection& p);
+
+// ---- what protection needs from the domain definition -----------------------------------------
+
+struct PrepareIssue {
+  std::string what;    // the problem, naming the element
+  std::string fix;     // the exact XML to write instead (or what to do when not fixable)
+  bool needs_restart;  // takes effect only when the domain is started again (all of them so far)
+  bool fixable;        // prepare_fix() changes it
+};
+
+// What the definition must change before ftd can protect the domain (empty: nothing). The
+// rules mirror check_protectable() on the QEMU command line libvirt generates:
+//  * guest RAM in a shared memfd: <memoryBacking><source type='memfd'/><access mode='shared'/>
+//    (fixable); a NUMA <cell memAccess='private'> overrides it (fixable: memAccess='shared');
+//    more than one NUMA cell means several RAM backends (not fixable);
+//  * no hugepages in <memoryBacking> (fixable: removed);
+//  * <memballoon model='none'/>: libvirt adds a virtio balloon when the element is absent, and
+//    every balloon (free-page reporting included) discards pages the trackers cannot see
+//    (fixable);
+//  * every virtio <interface> uses QEMU's userspace backend, not in-kernel vhost:
+//    <driver name='qemu'/> (fixable);
+//  * no vhost-user / vDPA devices (interface type vhostuser or vdpa, disk type vhostuser or
+//    vhostvdpa, virtiofs <filesystem>, vhost-user <video>), no <hostdev> or
+//    <interface type='hostdev'>, no <vsock> (in-kernel vhost), no <shmem>, no <memory> devices
+//    (dimm, nvdimm, virtio-mem, virtio-pmem, ...) (none fixable: another process or device
+//    writes guest RAM, or RAM that is not replicated);
+//  * every writable disk is type='file' (a local image ftd can mirror; not fixable).
+std::vector<PrepareIssue> prepare_check(const std::string& domain_xml);
+
+// `domain_xml` with every fixable issue of prepare_check() fixed (for virDomainDefineXML of the
+// persistent definition). Issues that are not fixable are left as they are: run prepare_check()
+// on the result to see them.
+std::string prepare_fix(const std::string& domain_xml);
+
+// ---- the standby twin's definition ------------------------------------------------------------
+
+struct TwinXmlOptions {
+  std::string name;  // new <name>; "" = keep
+  std::string uuid;  // new <uuid>; "" = keep; "generate" = remove it so libvirt makes one
+  // Replicated disks: the primary's image file (<source file=...>) -> the twin's raw replica.
+  std::map<std::string, std::string> disk_files;
+  // Appended as <qemu:commandline><qemu:arg value='...'/> (existing entries kept).
+  std::vector<std::string> extra_qemu_args;
+};
+
+// The twin's domain XML, from the primary's:
+//  * <name>/<uuid> set (or the uuid removed), the live-only id= attribute of <domain> removed;
+//  * each <disk> whose <source file=...> is in opts.disk_files points at the replica, with
+//    <driver type='raw'> and without <backingStore> (the replica is a flat raw image); a listed
+//    file that no disk uses throws ftvm::Error naming it (the twin would otherwise open the
+//    primary's image);
+//  * the ftvm protection element removed from <metadata> (the twin is not itself protected);
+//  * opts.extra_qemu_args appended to <qemu:commandline> (xmlns:qemu declared on <domain>).
+// Kept as they are (documented limitation): <seclabel> elements (a static label, e.g.
+// type='static' relabel='no', is reused by the twin and may clash on the same host), MAC
+// addresses, fixed <graphics> ports, disks not listed (read-only disks, CD-ROMs: the twin opens
+// the same path).
+std::string twin_xml(const std::string& domain_xml, const TwinXmlOptions& opts);
+
+// The file sources of the writable disks (<disk type='file'> that is not a cdrom and has no
+// <readonly/>), in document order: the names to match against QEMU's query-block file names.
+std::vector<std::string> disk_sources(const std::string& domain_xml);
+
+// True when `s` is a UUID in libvirt's string form (8-4-4-4-12 hex digits, or 32 hex digits).
+bool looks_like_uuid(const std::string& s);
+
+}  // namespace ftvm::vmm
