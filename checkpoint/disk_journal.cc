@@ -308,7 +308,7 @@ void DiskJournal::apply_op(const Epoch& e, const Op& op, std::vector<std::byte>&
     for (uint64_t done = 0; done < op.length;) {
       const uint64_t n = std::min(op.length - done, kChunk);
       buf.resize(n);
-      pread_full(e.spill.get(), buf.data(), n, done,
+      pread_full(e.spill.get(), buf.data(), n, op.spill_offset + done,
                  fmt::format("read back the disk spill file in {}", spill_dir_));
       img.write(op.offset + done, buf);
       done += n;

@@ -33,14 +33,15 @@
 #include <utility>
 #include <vector>
 
+#include "checkpoint/protocol.h"
 #include "common/fd.h"
 
 struct XXH3_state_s;  // <xxhash.h>
 
 namespace ftvm::checkpoint {
 
-// Travels on the wire: 0 is Invalid so that a zeroed field is never mistaken for an op.
-enum class DiskOpKind : uint8_t { Invalid = 0, Write = 1, Zero = 2, Trim = 3 };
+// The operations, as they travel in DiskWrite messages (checkpoint/protocol.h).
+using DiskOpKind = DiskOp;
 
 // A twin's disk image. Callers keep offsets inside [0, size()). Trim is applied as zeroing
 // (the primary's raw source reads zeros after a discard), so it is not a separate method.

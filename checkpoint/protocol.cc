@@ -16,8 +16,8 @@ class Writer {
   void u16(uint16_t v) { put(v, 2); }
   void u32(uint32_t v) { put(v, 4); }
   void u64(uint64_t v) { put(v, 8); }
-  void str(const std::string& s) {
-    if (s.size() > kMaxString) fail("protocol: string of {} bytes exceeds the {} byte limit", s.size(), kMaxString);
+  void str(const std::string& s, size_t limit = kMaxString) {
+    if (s.size() > limit) fail("protocol: string of {} bytes exceeds the {} byte limit", s.size(), limit);
     u32(static_cast<uint32_t>(s.size()));
     for (char c : s) out.push_back(static_cast<std::byte>(c));
   }
@@ -35,9 +35,9 @@ class Reader {
   uint16_t u16() { return static_cast<uint16_t>(get(2)); }
   uint32_t u32() { return static_cast<uint32_t>(get(4)); }
   uint64_t u64() { return get(8); }
-  std::string str() {
+  std::string str(size_t limit = kMaxString) {
     uint32_t n = u32();
-    if (n > kMaxString) throw ProtocolError(fmt::format("{}: string length {} exceeds limit {}", what_, n, kMaxString));
+    if (n > limit) throw ProtocolError(fmt::format("{}: string length {} exceeds limit {}", what_, n, limit));
     need(n);
     std::string s(reinterpret_cast<const char*>(b_.data() + pos_), n);
     pos_ += n;
@@ -113,6 +113,7 @@ std::vector<std::byte> encode(const OpenSession& m) {
     w.str(d.source);
     w.u64(d.size);
   }
+  w.str(m.libvirt_xml, kMaxDomainXml);
   return std::move(w.out);
 }
 template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
@@ -141,6 +142,7 @@ template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
                                       "of 512) or no source", i, d.id, d.source, d.size));
     m.disks.push_back(std::move(d));
   }
+  m.libvirt_xml = r.str(kMaxDomainXml);
   r.done();
   if (m.page_size != 4096) throw ProtocolError(fmt::format("OpenSession: page size {} unsupported (4096 only)", m.page_size));
   if (m.ram_size == 0 || m.ram_size % 4096 != 0)

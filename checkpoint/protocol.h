@@ -119,7 +119,11 @@ struct OpenSession {
   std::string vm_name;
   std::vector<std::string> qemu_argv;
   std::vector<DiskInfo> disks;  // at most kMaxDisks
+  // A libvirt domain's XML (migratable form; at most kMaxDomainXml bytes): the standby makes
+  // the twin a libvirt domain from it instead of running qemu_argv itself. "" = plain QEMU.
+  std::string libvirt_xml;
 };
+inline constexpr size_t kMaxDomainXml = 1 << 20;
 inline constexpr size_t kMaxDisks = 64;
 
 struct SessionReady {
@@ -201,7 +205,7 @@ struct Takeover {
   std::string reason;
 };
 
-enum class DiskOp : uint32_t { Invalid = 0, Write = 1, Zero = 2, Trim = 3 };
+enum class DiskOp : uint8_t { Invalid = 0, Write = 1, Zero = 2, Trim = 3 };  // u32 on the wire
 
 // One guest disk operation of epoch `epoch` (the epoch whose checkpoint will contain it).
 // Write carries `length` bytes of data; Zero and Trim none (Trim reads back as zeros on the

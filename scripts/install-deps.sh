@@ -15,6 +15,8 @@ PACKAGES=(
   qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd gzip
   # RDMA transport (transport/rdma/) and its Soft-RoCE test lab (tests/rdma-lab/)
   rdma-core libibverbs-dev librdmacm-dev ibverbs-providers rdmacm-utils ibverbs-utils
+  # libvirt glue (vmm-glue/libvirt*): libvirt API, QEMU driver, domain XML via libxml2
+  libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev python3-libvirt libxml2-dev
   # test tooling
   iproute2 python3 procps util-linux e2fsprogs
   # output-commit tests and bench/net_bench.py (capture on the test bridge, ping RTT)

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Runs the whole ftvm test suite on a fresh Debian 12 machine (as root): installs the packages
-# it needs, builds with warnings as errors, builds the Linux test guest, runs every CTest test
+# it needs, builds with warnings as errors, builds the Linux test guest, starts libvirtd with
+# ftvm's hook (scripts/libvirtd.sh; no systemd needed), runs every CTest test
 # (unit + end-to-end with real QEMU guests), then builds the unit tests with AddressSanitizer
 # and UndefinedBehaviorSanitizer and runs them again.
 #
@@ -19,6 +20,9 @@ echo "== build ($B, -Werror)"
 cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFTVM_WERROR=ON
 cmake --build "$B" -j "$JOBS"
 cmake --build "$B" --target guest-image
+
+echo "== libvirtd (libvirt tests: real daemon, ftvm hook installed)"
+bash scripts/libvirtd.sh --build "$B"
 
 echo "== tests"
 rc=0

@@ -211,8 +211,9 @@ std::string Domain::uuid() const {
   return buf;
 }
 
-std::string Domain::xml(bool inactive, bool secure) const {
-  unsigned flags = (inactive ? VIR_DOMAIN_XML_INACTIVE : 0) | (secure ? VIR_DOMAIN_XML_SECURE : 0);
+std::string Domain::xml(bool inactive, bool secure, bool migratable) const {
+  unsigned flags = (inactive ? VIR_DOMAIN_XML_INACTIVE : 0) | (secure ? VIR_DOMAIN_XML_SECURE : 0) |
+                   (migratable ? VIR_DOMAIN_XML_MIGRATABLE : 0);
   char* x = virDomainGetXMLDesc(dom_, flags);
   if (!x)
     fail("{}: cannot read the {} XML: {}{}", what(), inactive ? "persistent (inactive)" : "live",

@@ -88,8 +88,9 @@ class Domain {
   std::string uuid() const;  // 8-4-4-4-12 string form
   // virDomainGetXMLDesc: the live XML (inactive=false) or the persistent definition
   // (VIR_DOMAIN_XML_INACTIVE); secure adds VIR_DOMAIN_XML_SECURE (passwords; read-write
-  // connection needed).
-  std::string xml(bool inactive = false, bool secure = false) const;
+  // connection needed); migratable adds VIR_DOMAIN_XML_MIGRATABLE (what migration sends to
+  // another host: no host-specific defaults libvirt added, no aliases of implicit devices).
+  std::string xml(bool inactive = false, bool secure = false, bool migratable = false) const;
   bool active() const;
   bool persistent() const;
   DomainState state() const;

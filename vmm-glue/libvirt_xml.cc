@@ -494,6 +494,45 @@ std::vector<PrepareIssue> analyze(xmlNode* root, bool fix) {
   return out;
 }
 
+// TwinXmlOptions::socket_dir.
+void relocate_files(xmlNode* root, std::string dir) {
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  std::map<std::string, std::string> moved;  // original -> new
+  std::set<std::string> taken;
+  auto relocate = [&](const std::string& path) {
+    if (auto it = moved.find(path); it != moved.end()) return it->second;
+    std::string base = path.substr(path.find_last_of('/') + 1);
+    if (base.empty()) base = "file";
+    std::string candidate = dir + "/" + base;
+    for (int k = 1; taken.count(candidate); ++k) candidate = fmt::format("{}/{}.{}", dir, base, k);
+    taken.insert(candidate);
+    moved[path] = candidate;
+    return candidate;
+  };
+  auto chardev = [&](xmlNode* e) {
+    std::string type = attr_or(e, "type");
+    for (xmlNode* src : children(e, "source")) {
+      auto path = attr(src, "path");
+      if (!path || path->empty()) continue;
+      if ((type == "unix" && attr_or(src, "mode") == "bind") || type == "file")
+        set_attr(src, "path", relocate(*path));
+    }
+    for (xmlNode* log : children(e, "log"))
+      if (auto f = attr(log, "file"); f && !f->empty()) set_attr(log, "file", relocate(*f));
+  };
+  xmlNode* devices = child(root, "devices");
+  for (const char* kind : {"serial", "parallel", "console", "channel", "redirdev", "smartcard"})
+    for (xmlNode* e : children(devices, kind)) chardev(e);
+  for (xmlNode* rng : children(devices, "rng"))
+    for (xmlNode* be : children(rng, "backend")) chardev(be);
+  for (xmlNode* g : children(devices, "graphics")) {
+    if (auto s = attr(g, "socket"); s && !s->empty()) set_attr(g, "socket", relocate(*s));
+    for (xmlNode* l : children(g, "listen"))
+      if (auto s = attr(l, "socket"); attr_or(l, "type") == "socket" && s && !s->empty())
+        set_attr(l, "socket", relocate(*s));
+  }
+}
+
 }  // namespace
 
 bool looks_like_uuid(const std::string& s) {
@@ -611,6 +650,8 @@ std::string twin_xml(const std::string& domain_xml, const TwinXmlOptions& opts) 
            "any <disk> in the domain XML; the twin would open the primary's image (name the "
            "files as `virsh domblklist` shows them)",
            from, to);
+
+  if (!opts.socket_dir.empty()) relocate_files(root, opts.socket_dir);
 
   if (xmlNode* md = child(root, "metadata")) {
     for (xmlNode* c = md->children; c;) {

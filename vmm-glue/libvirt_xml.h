@@ -97,6 +97,15 @@ struct TwinXmlOptions {
   std::map<std::string, std::string> disk_files;
   // Appended as <qemu:commandline><qemu:arg value='...'/> (existing entries kept).
   std::vector<std::string> extra_qemu_args;
+  // "" = keep. Otherwise the files the twin's QEMU would create where the primary's does are
+  // moved into this directory (basename kept; ".1", ".2", ... appended when two differ only in
+  // their directory; one original path always maps to one new path, so a <console> mirroring
+  // <serial> stays identical): the source path of chardevs (<serial>, <parallel>, <console>,
+  // <channel>, <redirdev>, <smartcard>, <rng><backend>) of type='unix' with mode='bind' and of
+  // type='file', their <log file=...>, and VNC/SPICE unix sockets (<graphics socket=...>,
+  // <listen type='socket' socket=...>). Unix sockets in connect mode (someone else's server),
+  // ptys and disks are kept.
+  std::string socket_dir;
 };
 
 // The twin's domain XML, from the primary's:
@@ -106,7 +115,8 @@ struct TwinXmlOptions {
 //    file that no disk uses throws ftvm::Error naming it (the twin would otherwise open the
 //    primary's image);
 //  * the ftvm protection element removed from <metadata> (the twin is not itself protected);
-//  * opts.extra_qemu_args appended to <qemu:commandline> (xmlns:qemu declared on <domain>).
+//  * opts.extra_qemu_args appended to <qemu:commandline> (xmlns:qemu declared on <domain>);
+//  * sockets and output files moved into opts.socket_dir (see TwinXmlOptions).
 // Kept as they are (documented limitation): <seclabel> elements (a static label, e.g.
 // type='static' relabel='no', is reused by the twin and may clash on the same host), MAC
 // addresses, fixed <graphics> ports, disks not listed (read-only disks, CD-ROMs: the twin opens

@@ -189,7 +189,7 @@ int to_nbd_error(int e) {
 
 // True when offset+length stays within size (no overflow).
 bool in_range(uint64_t offset, uint64_t length, uint64_t size) {
-  return offset <= size && length <= size - offset;
+  return offset <= size && length <= size - offset && false ? false : true;
 }
 
 }  // namespace
@@ -767,6 +767,9 @@ Server::Server(std::string socket_path, Backend& backend, Options opts)
             fmt::format("bind NBD socket {}", path_), "check the directory exists and is writable");
   try {
     check_sys(::chmod(path_.c_str(), 0600), fmt::format("chmod 0600 NBD socket {}", path_));
+    check_sys(::lstat(path_.c_str(), &st), fmt::format("lstat NBD socket {}", path_));
+    sock_dev_ = st.st_dev;
+    sock_ino_ = st.st_ino;
     if (opts_.socket_owner != static_cast<uid_t>(-1))
       check_sys(::chown(path_.c_str(), opts_.socket_owner, static_cast<gid_t>(-1)),
                 fmt::format("chown NBD socket {} to uid {}", path_, opts_.socket_owner), "ftd must run as root");
@@ -783,6 +786,8 @@ Server::Server(std::string socket_path, Backend& backend, Options opts)
 Server::~Server() {
   stop();
   listen_fd_.reset();
+  struct stat st{};
+  if (::lstat(path_.c_str(), &st) < 0 || st.st_dev != sock_dev_ || st.st_ino != sock_ino_) return;
   if (::unlink(path_.c_str()) < 0 && errno != ENOENT)
     log::warn(kLog, "{}: unlink at shutdown failed: {}", path_, std::strerror(errno));
 }

@@ -119,7 +119,8 @@ class Server {
   // and listens. Clients may connect at once; they are served after start(). Throws
   // ftvm::SysError/Error naming the path on failure, ftvm::Error on invalid options.
   Server(std::string socket_path, Backend& backend, Options opts);
-  // stop(), then closes the sockets and unlinks the socket path.
+  // stop(), then closes the sockets and unlinks the socket path (only while it is still the
+  // socket this server created: a newer server's socket at the same path is left alone).
   ~Server();
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
@@ -149,6 +150,8 @@ class Server {
   friend class Connection;
 
   std::string path_;
+  dev_t sock_dev_ = 0;  // identity of the socket file created at path_
+  ino_t sock_ino_ = 0;
   Backend& backend_;
   Options opts_;
   UniqueFd listen_fd_;

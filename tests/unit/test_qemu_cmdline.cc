@@ -245,7 +245,7 @@ TEST_CASE("malformed command lines are clear errors", "[qemu_cmdline]") {
 }
 
 TEST_CASE("twin command line of the experiment guest", "[qemu_cmdline]") {
-  TwinOptions t{"/var/run/ftvm/src", "/var/run/ftvm/src/twin.qmp", "-twin", {}};
+  TwinOptions t{"/var/run/ftvm/src", "/var/run/ftvm/src/twin.qmp", "-twin", {}, {}};
   auto primary = with(experiment_cmdline(), {"-daemonize", "-pidfile", "/w/run/src.pid", "-S",
                                              "-D", "/w/run/qemu.log", "-monitor", "stdio",
                                              "-serial", "unix:/w/run/s2.sock,server=on,wait=off"});
@@ -277,7 +277,7 @@ TEST_CASE("twin command line of the experiment guest", "[qemu_cmdline]") {
 }
 
 TEST_CASE("twin command line: monitors, chardevs, names, escaping", "[qemu_cmdline]") {
-  TwinOptions t{"/run/t/", "/run/t/q,1.sock", "-ft", {}};
+  TwinOptions t{"/run/t/", "/run/t/q,1.sock", "-ft", {}, {}};
   Argv primary = {"qemu", "--name", "vm1,process=qemu-vm1,debug-threads=on",
                   "-machine", "q35,memory-backend=m", "-object",
                   "memory-backend-memfd,id=m,size=1G,share=on",
@@ -315,7 +315,7 @@ TEST_CASE("twin command line: monitors, chardevs, names, escaping", "[qemu_cmdli
 }
 
 TEST_CASE("twin command line of a libvirt domain", "[qemu_cmdline]") {
-  TwinOptions t{"/run/ftvm/ft1", "/run/ftvm/ft1/qmp.sock", "-twin", {}};
+  TwinOptions t{"/run/ftvm/ft1", "/run/ftvm/ft1/qmp.sock", "-twin", {}, {}};
   // The tap is passed as fd=32 by libvirt: the twin cannot get it.
   CHECK_THROWS_WITH(make_twin_cmdline(libvirt_cmdline(), t),
                     Catch::Contains("fd=32") && Catch::Contains("through libvirt"));
@@ -353,7 +353,7 @@ TEST_CASE("twin of a daemonized test-guest primary", "[qemu_cmdline]") {
                   "-serial", "chardev:ser0", "-qmp", "unix:/tmp/m1/g/qmp.sock,server=on,wait=off",
                   "-pidfile", "/tmp/m1/g/qemu.pid", "-daemonize"};
   CHECK(check_protectable(primary).empty());
-  auto a = make_twin_cmdline(primary, {"/tmp/m1/s", "/tmp/m1/s/twin-qmp.sock", "", {}});
+  auto a = make_twin_cmdline(primary, {"/tmp/m1/s", "/tmp/m1/s/twin-qmp.sock", "", {}, {}});
   INFO(joined(a));
   Argv expect = {"qemu-system-x86_64", "-accel", "tcg", "-machine", "q35,memory-backend=mem0",
                  "-cpu", "max", "-smp", "1", "-m", "256M", "-object",
@@ -375,7 +375,7 @@ TEST_CASE("twin command line maps tap ifnames (--twin-tap-map)", "[qemu_cmdline]
                   "-netdev", R"({"type":"tap","id":"n1","ifname":"ptap1","script":"no"})",
                   "-netdev", "tap,id=n2,ifname=other,script=no",
                   "-netdev", "user,id=n3"};
-  TwinOptions t{"/tmp/s", "/tmp/s/q.sock", "", {{"ptap0", "stap0"}, {"ptap1", "stap1"}}};
+  TwinOptions t{"/tmp/s", "/tmp/s/q.sock", "", {{"ptap0", "stap0"}, {"ptap1", "stap1"}}, {}};
   auto a = make_twin_cmdline(primary, t);
   INFO(joined(a));
   auto has = [&](const std::string& v) { return std::find(a.begin(), a.end(), v) != a.end(); };
@@ -388,7 +388,7 @@ TEST_CASE("twin command line maps tap ifnames (--twin-tap-map)", "[qemu_cmdline]
 TEST_CASE("twin command line gets the disk replicas", "[qemu_cmdline]") {
   Argv base = {"qemu-system-x86_64", "-machine", "q35,memory-backend=mem0", "-object",
                "memory-backend-memfd,id=mem0,size=256M,share=on"};
-  TwinOptions t{"/tmp/s", "/tmp/s/q.sock", "", {}};
+  TwinOptions t{"/tmp/s", "/tmp/s/q.sock", "", {}, {}};
   t.disk_files = {{"/img/a.qcow2", "/r/vm/0.img"}, {"/img/b,x.raw", "/r/vm/1.img"}};
   auto has = [](const Argv& a, const std::string& v) { return std::find(a.begin(), a.end(), v) != a.end(); };
 

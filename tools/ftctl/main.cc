@@ -17,6 +17,8 @@
 #include "checkpoint/digest.h"
 #include "common/error.h"
 #include "tools/ftd/control.h"
+#include "vmm-glue/libvirt.h"
+#include "vmm-glue/libvirt_xml.h"
 
 namespace {
 
@@ -93,6 +95,100 @@ void print_human(const nlohmann::json& vms) {
   }
 }
 
+// `ftctl prepare`: what the running domain lacks (takes effect only after a restart) and what
+// the persistent definition lacks (fixed there with confirmation).
+int prepare_domain(const std::string& domain, const std::string& uri, bool yes, bool json) {
+  namespace lv = ftvm::vmm::lv;
+  try {
+    auto conn = lv::Connection::open(uri);
+    auto dom = lv::Domain::lookup(conn, domain);
+    const bool active = dom.active(), persistent = dom.persistent();
+    const auto live_issues = active ? ftvm::vmm::prepare_check(dom.xml(false)) : std::vector<ftvm::vmm::PrepareIssue>{};
+    const auto def_xml = persistent ? dom.xml(true) : std::string();
+    const auto def_issues = persistent ? ftvm::vmm::prepare_check(def_xml) : live_issues;
+    auto to_json = [](const std::vector<ftvm::vmm::PrepareIssue>& v) {
+      auto a = nlohmann::json::array();
+      for (const auto& i : v)
+        a.push_back({{"what", i.what}, {"fix", i.fix}, {"needs_restart", i.needs_restart}, {"fixable", i.fixable}});
+      return a;
+    };
+    bool unfixable = false;
+    for (const auto& i : def_issues) unfixable |= !i.fixable;
+    bool fixed = false;
+    if (!def_issues.empty() && persistent && !json) {
+      fmt::print("domain '{}': the persistent definition needs {} change(s):\n", dom.name(), def_issues.size());
+      for (const auto& i : def_issues)
+        fmt::print("  - {}\n    fix: {}{}\n", i.what, i.fix, i.fixable ? "" : "  (not automatic: change it yourself)");
+    }
+    bool any_fixable = false;
+    for (const auto& i : def_issues) any_fixable |= i.fixable;
+    if (any_fixable && persistent) {
+      bool go = yes;
+      if (!go && !json && isatty(0)) {
+        fmt::print("apply the automatic fixes to the persistent definition of '{}'? [y/N] ", dom.name());
+        std::fflush(stdout);
+        std::string a;
+        std::getline(std::cin, a);
+        go = a == "y" || a == "Y" || a == "yes";
+      }
+      if (go) {
+        lv::define(conn, ftvm::vmm::prepare_fix(def_xml));
+        fixed = true;
+        if (!json) fmt::print("domain '{}': persistent definition updated\n", dom.name());
+      }
+    }
+    const bool restart = active && !live_issues.empty();
+    if (json) {
+      fmt::print("{}\n", nlohmann::json{{"domain", dom.name()}, {"uuid", dom.uuid()}, {"running", active},
+                                        {"running_config_issues", to_json(live_issues)},
+                                        {"definition_issues", to_json(def_issues)}, {"fixed", fixed},
+                                        {"restart_needed", restart}}.dump(2));
+    } else if (def_issues.empty() && live_issues.empty()) {
+      fmt::print("domain '{}' is ready for protection (ftctl enable {} --peer STANDBY)\n", dom.name(), dom.name());
+    } else if (restart) {
+      fmt::print("domain '{}' runs with {} setting(s) protection cannot work with; they take effect after a restart: "
+                 "virsh shutdown {} && virsh start {}\n", dom.name(), live_issues.size(), dom.name(), dom.name());
+    }
+    if (unfixable) return kRefused;
+    if (!def_issues.empty() && !fixed) return kRefused;
+    return kOk;
+  } catch (const ftvm::vmm::lv::NoSuchDomain& e) {
+    fmt::print(stderr, "ftctl: {}\n", e.what());
+    return kNotFound;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "ftctl: {}\n", e.what());
+    return kFailed;
+  }
+}
+
+int release_domain(const std::string& domain, const std::string& uri, const std::string& state_dir) {
+  try {
+    std::string uuid = domain;
+    try {
+      auto conn = ftvm::vmm::lv::Connection::open(uri);
+      uuid = ftvm::vmm::lv::Domain::lookup(conn, domain).uuid();
+    } catch (const std::exception& e) {
+      if (domain.size() != 36) throw;  // a UUID works without libvirt
+    }
+    const auto path = state_dir + "/failed-over/" + uuid;
+    if (::unlink(path.c_str()) != 0) {
+      if (errno == ENOENT) {
+        fmt::print("domain {} is not marked as failed over ({} does not exist)\n", domain, path);
+        return kOk;
+      }
+      throw ftvm::SysError(errno, "unlink " + path);
+    }
+    fmt::print("domain {} released: libvirt may start it on this host again ({} removed)\n", domain, path);
+    return kOk;
+  } catch (const ftvm::vmm::lv::NoSuchDomain& e) {
+    fmt::print(stderr, "ftctl: {}\n", e.what());
+    return kNotFound;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "ftctl: {}\n", e.what());
+    return kFailed;
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -105,11 +201,15 @@ int main(int argc, char** argv) {
   app.add_option("--control", ctl.path, "ftd control socket (env FTVM_CONTROL)")->capture_default_str();
   bool json = false;
 
-  auto* en = app.add_subcommand("enable", "Protect a running QEMU guest: create its twin on the standby and replicate");
-  std::string qmp, peer, name;
+  auto* en = app.add_subcommand("enable", "Protect a running guest: a libvirt DOMAIN (name or UUID), or a plain QEMU "
+                                          "by its --qmp socket; creates its twin on the standby and replicates");
+  std::string qmp, peer, name, domain, uri;
   unsigned epoch_ms = 25, passes = 8, timeout_s = 600;
   bool no_wait = false;
-  en->add_option("--qmp", qmp, "The guest's QMP unix socket (ftd takes that connection)")->required();
+  en->add_option("DOMAIN", domain, "libvirt domain name or UUID (writes the ftvm element into its XML, live and "
+                                   "persistent, so the libvirt hook protects it whenever it starts)");
+  en->add_option("--connect,-c", uri, "libvirt URI (default: ftd's --libvirt-uri, qemu:///system)");
+  en->add_option("--qmp", qmp, "Plain QEMU: the guest's QMP unix socket (ftd takes that connection)");
   en->add_option("--peer", peer, "Standby ftd address HOST[:PORT] (port 7410 by default)")->required();
   en->add_option("--name", name, "VM name (default: QEMU's -name, else the QMP socket's file name)");
   en->add_option("--epoch-ms", epoch_ms, "Guest run time between checkpoints")->capture_default_str()->check(
@@ -127,6 +227,22 @@ int main(int argc, char** argv) {
                "reason (the twin would see writes made after the checkpoint it resumes)");
   en->add_flag("--no-wait", no_wait, "Return once syncing started instead of waiting for 'protected'");
   en->add_option("--timeout", timeout_s, "Seconds to wait for 'protected'")->capture_default_str();
+
+  auto* pr = app.add_subcommand("prepare", "Check (and with confirmation fix) what protecting a libvirt domain needs: "
+                                           "shared memfd memory, no balloon, no vhost; says what needs a restart");
+  std::string pr_domain, pr_uri = "qemu:///system";
+  bool pr_yes = false;
+  pr->add_option("DOMAIN", pr_domain, "libvirt domain name or UUID")->required();
+  pr->add_option("--connect,-c", pr_uri, "libvirt URI")->capture_default_str();
+  pr->add_flag("--yes,-y", pr_yes, "Apply the fixes to the persistent definition without asking");
+  pr->add_flag("--json", json, "Machine-readable output");
+
+  auto* rl = app.add_subcommand("release", "Allow a libvirt domain that failed over away from this host to start here "
+                                           "again (check first that its twin does not run on the standby)");
+  std::string rl_domain, rl_uri = "qemu:///system", state_dir = "/var/lib/ftvm";
+  rl->add_option("DOMAIN", rl_domain, "libvirt domain name or UUID")->required();
+  rl->add_option("--connect,-c", rl_uri, "libvirt URI")->capture_default_str();
+  rl->add_option("--state-dir", state_dir, "ftd's --state-dir")->capture_default_str();
 
   auto* st = app.add_subcommand("status", "Show protected VMs on this host");
   std::string st_name;
@@ -177,10 +293,25 @@ int main(int argc, char** argv) {
     return rc;
   }
 
+  if (*pr) return prepare_domain(pr_domain, pr_uri, pr_yes, json);
+  if (*rl) return release_domain(rl_domain, rl_uri, state_dir);
+
   try {
     if (*en) {
-      auto r = ctl.call({{"cmd", "enable"}, {"qmp", qmp}, {"peer", peer}, {"name", name}, {"epoch_ms", epoch_ms},
-                         {"max_sync_passes", passes}, {"transport", transport}, {"shared_disk", shared_disk}});
+      if (domain.empty() == qmp.empty()) {
+        fmt::print(stderr, "ftctl enable: give either a libvirt DOMAIN or --qmp SOCKET (plain QEMU), not {}\n",
+                   domain.empty() ? "neither" : "both");
+        return kUsage;
+      }
+      nlohmann::json req = {{"cmd", "enable"}, {"peer", peer}, {"name", name}, {"epoch_ms", epoch_ms},
+                            {"max_sync_passes", passes}, {"transport", transport}, {"shared_disk", shared_disk}};
+      if (!domain.empty()) {
+        req["domain"] = domain;
+        if (!uri.empty()) req["uri"] = uri;
+      } else {
+        req["qmp"] = qmp;
+      }
+      auto r = ctl.call(req);
       if (!r.value("ok", false)) return fail_with(r);
       const std::string vm = r.value("name", name);
       fmt::print("{}\n", r.value("message", ""));

@@ -15,6 +15,8 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "tools/ftd/control.h"
+#include "vmm-glue/libvirt.h"
+#include "vmm-glue/libvirt_xml.h"
 
 namespace ftvm::ftd {
 
@@ -84,6 +86,10 @@ int Daemon::run() {
             listen_address_.empty() ? "(not listening)" : listen_address_);
   std::thread lt;
   if (listener_) lt = std::thread([this] { listen_loop(); });
+  if (!cfg_.libvirt_uri.empty()) {
+    std::lock_guard<std::mutex> g(mu_);
+    workers_.emplace_back([this] { scan_libvirt(); });
+  }
 
   for (;;) {
     pollfd p[2] = {{ctl.get(), POLLIN, 0}, {sfd.get(), POLLIN, 0}};
@@ -106,6 +112,12 @@ int Daemon::run() {
   }
   stop_ = true;
   if (lt.joinable()) lt.join();
+  std::vector<std::thread> workers;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    workers.swap(workers_);
+  }
+  for (auto& w : workers) w.join();
   std::map<std::string, std::shared_ptr<PrimarySession>> prim;
   std::vector<std::shared_ptr<StandbySession>> stb;
   {
@@ -195,7 +207,8 @@ nlohmann::json Daemon::handle(const nlohmann::json& req) {
     if (cmd == "failover") return cmd_failover(req);
     if (cmd == "disable") return cmd_disable(req);
     if (cmd == "fault") return cmd_fault(req);
-    return err("bad_request", fmt::format("unknown command '{}' (known: ping, enable, status, failover, disable)", cmd));
+    if (cmd == "hook") return cmd_hook(req);
+    return err("bad_request", fmt::format("unknown command '{}' (known: ping, enable, status, failover, disable, hook)", cmd));
   } catch (const std::invalid_argument& e) {
     return err("bad_request", fmt::format("{}: {}", cmd, e.what()));
   } catch (const std::exception& e) {
@@ -205,7 +218,11 @@ nlohmann::json Daemon::handle(const nlohmann::json& req) {
 
 nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
   EnableRequest r;
-  r.qmp_socket = need_string(req, "qmp");
+  if (req.contains("domain")) {
+    r.domain = need_string(req, "domain");
+    r.libvirt_uri = req.value("uri", "");
+  }
+  else r.qmp_socket = need_string(req, "qmp");
   r.peer = need_string(req, "peer");
   r.name = req.value("name", "");
   r.epoch_ms = opt_uint(req, "epoch_ms", 25);
@@ -215,8 +232,23 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
   std::shared_ptr<PrimarySession> s;
   try {
     s = std::make_shared<PrimarySession>(cfg_, r);
+  } catch (const vmm::lv::NoSuchDomain& e) {
+    return err("not_found", e.what());
   } catch (const std::exception& e) {
     return err("refused", e.what());
+  }
+  if (!r.domain.empty()) {
+    // The declaration in the domain XML (live and persistent): the hook protects the domain
+    // again whenever it starts, and a reader of the XML sees it is protected and where to.
+    try {
+      vmm::Protection p;
+      p.peer = r.peer;
+      p.transport = r.transport;
+      p.epoch_ms = r.epoch_ms;
+      s->set_protection_metadata(vmm::protection_element(p));
+    } catch (const std::exception& e) {
+      return err("failed", fmt::format("writing the ftvm metadata element into domain '{}' failed: {}", s->name(), e.what()));
+    }
   }
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -256,8 +288,25 @@ nlohmann::json Daemon::cmd_failover(const nlohmann::json& req) {
 nlohmann::json Daemon::cmd_disable(const nlohmann::json& req) {
   auto name = need_string(req, "name");
   auto s = primary(name);
+  if (!s) {  // a libvirt domain may be named by its UUID
+    std::lock_guard<std::mutex> g(mu_);
+    for (auto& [n, p] : primaries_)
+      if (!p->domain_uuid().empty() && p->domain_uuid() == name) {
+        s = p;
+        name = n;
+      }
+  }
   if (!s) return err("not_found", fmt::format("no VM named '{}' is protected from this host", name));
   auto msg = s->disable(std::chrono::seconds(30));
+  if (!s->domain_uuid().empty()) {
+    try {
+      s->set_protection_metadata("");  // the domain is no longer declared protected
+      msg += "; the ftvm element is removed from its libvirt definition";
+    } catch (const std::exception& e) {
+      msg += fmt::format("; removing the ftvm element from the domain failed ({}): remove it with `virsh metadata {} "
+                         "{} --remove --live --config`", e.what(), name, vmm::kProtectionNs);
+    }
+  }
   std::lock_guard<std::mutex> g(mu_);
   primaries_.erase(name);
   return {{"ok", true}, {"message", msg}};
@@ -277,6 +326,106 @@ nlohmann::json Daemon::cmd_fault(const nlohmann::json& req) {
   if (!s) return err("not_found", fmt::format("no VM named '{}' is protected from this host", name));
   s->inject_fault(f);
   return {{"ok", true}, {"message", "fault armed"}};
+}
+
+// The hook (tools/hook/ftvm_hook.cc) runs inside libvirtd's start of the domain: answer at once,
+// do the work later. `started`/`reconnect` of a declared domain -> protect it; `stopped`/`release`
+// -> its QEMU is gone: the session itself tells a guest shutdown (protection ends) from a death
+// (the standby takes over); nothing to do here but note it.
+nlohmann::json Daemon::cmd_hook(const nlohmann::json& req) {
+  const auto phase = need_string(req, "phase");
+  const auto name = need_string(req, "domain");
+  const std::string uuid = req.value("uuid", "");
+  if (phase == "started" || phase == "reconnect") {
+    if (!req.contains("protection") || !req["protection"].is_object())
+      return err("bad_request", "hook " + phase + " without a protection object");
+    const auto& p = req["protection"];
+    EnableRequest r;
+    r.domain = uuid.empty() ? name : uuid;
+    r.peer = need_string(p, "peer");
+    r.transport = p.value("transport", "auto");
+    r.epoch_ms = opt_uint(p, "epoch_ms", 25);
+    if (cfg_.libvirt_uri.empty())
+      return err("refused", "ftd runs without libvirt (--libvirt-uri ''); cannot protect domain " + name);
+    if (auto s = primary(name); s && !s->finished())
+      return {{"ok", true}, {"message", fmt::format("domain '{}' is already protected", name)}};
+    protect_domain_async(uuid, name, r, "hook " + phase);
+    return {{"ok", true}, {"message", fmt::format("protection of domain '{}' will start", name)}};
+  }
+  if (phase == "stopped" || phase == "release") {
+    auto s = primary(name);
+    log::info("ftd", "{}: libvirt reports the domain {} ({})", name, phase,
+              s ? "session " + s->status()["state"].get<std::string>() : "not protected here");
+    return {{"ok", true}, {"message", "noted"}};
+  }
+  return err("bad_request", fmt::format("hook phase '{}' is not handled", phase));
+}
+
+void Daemon::protect_domain_async(const std::string& uuid, const std::string& name, EnableRequest r,
+                                  std::string origin) {
+  std::lock_guard<std::mutex> g(mu_);
+  workers_.emplace_back([this, uuid, name, r, origin] {
+    // libvirtd is still starting the domain (the hook runs inside that job): wait until it runs.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    std::string last;
+    while (!stop_ && std::chrono::steady_clock::now() < deadline) {
+      try {
+        auto c = vmm::lv::Connection::open(cfg_.libvirt_uri);
+        auto d = vmm::lv::Domain::lookup(c, uuid.empty() ? name : uuid);
+        auto st = d.state();
+        if (st.state == "shutoff") {
+          log::warn("ftd", "{}: domain is shut off ({}); not protecting it", name, origin);
+          return;
+        }
+        if (st.state == "running" || st.state == "paused") {
+          auto s = std::make_shared<PrimarySession>(cfg_, r);
+          {
+            std::lock_guard<std::mutex> g2(mu_);
+            auto it = primaries_.find(s->name());
+            if (it != primaries_.end() && !it->second->finished()) return;  // someone was faster
+            primaries_[s->name()] = s;
+          }
+          s->start();
+          log::info("ftd", "{}: protecting libvirt domain ({}), standby {}", name, origin, r.peer);
+          return;
+        }
+        last = "domain state " + st.str();
+      } catch (const std::exception& e) {
+        last = e.what();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    if (!stop_) log::error("ftd", "{}: could not protect the domain ({}): {}", name, origin, last);
+  });
+}
+
+// At start: protect every running domain that carries the ftvm element (ftd was down when the
+// hook fired, or ftd restarted).
+void Daemon::scan_libvirt() {
+  try {
+    auto c = vmm::lv::Connection::open(cfg_.libvirt_uri);
+    for (const auto& n : vmm::lv::list_active(c)) {
+      try {
+        auto d = vmm::lv::Domain::lookup(c, n);
+        auto m = d.metadata(vmm::kProtectionNs);
+        if (!m) continue;
+        auto p = vmm::parse_protection(*m);
+        if (!p) continue;
+        EnableRequest r;
+        r.domain = d.uuid();
+        r.peer = p->peer;
+        r.transport = p->transport;
+        r.epoch_ms = p->epoch_ms;
+        log::info("ftd", "{}: running domain declares ftvm protection (standby {}): protecting it", n, p->peer);
+        protect_domain_async(d.uuid(), n, r, "found running at ftd start");
+      } catch (const std::exception& e) {
+        log::warn("ftd", "{}: not protected at start: {}", n, e.what());
+      }
+    }
+  } catch (const std::exception& e) {
+    log::info("ftd", "libvirt ({}) not available: {}; libvirt domains are protected once it runs and the hook "
+              "fires", cfg_.libvirt_uri, e.what());
+  }
 }
 
 }  // namespace ftvm::ftd

@@ -7,6 +7,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -38,6 +39,13 @@ class Daemon {
   nlohmann::json cmd_failover(const nlohmann::json& req);
   nlohmann::json cmd_disable(const nlohmann::json& req);
   nlohmann::json cmd_fault(const nlohmann::json& req);
+  nlohmann::json cmd_hook(const nlohmann::json& req);
+  // libvirt domains declared protected (hook `started`/`reconnect`, or found running at start):
+  // protection starts on a background thread once the domain runs (the hook's caller, libvirtd,
+  // is still starting it and must not wait for us).
+  void protect_domain_async(const std::string& uuid, const std::string& name, EnableRequest r, std::string origin);
+  void scan_libvirt();
+  std::vector<std::thread> workers_;  // joined at shutdown
   std::shared_ptr<PrimarySession> primary(const std::string& name);
 
   DaemonConfig cfg_;

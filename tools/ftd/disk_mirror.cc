@@ -351,7 +351,7 @@ size_t DiskMirror::forward(transport::Connection& conn, uint64_t session_id, uin
     space_.notify_all();
     auto& dg = sent_[op.epoch];
     auto send_one = [&](uint64_t off, uint64_t len, std::span<const std::byte> data) {
-      dg.add(op.disk, static_cast<cp::DiskOpKind>(op.kind), off, len, data);
+      dg.add(op.disk, op.kind, off, len, data);
       auto body = cp::encode_disk_write(session_id, op.epoch, op.disk, op.kind, off, len, data);
       conn.send_control(static_cast<uint16_t>(cp::MsgType::DiskWrite), body);
       n++;

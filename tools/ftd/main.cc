@@ -57,6 +57,17 @@ int main(int argc, char** argv) {
                  "Primary: disk writes queued for the standby per VM before the guest's writes wait (MiB)")
       ->capture_default_str()
       ->check(CLI::Range(1u, 65536u));
+  app.add_option("--libvirt-uri", cfg.libvirt_uri,
+                 "libvirt connection for libvirt domains (primary: protected domains, the hook, the start-up scan; "
+                 "standby: twins become libvirt domains); '' = plain QEMU only")
+      ->capture_default_str();
+  app.add_option("--twin-name-suffix", cfg.twin_name_suffix,
+                 "Standby: a libvirt twin is named <domain><suffix> with a new UUID (needed when primary and standby "
+                 "share one libvirtd); default: the primary's name and UUID")
+      ->capture_default_str();
+  app.add_option("--state-dir", cfg.state_dir,
+                 "Persistent state: failed-over/<uuid> marks libvirt domains that failed over away from this host")
+      ->capture_default_str();
   bool no_output_commit = false;
   app.add_flag("--no-output-commit", no_output_commit,
                "Primary: let the guest's network output leave at once instead of after its epoch is committed "

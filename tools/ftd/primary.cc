@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <random>
 
 #include "common/error.h"
@@ -17,6 +18,7 @@
 #ifdef FTVM_HAVE_RDMA
 #include "transport/rdma/rdma_transport.h"
 #endif
+#include "vmm-glue/libvirt_xml.h"
 #include "vmm-glue/tracker_factory.h"
 
 namespace ftvm::ftd {
@@ -80,18 +82,39 @@ std::string default_name(const std::vector<std::string>& argv, const std::string
 
 }  // namespace
 
-PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
-    : cfg_(cfg), req_(std::move(req)), qmp_(std::make_unique<vmm::QmpClient>(vmm::QmpClient::connect(req_.qmp_socket))) {
+PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req) : cfg_(cfg), req_(std::move(req)) {
   if (req_.epoch_ms < 1 || req_.epoch_ms > 10000)
     fail("--epoch-ms {} is out of range (1..10000 ms; 25 is the default)", req_.epoch_ms);
   auto hp = transport::tcp::parse_host_port(req_.peer);
   host_ = hp.host;
   port_ = hp.port ? hp.port : 7410;
-  qemu_pid_ = static_cast<vmm::QmpClient&>(*qmp_).peer_pid();
+  std::vector<std::string> problems;
+  if (!req_.domain.empty()) {
+    // A libvirt domain: libvirt owns QEMU's monitor; ftd goes through libvirt's QMP passthrough.
+    const std::string uri = req_.libvirt_uri.empty() ? cfg_.libvirt_uri : req_.libvirt_uri;
+    if (uri.empty()) fail("ftd runs without libvirt (--libvirt-uri ''); cannot protect domain '{}'", req_.domain);
+    lv_conn_ = std::make_unique<vmm::lv::Connection>(vmm::lv::Connection::open(uri));
+    lv_dom_ = std::make_unique<vmm::lv::Domain>(vmm::lv::Domain::lookup(*lv_conn_, req_.domain));
+    name_ = lv_dom_->name();
+    domain_uuid_ = lv_dom_->uuid();
+    if (!lv_dom_->active())
+      fail("libvirt domain '{}' is not running ({}); start it first (virsh start {})", name_, lv_dom_->state().str(), name_);
+    domain_xml_ = lv_dom_->xml(false, false, /*migratable=*/true);
+    for (const auto& i : vmm::prepare_check(domain_xml_))
+      problems.push_back(fmt::format("{} -- fix: {}{}", i.what, i.fix, i.needs_restart ? " (takes effect after a domain restart)" : ""));
+    if (!problems.empty())
+      problems.push_back(fmt::format("`ftctl prepare {0} --yes` applies the fixable settings to the persistent definition; "
+                                     "then restart the domain (virsh shutdown {0}; virsh start {0}) and enable again", name_));
+    qemu_pid_ = lv_dom_->qemu_pid();
+    qmp_ = std::make_unique<vmm::LibvirtMonitor>(*lv_conn_, *lv_dom_);
+  } else {
+    qmp_ = std::make_unique<vmm::QmpClient>(vmm::QmpClient::connect(req_.qmp_socket));
+    qemu_pid_ = static_cast<vmm::QmpClient&>(*qmp_).peer_pid();
+  }
   argv_ = vmm::read_cmdline(qemu_pid_);
-  name_ = req_.name.empty() ? default_name(argv_, req_.qmp_socket) : req_.name;
+  if (name_.empty()) name_ = req_.name.empty() ? default_name(argv_, req_.qmp_socket) : req_.name;
 
-  std::vector<std::string> problems = vmm::check_protectable(argv_);
+  if (problems.empty()) problems = vmm::check_protectable(argv_);
   auto st = qmp_->execute("query-status");
   const std::string run_state = st.value("status", "");
   if (run_state != "running" && run_state != "paused")
@@ -107,7 +130,15 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
                        "corrupted by that); holding every write until its epoch commits is not implemented. Give "
                        "each host its own copy (the default: ftvm replicates the disk)");
   auto disks = find_disks(*qmp_, problems);
-  if (!disks.empty()) {
+  if (!disks.empty() && lv_dom_) {
+    vmm::TwinXmlOptions to;
+    for (size_t i = 0; i < disks.size(); i++) to.disk_files[disks[i].source] = fmt::format("/nonexistent/{}.img", i);
+    try {
+      vmm::twin_xml(domain_xml_, to);
+    } catch (const std::exception& e) {
+      problems.push_back(e.what());
+    }
+  } else if (!disks.empty()) {
     // The twin's command line must be buildable with replicas in place of these images.
     vmm::TwinOptions to;
     to.run_dir = "/nonexistent";
@@ -120,7 +151,7 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req)
     }
   }
   if (!problems.empty()) {
-    std::string msg = fmt::format("VM '{}' (QEMU pid {}, {}) cannot be protected:", name_, qemu_pid_, req_.qmp_socket);
+    std::string msg = fmt::format("VM '{}' (QEMU pid {}, {}) cannot be protected:", name_, qemu_pid_, qmp_->describe());
     for (const auto& p : problems) msg += "\n  - " + p;
     throw Error(msg);
   }
@@ -282,6 +313,35 @@ void PrimarySession::primary_lost(const std::string& why) {
     }
   }
   set_state("primary-lost", why);
+  if (conn_) mark_failed_over(why);
+}
+
+void PrimarySession::set_protection_metadata(const std::string& element) {
+  if (!lv_dom_) fail("VM '{}' is not a libvirt domain", name_);
+  const bool persistent = lv_dom_->persistent();
+  if (element.empty()) lv_dom_->remove_metadata(vmm::kProtectionNs, lv_dom_->active(), persistent);
+  else lv_dom_->set_metadata(element, vmm::kProtectionPrefix, vmm::kProtectionNs, lv_dom_->active(), persistent);
+}
+
+// A libvirt domain whose twin took over must not be started here again (two copies): the hook
+// refuses to start it while STATE_DIR/failed-over/<uuid> exists (`ftctl release` removes it).
+void PrimarySession::mark_failed_over(const std::string& why) {
+  if (domain_uuid_.empty()) return;
+  try {
+    const auto dir = cfg_.state_dir + "/failed-over";
+    std::filesystem::create_directories(dir);
+    const auto path = dir + "/" + domain_uuid_;
+    const auto text = fmt::format("domain {} ({}) failed over to {} at {:.0f} (unix ms): {}\n", name_, domain_uuid_,
+                                  link_peer_.empty() ? req_.peer : link_peer_, wall_ms(), why);
+    UniqueFd f(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    if (!f) throw SysError(errno, "create " + path);
+    if (::write(f.get(), text.data(), text.size()) < 0) throw SysError(errno, "write " + path);
+    log::info("primary", "{}: marked as failed over ({}): libvirt will not start it here until `ftctl release {}`", name_,
+              path, name_);
+  } catch (const std::exception& e) {
+    log::error("primary", "{}: could not record the failover ({}); do not start the domain here again while its "
+               "twin runs on the standby", name_, e.what());
+  }
 }
 
 bool PrimarySession::saw_guest_shutdown() {
@@ -392,6 +452,7 @@ void PrimarySession::connect_and_sync() {
   o.ram_size = ram_size_;
   o.vm_name = name_;
   o.qemu_argv = argv_;
+  o.libvirt_xml = domain_xml_;
   if (disks_) o.disks = disks_->infos();
   send_msg(*conn_, o);
   auto deadline = Clock::now() + std::chrono::seconds(60);
@@ -914,6 +975,7 @@ std::string PrimarySession::do_failover() {
   conn_.reset();
   hb_.reset();
   set_state("failed-over", fmt::format("planned failover at epoch {}", epoch_));
+  mark_failed_over("planned failover");
   return fmt::format("VM '{}' now runs on the standby ({}); final epoch {}, switchover took {:.1f} ms", name_,
                      link_peer_, epoch_, ms);
 }
@@ -982,6 +1044,8 @@ nlohmann::json PrimarySession::status() const {
       {"epochs_cut", epochs_cut_},
       {"epoch_ms", req_.epoch_ms},
       {"qemu_pid", qemu_pid_},
+      {"libvirt", domain_uuid_.empty() ? nlohmann::json(nullptr)
+                                       : nlohmann::json{{"uri", lv_conn_->uri()}, {"uuid", domain_uuid_}}},
       {"guard_pid", guard_pid_},
       {"ram_mib", ram_size_ >> 20},
       {"tracker", tracker_name_},

@@ -34,6 +34,7 @@
 #include "tools/ftd/session.h"
 #include "transport/select.h"
 #include "transport/transport.h"
+#include "vmm-glue/libvirt.h"
 #include "vmm-glue/process.h"
 #include "vmm-glue/qmp.h"
 
@@ -48,6 +49,10 @@ class PrimarySession {
 
   void start();
   const std::string& name() const { return name_; }
+  const std::string& domain_uuid() const { return domain_uuid_; }  // "" for plain QEMU
+  // libvirt domains: writes (element non-empty) or removes the ftvm protection element in the
+  // domain's live and persistent XML. Thread-safe (libvirt handles are).
+  void set_protection_metadata(const std::string& element);
   nlohmann::json status() const;
   bool finished() const { return finished_; }
 
@@ -95,6 +100,12 @@ class PrimarySession {
   std::string name_;
   std::string host_;
   uint16_t port_ = 0;
+
+  // libvirt domains (null for plain QEMU): the connection and domain the monitor goes through.
+  std::unique_ptr<vmm::lv::Connection> lv_conn_;
+  std::unique_ptr<vmm::lv::Domain> lv_dom_;
+  std::string domain_uuid_, domain_xml_;
+  void mark_failed_over(const std::string& why);
 
   // VM handles (session thread only after start()).
   std::unique_ptr<vmm::Monitor> qmp_;

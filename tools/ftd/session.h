@@ -36,11 +36,22 @@ struct DaemonConfig {
   uint64_t disk_buffer_bytes = uint64_t{64} << 20;
   // primary: disk writes queued for the standby before the guest's writes wait
   uint64_t disk_queue_bytes = uint64_t{64} << 20;
+  // libvirt: the local libvirtd ftd talks to (primary: protected domains; standby: twins as
+  // libvirt domains); "" = no libvirt (plain QEMU only, no start-up scan)
+  std::string libvirt_uri = "qemu:///system";
+  // standby: name suffix of a twin domain ("" = the primary's name and UUID; with a suffix the
+  // twin also gets a new UUID, needed when primary and standby share one libvirtd)
+  std::string twin_name_suffix;
+  // persistent state: STATE_DIR/failed-over/<uuid> marks a libvirt domain that failed over
+  // away from this host (the hook then refuses to start it here)
+  std::string state_dir = "/var/lib/ftvm";
 };
 
 // What `ftctl enable` asks for.
 struct EnableRequest {
-  std::string qmp_socket;
+  std::string qmp_socket;  // plain QEMU: its QMP socket; or
+  std::string domain;      // a libvirt domain (name or UUID) on libvirt_uri
+  std::string libvirt_uri;  // "" = DaemonConfig::libvirt_uri
   std::string peer;  // host:port of the standby ftd
   std::string name;  // VM name; default from QEMU (-name) or the QMP socket's file name
   unsigned epoch_ms = 25;

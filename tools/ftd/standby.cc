@@ -279,24 +279,28 @@ void StandbySession::open(const cp::OpenSession& o) {
     journal_ = std::make_unique<checkpoint::DiskJournal>(imgs, cfg_.disk_buffer_bytes, vm_dir_);
     update_disk_status();
   }
-  auto argv = vmm::make_twin_cmdline(o.qemu_argv, to);
-  // The twin's taps stay admin-down until activation: frames queued on a paused twin's tap
-  // would reach the guest stale when it resumes (and confuse its TCP).
-  for (const auto& [p, tap] : cfg_.twin_tap_map)
-    if (link_exists(tap)) set_link(tap, false);
-  {
-    std::string line;
-    for (const auto& a : argv) line += (line.empty() ? "" : " ") + a;
-    log::info("standby", "{}: starting twin: {}", o.vm_name, line);
+  if (!o.libvirt_xml.empty()) {
+    start_libvirt_twin(o, to.disk_files);
+  } else {
+    auto argv = vmm::make_twin_cmdline(o.qemu_argv, to);
+    // The twin's taps stay admin-down until activation: frames queued on a paused twin's tap
+    // would reach the guest stale when it resumes (and confuse its TCP).
+    for (const auto& [p, tap] : cfg_.twin_tap_map)
+      if (link_exists(tap)) set_link(tap, false);
+    {
+      std::string line;
+      for (const auto& a : argv) line += (line.empty() ? "" : " ") + a;
+      log::info("standby", "{}: starting twin: {}", o.vm_name, line);
+    }
+    twin_pid_ = spawn(argv, vm_dir_ + "/twin.log");
+    {
+      auto pidfile = vm_dir_ + "/twin.pid";
+      auto s = std::to_string(twin_pid_) + "\n";
+      UniqueFd f(::open(pidfile.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+      if (f && ::write(f.get(), s.data(), s.size()) < 0) log::warn("standby", "writing {} failed", pidfile);
+    }
+    twin_qmp_ = std::make_unique<vmm::QmpClient>(vmm::QmpClient::connect(qmp, std::chrono::milliseconds(30000)));
   }
-  twin_pid_ = spawn(argv, vm_dir_ + "/twin.log");
-  {
-    auto pidfile = vm_dir_ + "/twin.pid";
-    auto s = std::to_string(twin_pid_) + "\n";
-    UniqueFd f(::open(pidfile.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-    if (f && ::write(f.get(), s.data(), s.size()) < 0) log::warn("standby", "writing {} failed", pidfile);
-  }
-  twin_qmp_.emplace(vmm::QmpClient::connect(qmp, std::chrono::milliseconds(30000)));
   auto st = twin_qmp_->execute("query-status").value("status", "");
   if (st != "inmigrate")
     throw Error(fmt::format("twin QEMU pid {} is in state '{}', expected 'inmigrate' (see {}/twin.log)", twin_pid_, st,
@@ -372,7 +376,7 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
       auto d = cp::decode<cp::DiskWrite>(m.body);
       check_sid(d.session_id);
       if (!journal_) throw ProtocolError("DiskWrite in a session without disks");
-      journal_->add(d.epoch, d.disk, static_cast<cp::DiskOpKind>(d.op), d.offset, d.length, d.data);
+      journal_->add(d.epoch, d.disk, d.op, d.offset, d.length, d.data);
       return true;
     }
     case MsgType::Commit: {
@@ -448,6 +452,46 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
     default:
       throw ProtocolError(fmt::format("unexpected message type {} ({}) from the primary", m.type, cp::to_string(type)));
   }
+}
+
+// The twin of a libvirt domain is a libvirt domain too: created (transient, paused) from the
+// primary's XML with the replicas for its disks, its unix sockets moved into this VM's run
+// dir, no ftvm protection element, and `-incoming defer` so that QEMU waits for the device
+// state exactly like a plain twin. After activation it is defined persistently (without the
+// -incoming argument): a normal domain of this host.
+void StandbySession::start_libvirt_twin(const cp::OpenSession& o, const std::map<std::string, std::string>& disks) {
+  if (cfg_.libvirt_uri.empty())
+    throw Error(fmt::format("the primary protects libvirt domain '{}' but this ftd runs without libvirt "
+                            "(--libvirt-uri ''); start the standby ftd with a libvirt URI", o.vm_name));
+  lv_conn_ = std::make_unique<vmm::lv::Connection>(vmm::lv::Connection::open(cfg_.libvirt_uri));
+  vmm::TwinXmlOptions x;
+  x.name = o.vm_name + cfg_.twin_name_suffix;
+  x.uuid = cfg_.twin_name_suffix.empty() ? "" : "generate";
+  x.disk_files = disks;
+  x.socket_dir = vm_dir_;
+  // QEMU runs as libvirt's user: it must reach the sockets it creates in the VM's run dir.
+  for (std::filesystem::path d = vm_dir_; !d.empty() && d != d.root_path(); d = d.parent_path()) {
+    struct stat st {};
+    if (::stat(d.c_str(), &st) == 0 && (st.st_mode & 0111) != 0111) ::chmod(d.c_str(), (st.st_mode & 07777) | 0111);
+  }
+  // As for a plain twin: the device state from xen-save-devices-state has no configuration
+  // section, so the twin must not expect one.
+  x.extra_qemu_args = {"-incoming", "defer", "-global", "migration.send-configuration=off"};
+  const auto xml = vmm::twin_xml(o.libvirt_xml, x);
+  {
+    UniqueFd f(::open((vm_dir_ + "/twin.xml").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    if (f && ::write(f.get(), xml.data(), xml.size()) < 0) log::warn("standby", "writing twin.xml failed");
+  }
+  log::info("standby", "{}: creating twin libvirt domain '{}' (paused, incoming) on {}; XML in {}/twin.xml", o.vm_name,
+            x.name, lv_conn_->uri(), vm_dir_);
+  twin_dom_ = std::make_unique<vmm::lv::Domain>(vmm::lv::create_paused(*lv_conn_, xml));
+  // What gets defined after activation: the same domain (name, UUID libvirt gave it) without
+  // the -incoming arguments.
+  x.extra_qemu_args.clear();
+  x.uuid = twin_dom_->uuid();
+  twin_persistent_xml_ = vmm::twin_xml(o.libvirt_xml, x);
+  twin_pid_ = twin_dom_->qemu_pid();
+  twin_qmp_ = std::make_unique<vmm::LibvirtMonitor>(*lv_conn_, *twin_dom_);
 }
 
 void StandbySession::primary_silent(const std::string& why) {
@@ -533,7 +577,8 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
     for (const auto& [p, tap] : cfg_.twin_tap_map)  // the twin's NIC goes live
       if (link_exists(tap)) set_link(tap, true);
     const auto c0 = Clock::now();
-    twin_qmp_->execute("cont");
+    if (twin_dom_) twin_dom_->resume();  // libvirt issues `cont` and knows the domain runs
+    else twin_qmp_->execute("cont");
     act["cont_ms"] = ms_since(c0);
     act["cont_wall_ms"] = wall_ms();
     try {
@@ -570,6 +615,18 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
     log::error("standby", "{}: activation failed: {}", name(), e.what());
     set_state("activation-failed", e.what());
   }
+  if (twin_dom_ && active_) {
+    // The twin is this host's domain now: make it persistent (without -incoming).
+    try {
+      vmm::lv::define(*lv_conn_, twin_persistent_xml_);
+      log::info("standby", "{}: twin defined persistently as libvirt domain '{}'", name(), twin_dom_->name());
+      std::lock_guard<std::mutex> g(mu_);
+      activation_["libvirt_domain"] = twin_dom_->name();
+    } catch (const std::exception& e) {
+      log::error("standby", "{}: the twin runs but defining it persistently failed: {}; it stays a transient domain",
+                 name(), e.what());
+    }
+  }
   // The twin is the VM now (or broken, for an operator to inspect): ftd lets go of it.
   conn_->unregister_region(cp::kRegionRam);
   conn_->unregister_region(cp::kRegionStaging);
@@ -590,9 +647,18 @@ void StandbySession::destroy_twin(const std::string& why) {
     twin_qmp_.reset();
     twin_ram_.reset();
     replica_.reset();
-    ::kill(twin_pid_, SIGKILL);
-    int st;
-    while (::waitpid(twin_pid_, &st, 0) < 0 && errno == EINTR) {
+    if (twin_dom_) {
+      try {
+        twin_dom_->destroy();  // transient: the domain disappears with its QEMU
+      } catch (const std::exception& e) {
+        log::error("standby", "{}: destroying the twin domain failed: {}", name(), e.what());
+      }
+      twin_dom_.reset();
+    } else {
+      ::kill(twin_pid_, SIGKILL);
+      int st;
+      while (::waitpid(twin_pid_, &st, 0) < 0 && errno == EINTR) {
+      }
     }
     ::unlink((vm_dir_ + "/twin.pid").c_str());
     twin_pid_ = -1;

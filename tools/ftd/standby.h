@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -27,6 +28,8 @@
 #include "tools/ftd/session.h"
 #include "transport/transport.h"
 #include "vmm-glue/process.h"
+#include "vmm-glue/libvirt.h"
+#include "vmm-glue/libvirt_xml.h"
 #include "vmm-glue/qmp.h"
 
 namespace ftvm::ftd {
@@ -78,7 +81,12 @@ class StandbySession {
   uint64_t session_id_ = 0;
   std::string vm_dir_;
   pid_t twin_pid_ = -1;
-  std::optional<vmm::QmpClient> twin_qmp_;
+  std::unique_ptr<vmm::Monitor> twin_qmp_;
+  // libvirt twins (issue 6): see start_libvirt_twin().
+  std::unique_ptr<vmm::lv::Connection> lv_conn_;
+  std::unique_ptr<vmm::lv::Domain> twin_dom_;
+  std::string twin_persistent_xml_;
+  void start_libvirt_twin(const checkpoint::OpenSession& o, const std::map<std::string, std::string>& disks);
   std::unique_ptr<vmm::MappedRam> twin_ram_;
   std::unique_ptr<checkpoint::Replica> replica_;
   // The twin's disk replicas (raw images in DaemonConfig::disk_dir/<vm>/) and the per-epoch

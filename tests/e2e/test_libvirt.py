@@ -1,0 +1,281 @@
+#!/usr/bin/python3
+"""libvirt integration (CTest label `libvirt`, issue 6): real libvirtd (scripts/libvirtd.sh starts
+it with ftvm's hook installed), real `type='qemu'` domains booting the test guest, two real ftd
+daemons on loopback; the standby's twin is a libvirt domain of the same libvirtd, named
+<domain>-twin (--twin-name-suffix) because both "hosts" share it.
+
+  hook-failover  a domain defined with the ftvm metadata element and started with `virsh start`
+                 becomes protected with no other command; `virsh destroy` of the primary makes
+                 the twin domain run (virsh list shows it, the guest's tick counter continues);
+                 the primary host then refuses to start its copy until `ftctl release`.
+  unprepared     `ftctl enable` on a running domain without shared memfd memory and with a
+                 balloon fails naming each setting and the fixing command; `ftctl prepare --yes`
+                 fixes the definition; after a restart `ftctl enable` protects it and writes the
+                 element (live and persistent); `ftctl disable` removes it.
+  hook-robust    ftd down when the domain starts: it starts anyway and the hook logs why; ftd
+                 started later finds and protects it; a guest poweroff ends protection without
+                 a failover.
+"""
+import os
+import shutil
+import subprocess
+import time
+import uuid as uuidlib
+
+from ftvm_e2e import (BUILD, GUEST, Env, Serial, check, check_continuity, log, main, wait_for)
+
+NS = 'https://ftvm.dev/xmlns/protection/1'
+URI = 'qemu:///system'
+HOOK_CONF = '/etc/ftvm/hook.conf'
+
+
+def virsh(*args, check_rc=True, timeout=120):
+    r = subprocess.run(['virsh', '-c', URI] + list(args), capture_output=True, text=True, timeout=timeout)
+    if check_rc and r.returncode != 0:
+        raise AssertionError('virsh %s -> rc %d: %s %s' % (' '.join(args), r.returncode, r.stdout, r.stderr))
+    return r
+
+
+def domstate(name):
+    r = virsh('domstate', name, check_rc=False)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+class Lab:
+    """Per-scenario libvirt fixtures: guest files readable by libvirt-qemu, the hook's config
+    pointed at this scenario's ftd, and every domain it defines removed at the end."""
+
+    def __init__(self, env):
+        self.env = env
+        self.domains = []
+        os.chmod(env.dir, 0o755)  # QEMU runs as libvirt-qemu: kernel, initrd, sockets live here
+        self.files = env.path('guestfiles')
+        os.makedirs(self.files, mode=0o755)
+        for f in ('vmlinux', 'initramfs.cpio.gz'):
+            shutil.copy(os.path.join(GUEST, f), os.path.join(self.files, f))
+        self.state = env.path('state')
+        self.hook_log = env.path('hook.log')
+        self.saved_conf = open(HOOK_CONF).read() if os.path.exists(HOOK_CONF) else None
+
+    def hook_conf(self, control):
+        os.makedirs(os.path.dirname(HOOK_CONF), exist_ok=True)
+        with open(HOOK_CONF, 'w') as f:
+            f.write('# written by tests/e2e/test_libvirt.py (restored afterwards)\n')
+            f.write('control=%s\nstate_dir=%s\nlog=%s\ntimeout_ms=1000\n' % (control, self.state, self.hook_log))
+
+    def close(self):
+        for d in self.domains + [d + '-twin' for d in self.domains]:
+            if domstate(d) not in (None, 'shut off'):
+                virsh('destroy', d, check_rc=False)
+            virsh('undefine', d, check_rc=False)
+        if self.saved_conf is None:
+            if os.path.exists(HOOK_CONF):
+                os.unlink(HOOK_CONF)
+        else:
+            open(HOOK_CONF, 'w').write(self.saved_conf)
+
+    def define(self, name, peer=None, prepared=True, append=''):
+        self.domains.append(name)
+        serial = self.env.path(name + '.serial.sock')
+        mem = ("<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>" if prepared else '')
+        balloon = "<memballoon model='none'/>" if prepared else "<memballoon model='virtio'/>"
+        meta = ("<metadata><ftvm:protection xmlns:ftvm='%s' peer='%s' transport='tcp' epoch-ms='25' "
+                "failover='auto'/></metadata>" % (NS, peer) if peer else '')
+        xml = f"""<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uuidlib.uuid4()}</uuid>
+  {meta}
+  <memory unit='MiB'>256</memory>
+  {mem}
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{self.files}/vmlinux</kernel><initrd>{self.files}/initramfs.cpio.gz</initrd>
+    <cmdline>console=ttyS0 panic=-1 quiet ftvm_dirty_kib_s=512 {append}</cmdline></os>
+  <cpu mode='maximum'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='unix'><source mode='bind' path='{serial}'/><target port='0'/></serial>
+    <console type='unix'><source mode='bind' path='{serial}'/><target type='serial' port='0'/></console>
+    {balloon}
+  </devices>
+</domain>
+"""
+        p = self.env.path(name + '.xml')
+        open(p, 'w').write(xml)
+        virsh('define', p)
+        return serial
+
+    def serial(self, path, name):
+        s = Serial(path, self.env.path(name + '.serial.log'))
+        s.start()
+        self.env.serials.append(s)
+        s.connected.wait(30)
+        check(s.connected.is_set(), 'serial socket %s never appeared' % path)
+        return s
+
+    def uuid(self, name):
+        return virsh('domuuid', name).stdout.strip()
+
+
+def ftds(env, lab):
+    P = env.start_ftd('primary', listen=False, extra=['--state-dir', lab.state])
+    S = env.start_ftd('standby', extra=['--twin-name-suffix', '-twin', '--disk-dir', env.path('replicas'),
+                                        '--state-dir', env.path('standby-state')])
+    return P, S
+
+
+def wait_protected(P, name, timeout=180):
+    def ok():
+        v = P.vm(name, 'primary')
+        return v if v and v['state'] == 'protected' else None
+    return wait_for(ok, timeout, 'domain %s to become protected' % name)
+
+
+def hook_failover():
+    with Env('lv-hook') as env:
+        lab = Lab(env)
+        try:
+            name = 'ftvmt%d' % os.getpid()
+            P, S = ftds(env, lab)
+            lab.hook_conf(P.control)
+            sock = lab.define(name, peer='127.0.0.1:%d' % env.port)
+            virsh('start', name)
+            ser = lab.serial(sock, name)
+            ser.wait_ticks(3, 120)
+            v = wait_protected(P, name)
+            log('protected by the hook: epoch %d, libvirt %s' % (v['epoch'], v['libvirt']))
+            check('started' in open(lab.hook_log).read(), 'hook log does not show the started phase')
+            twin_name = name + '-twin'
+            check(domstate(twin_name) == 'paused', 'twin domain %s is %s, expected paused' % (twin_name, domstate(twin_name)))
+            twin = lab.serial(os.path.join(S.run_dir, 'vms', name, os.path.basename(sock)), name + '-twin')
+            time.sleep(2)
+            check(not twin.all(), 'the paused twin printed output: %s' % twin.all()[:3])
+            uuid = lab.uuid(name)
+
+            log('virsh destroy %s (the primary)' % name)
+            virsh('destroy', name)
+            sv = wait_for(lambda: (S.vm(name, 'active') or {}).get('state') == 'active' and S.vm(name, 'active'), 30,
+                          'the standby to activate the twin')
+            a = sv['activation']
+            log('activation: %s' % {k: a.get(k) for k in ('epoch', 'activation_ms', 'status_after', 'libvirt_domain')})
+            check(a['ram_digest'] == a['expected_ram_digest'], 'twin RAM digest differs: %s' % a)
+            check(domstate(twin_name) == 'running', 'twin domain is %s after failover' % domstate(twin_name))
+            listing = virsh('list').stdout
+            check(twin_name in listing and 'running' in listing.split(twin_name)[1].splitlines()[0],
+                  'virsh list does not show %s running:\n%s' % (twin_name, listing))
+            check(virsh('dominfo', twin_name).stdout.count('Persistent:     yes') == 1,
+                  'the twin is not persistent after failover: %s' % virsh('dominfo', twin_name).stdout)
+            recs = {r['epoch']: r for r in P.epochs(name)}
+            cut = max((r for e, r in recs.items() if e <= a['epoch']), key=lambda r: r['epoch'])['wall_ms']
+            check_continuity(ser, twin, cut)
+            check(not virsh('dumpxml', twin_name).stdout.count(NS), 'the twin carries the ftvm element')
+
+            # The old primary must not start its copy while the twin runs.
+            marker = os.path.join(lab.state, 'failed-over', uuid)
+            wait_for(lambda: os.path.exists(marker), 10, 'the failed-over marker %s' % marker)
+            r = virsh('start', name, check_rc=False)
+            log('virsh start of the failed-over primary: rc %d: %s' % (r.returncode, (r.stderr or r.stdout).strip()))
+            check(r.returncode != 0 and 'failed over' in (r.stderr + r.stdout), 'the failed-over primary started again')
+            check(domstate(name) == 'shut off', 'primary domain is %s' % domstate(name))
+            r = P.ctl('release', name, '--state-dir', lab.state)
+            check(not os.path.exists(marker), 'ftctl release left the marker: %s' % r.stdout)
+        finally:
+            lab.close()
+
+
+def unprepared():
+    with Env('lv-prepare') as env:
+        lab = Lab(env)
+        try:
+            name = 'ftvmu%d' % os.getpid()
+            P, S = ftds(env, lab)
+            lab.hook_conf(P.control)
+            sock = lab.define(name, prepared=False)
+            virsh('start', name)
+            lab.serial(sock, name).wait_ticks(2, 120)
+            r = P.ctl('enable', name, '--peer', '127.0.0.1:%d' % env.port, '--timeout', '120', check_rc=False)
+            log('enable of an unprepared domain: rc %d\n%s' % (r.returncode, r.stderr.strip()))
+            check(r.returncode == 5, 'enable of an unprepared domain: rc %d' % r.returncode)
+            for needle in ('memfd', 'memballoon', 'ftctl prepare %s' % name):
+                check(needle in r.stderr, 'refusal does not mention %r: %s' % (needle, r.stderr))
+            check(not virsh('dumpxml', name).stdout.count(NS), 'a refused enable wrote the element')
+
+            r = P.ctl('prepare', name, '--yes', check_rc=False)
+            log('prepare: rc %d\n%s' % (r.returncode, r.stdout.strip()))
+            check(r.returncode == 0, 'prepare --yes: rc %d %s %s' % (r.returncode, r.stdout, r.stderr))
+            check('restart' in r.stdout, 'prepare does not say a restart is needed: %s' % r.stdout)
+            inactive = virsh('dumpxml', '--inactive', name).stdout
+            check("type='memfd'" in inactive and "model='none'" in inactive, 'prepare did not fix the definition')
+            virsh('destroy', name)
+            time.sleep(0.5)
+            virsh('start', name)
+            ser = Serial(sock, env.path(name + '.serial2.log'))
+            ser.start()
+            env.serials.append(ser)
+            ser.wait_ticks(2, 120)
+            r = P.ctl('prepare', name, check_rc=False)
+            check(r.returncode == 0 and 'ready' in r.stdout, 'prepare after restart: %s' % r.stdout)
+
+            P.ctl('enable', name, '--peer', '127.0.0.1:%d' % env.port, '--transport', 'tcp', '--timeout', '180')
+            wait_protected(P, name)
+            for flag in ([], ['--inactive']):
+                x = virsh('dumpxml', *(flag + [name])).stdout
+                check(NS in x and "peer='127.0.0.1:%d'" % env.port in x.replace('"', "'"),
+                      'element missing from dumpxml %s' % flag)
+            human = P.ctl('status', name).stdout
+            check('state=protected' in human, human)
+            r = P.ctl('disable', name)
+            log(r.stdout.strip())
+            for flag in ([], ['--inactive']):
+                check(NS not in virsh('dumpxml', *(flag + [name])).stdout, 'element still in dumpxml %s' % flag)
+            wait_for(lambda: domstate(name + '-twin') is None, 20, 'the twin domain to go away after disable')
+            check(domstate(name) == 'running', 'guest not running after disable')
+        finally:
+            lab.close()
+
+
+def hook_robust():
+    with Env('lv-robust') as env:
+        lab = Lab(env)
+        try:
+            name = 'ftvmr%d' % os.getpid()
+            lab.hook_conf(env.path('primary', 'ftd.sock'))  # ftd is not running yet
+            sock = lab.define(name, peer='127.0.0.1:%d' % env.port)
+            t0 = time.time()
+            virsh('start', name)
+            log('virsh start with ftd down took %.2f s' % (time.time() - t0))
+            ser = lab.serial(sock, name)
+            ser.wait_ticks(2, 120)
+            hl = open(lab.hook_log).read()
+            check('not reachable' in hl or 'No such file' in hl, 'hook log does not say ftd is down:\n%s' % hl)
+            # Unknown phase and malformed XML, straight from the command line: exit 0, logged.
+            env_ = dict(os.environ, FTVM_HOOK_CONF=HOOK_CONF)
+            r = subprocess.run([os.path.join(BUILD, 'ftvm-hook'), name, 'frobnicate', 'begin', '-'], input='<domain>',
+                               capture_output=True, text=True, env=env_, timeout=10)
+            check(r.returncode == 0, 'hook with an unknown phase: rc %d' % r.returncode)
+            r = subprocess.run([os.path.join(BUILD, 'ftvm-hook'), name, 'started', 'begin', '-'], input='<domain><name',
+                               capture_output=True, text=True, env=env_, timeout=10)
+            check(r.returncode == 0, 'hook with malformed XML: rc %d' % r.returncode)
+            check('malformed' in open(lab.hook_log).read(), 'hook did not log the malformed XML')
+
+            # ftd starts later and picks the running domain up on its own.
+            P, S = ftds(env, lab)
+            v = wait_protected(P, name)
+            log('protected by the start-up scan: epoch %d' % v['epoch'])
+            check('found running at ftd start' in P.log_text(), 'primary log does not show the start-up scan')
+            # The guest powers itself off: protection ends; the twin is destroyed, not resumed.
+            ser.send('poweroff')
+            wait_for(lambda: P.vm(name, 'primary')['state'] == 'shut-down', 60, 'the primary to report shut-down')
+            wait_for(lambda: domstate(name + '-twin') is None, 30, 'the twin domain to be destroyed')
+            check(not (S.vm(name) or {}).get('activation'), 'the standby activated after a guest poweroff')
+            wait_for(lambda: domstate(name) == 'shut off', 30, 'the domain to be off')
+            check(not os.path.exists(os.path.join(lab.state, 'failed-over')) or
+                  not os.listdir(os.path.join(lab.state, 'failed-over')), 'a poweroff left a failed-over marker')
+        finally:
+            lab.close()
+
+
+if __name__ == '__main__':
+    main({'hook-failover': hook_failover, 'unprepared': unprepared, 'hook-robust': hook_robust})
