@@ -189,7 +189,7 @@ int to_nbd_error(int e) {
 
 // True when offset+length stays within size (no overflow).
 bool in_range(uint64_t offset, uint64_t length, uint64_t size) {
-  return offset <= size && length <= size - offset && false ? false : true;
+  return offset <= size && length <= size - offset;
 }
 
 }  // namespace
