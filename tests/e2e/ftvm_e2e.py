@@ -334,6 +334,16 @@ def protect(env, primary, standby, guest, vm='vm1', epoch_ms=25):
     return v
 
 
+def wait_active(standby, vm, timeout=30):
+    """Waits until the standby's session of `vm` ended; it must have activated the twin."""
+    def ended():
+        v = standby.vm(vm, 'active') or standby.vm(vm, 'standby')
+        return v if v and v['state'] in ('active', 'activation-failed', 'closed') else None
+    v = wait_for(ended, timeout, 'the standby to activate the twin of %s' % vm)
+    check(v['state'] == 'active', 'standby did not activate: %s' % v)
+    return v
+
+
 def watch_exit(pid):
     """Returns a function giving the host time at which `pid` was seen gone (None while alive)."""
     fd = os.pidfd_open(pid)

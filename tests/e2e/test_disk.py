@@ -19,7 +19,7 @@ import subprocess
 import time
 
 import disk_records
-from ftvm_e2e import (BUILD, Env, check, check_continuity, log, main, protect, qmp, wait_for, watch_exit)
+from ftvm_e2e import (BUILD, Env, check, check_continuity, log, main, protect, wait_active, wait_for, watch_exit)
 
 VM = 'vm1'
 DISK_MIB = 64
@@ -46,15 +46,6 @@ def synced(serial, before=None):
         if before is None or ts < before:
             out.append(int(line.split()[2]))
     return out
-
-
-def wait_active(S, timeout=30):
-    def active():
-        v = S.vm(VM, 'active') or S.vm(VM, 'standby')
-        return v if v and v['state'] in ('active', 'activation-failed', 'closed') else None
-    v = wait_for(active, timeout, 'the standby to activate the twin')
-    check(v['state'] == 'active', 'standby did not activate: %s' % v)
-    return v
 
 
 def stop_writer(serial, what):
@@ -90,7 +81,7 @@ def kill_qemu():
         gone = watch_exit(g.pid)
         log('kill -9 primary QEMU pid %d (mid-write)' % g.pid)
         os.kill(g.pid, signal.SIGKILL)
-        v = wait_active(S)
+        v = wait_active(S, VM)
         wait_for(gone, 5, 'primary QEMU exit')
         a = v['activation']
         log('activation: %s' % a)
@@ -164,7 +155,7 @@ def planned():
         r = P.ctl('failover', VM, timeout=120)
         log(r.stdout.strip())
         wait_for(gone, 20, 'the primary QEMU to quit after the planned failover')
-        v = wait_active(S)
+        v = wait_active(S, VM)
         a = v['activation']
         out = subprocess.run([os.path.join(BUILD, 'ftctl'), 'digest', img], capture_output=True, text=True,
                              check=True).stdout.split()

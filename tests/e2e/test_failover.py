@@ -7,7 +7,7 @@ import re
 import signal
 import time
 
-from ftvm_e2e import (Env, check, check_continuity, log, main, protect, qmp, wait_for, watch_exit, Failure)
+from ftvm_e2e import (wait_active, Env, check, check_continuity, log, main, protect, qmp, wait_for, watch_exit, Failure)
 
 VM = 'vm1'
 
@@ -24,15 +24,6 @@ def setup(env, dirty=2048, mem=256, smp=1):
     v = P.vm(VM, 'primary')
     check(v['epoch'] > 10, 'too few committed epochs before failover: %s' % v['epoch'])
     return g, P, S, twin
-
-
-def wait_active(S, timeout=30):
-    def active():
-        v = S.vm(VM, 'active') or S.vm(VM, 'standby')
-        return v if v and v['state'] in ('active', 'activation-failed', 'closed') else None
-    v = wait_for(active, timeout, 'the standby to activate the twin')
-    check(v['state'] == 'active', 'standby did not activate: %s' % v)
-    return v
 
 
 def check_activation(env, P, S, v, guest_gone_at, primary_paused=False):
@@ -69,7 +60,7 @@ def kill_qemu():
         gone = watch_exit(g.pid)
         log('kill -9 primary QEMU pid %d' % g.pid)
         os.kill(g.pid, signal.SIGKILL)
-        v = wait_active(S)
+        v = wait_active(S, VM)
         wait_for(gone, 5, 'primary QEMU exit')
         cut = check_activation(env, P, S, v, gone())
         check_continuity(g.serial, twin, cut)
@@ -85,7 +76,7 @@ def kill_ftd():
         log('kill -9 primary ftd pid %d' % P.proc.pid)
         P.kill9()
         wait_for(gone, 2, 'the guard to stop the primary QEMU after ftd died')
-        v = wait_active(S)
+        v = wait_active(S, VM)
         cut = check_activation(env, P, S, v, gone())
         check_continuity(g.serial, twin, cut)
 
@@ -96,7 +87,7 @@ def planned():
         gone = watch_exit(g.pid)
         r = P.ctl('failover', VM, timeout=120)
         log(r.stdout.strip())
-        v = wait_active(S, 10)
+        v = wait_active(S, VM, 10)
         wait_for(gone, 10, 'primary QEMU to quit after the planned failover')
         check(P.vm(VM, 'primary')['state'] == 'failed-over', 'primary state after failover: %s' % P.vm(VM))
         time.sleep(0.5)  # let the primary's last serial bytes arrive
@@ -114,7 +105,7 @@ def torn(fault, expect):
         P.ctl('fault', VM, fault)
         wait_for(lambda: P.proc.poll() is not None, 10, 'primary ftd to die from the injected fault')
         wait_for(gone, 3, 'the guard to stop the primary QEMU')
-        v = wait_active(S)
+        v = wait_active(S, VM)
         text = S.log_text()
         m = re.search(r'discarding epoch (\d+) \(begun, never committed(.*?)\); resuming from epoch (\d+)$', text, re.M)
         check(m, 'standby log does not report the discarded epoch')

@@ -22,7 +22,8 @@ import time
 
 from ftvm_e2e import (BUILD, Env, Failure, Guest, Serial, check, check_continuity, log, protect, qmp, wait_for,
                       watch_exit)
-from test_failover import check_activation, wait_active
+from ftvm_e2e import wait_active
+from test_failover import check_activation
 
 VM = 'vm1'
 SYNTHVM = os.path.join(BUILD, 'tests', 'synthetic-vmm', 'synthvm')
@@ -95,7 +96,7 @@ def check_twin(S, twin, twin_pid, first_tick):
 
 
 def failover_checks(env, P, S, g, twin, gone, planned=False):
-    v = wait_active(S)
+    v = wait_active(S, VM)
     wait_for(gone, 10, 'primary synthvm exit')
     cut = check_activation(env, P, S, v, gone(), primary_paused=planned)
     first, _ = check_continuity(g.serial, twin, 0 if planned else cut, planned=planned)

@@ -95,11 +95,26 @@ void print_human(const nlohmann::json& vms) {
   }
 }
 
+// Runs a subcommand that works on libvirt directly (no ftd): errors become messages and exit
+// codes (no such domain: 4; anything else: 1).
+template <typename F>
+int local_command(F f) {
+  try {
+    return f();
+  } catch (const ftvm::vmm::lv::NoSuchDomain& e) {
+    fmt::print(stderr, "ftctl: {}\n", e.what());
+    return kNotFound;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "ftctl: {}\n", e.what());
+    return kFailed;
+  }
+}
+
 // `ftctl prepare`: what the running domain lacks (takes effect only after a restart) and what
 // the persistent definition lacks (fixed there with confirmation).
 int prepare_domain(const std::string& domain, const std::string& uri, bool yes, bool json) {
   namespace lv = ftvm::vmm::lv;
-  try {
+  return local_command([&] {
     auto conn = lv::Connection::open(uri);
     auto dom = lv::Domain::lookup(conn, domain);
     const bool active = dom.active(), persistent = dom.persistent();
@@ -152,23 +167,17 @@ int prepare_domain(const std::string& domain, const std::string& uri, bool yes, 
     if (unfixable) return kRefused;
     if (!def_issues.empty() && !fixed) return kRefused;
     return kOk;
-  } catch (const ftvm::vmm::lv::NoSuchDomain& e) {
-    fmt::print(stderr, "ftctl: {}\n", e.what());
-    return kNotFound;
-  } catch (const std::exception& e) {
-    fmt::print(stderr, "ftctl: {}\n", e.what());
-    return kFailed;
-  }
+  });
 }
 
 int release_domain(const std::string& domain, const std::string& uri, const std::string& state_dir) {
-  try {
+  return local_command([&] {
     std::string uuid = domain;
     try {
       auto conn = ftvm::vmm::lv::Connection::open(uri);
       uuid = ftvm::vmm::lv::Domain::lookup(conn, domain).uuid();
-    } catch (const std::exception& e) {
-      if (domain.size() != 36) throw;  // a UUID works without libvirt
+    } catch (const std::exception&) {
+      if (!ftvm::vmm::looks_like_uuid(domain)) throw;  // a UUID works without libvirt
     }
     const auto path = state_dir + "/failed-over/" + uuid;
     if (::unlink(path.c_str()) != 0) {
@@ -180,13 +189,7 @@ int release_domain(const std::string& domain, const std::string& uri, const std:
     }
     fmt::print("domain {} released: libvirt may start it on this host again ({} removed)\n", domain, path);
     return kOk;
-  } catch (const ftvm::vmm::lv::NoSuchDomain& e) {
-    fmt::print(stderr, "ftctl: {}\n", e.what());
-    return kNotFound;
-  } catch (const std::exception& e) {
-    fmt::print(stderr, "ftctl: {}\n", e.what());
-    return kFailed;
-  }
+  });
 }
 
 }  // namespace
