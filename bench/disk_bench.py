@@ -9,7 +9,7 @@
   * the initial full copy: time for the mirror job to copy the whole disk (filled with random
     data, so every byte crosses) to the standby, per GiB.
 
-Usage: bench/disk_bench.py [--disk-mib 1024] [--rounds 9] [--epoch-ms 25] [--json OUT]
+Usage: bench/disk_bench.py [--disk-mib 1024] [--rounds 9] [--seq-mib 128] [--epoch-ms 25] [--json OUT]
 Needs the build (ftd, ftctl) and the test guest (`ninja guest-image`).
 """
 import argparse
@@ -68,16 +68,17 @@ def main():
     ap.add_argument('--disk-mib', type=int, default=1024)
     ap.add_argument('--rounds', type=int, default=9)
     ap.add_argument('--epoch-ms', type=int, default=25)
+    ap.add_argument('--seq-mib', type=int, default=128, help='size of each sequential pass (10 ms timer resolution)')
     ap.add_argument('--json')
     a = ap.parse_args()
     res = {'date': time.strftime('%Y-%m-%d %H:%M'), 'host': os.uname().nodename, 'cpus': os.cpu_count(),
-           'disk_mib': a.disk_mib, 'epoch_ms': a.epoch_ms}
+           'disk_mib': a.disk_mib, 'epoch_ms': a.epoch_ms, 'seq_mib': a.seq_mib}
     with Env('disk-bench') as env:
         img = env.path('bench.img')
         log('filling a %d MiB disk image with random data' % a.disk_mib)
         subprocess.run(['dd', 'if=/dev/urandom', 'of=' + img, 'bs=1M', 'count=%d' % a.disk_mib, 'status=none'],
                        check=True)
-        g = env.boot_guest(dirty_kib_s=0, extra_append='ftvm_disk_bench_rounds=%d' % a.rounds,
+        g = env.boot_guest(dirty_kib_s=0, extra_append='ftvm_disk_bench_rounds=%d ftvm_disk_bench_seq_mib=%d' % (a.rounds, a.seq_mib),
                            extra_args=['-drive', 'file=%s,if=virtio,format=raw,cache=writeback' % img])
         g.serial.wait_ticks(3, 90)
         tmo = 60 + 20 * a.rounds
