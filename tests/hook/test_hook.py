@@ -342,6 +342,21 @@ def test_prepare_with_marker_refuses():
     check(rc == 0, f"stopped with marker: exit {rc}")
 
 
+def test_prepare_with_protected_marker_refuses():
+    # Left behind when ftd or the host died while the domain was protected: the standby has
+    # most likely resumed the twin.
+    e = Env()
+    os.makedirs(os.path.join(e.state, "protected"))
+    marker = os.path.join(e.state, "protected", UUID)
+    open(marker, "w").close()
+    rc, out, err, dt = e.run(["vm1", "prepare", "begin", "-"], domain_xml())
+    check(rc == 1, f"exit {rc}, expected 1")
+    check(marker in err and "died" in err and "ftctl release vm1" in err, f"stderr: {err!r}")
+    os.unlink(marker)
+    rc, _, _, _ = e.run(["vm1", "prepare", "begin", "-"], domain_xml())
+    check(rc == 0, f"after removing the marker: exit {rc}")
+
+
 def test_prepare_without_marker():
     e = Env()
     rc, out, err, dt = e.run(["vm1", "prepare", "begin", "-"], domain_xml())

@@ -179,15 +179,19 @@ int release_domain(const std::string& domain, const std::string& uri, const std:
     } catch (const std::exception&) {
       if (!ftvm::vmm::looks_like_uuid(domain)) throw;  // a UUID works without libvirt
     }
-    const auto path = state_dir + "/failed-over/" + uuid;
-    if (::unlink(path.c_str()) != 0) {
-      if (errno == ENOENT) {
-        fmt::print("domain {} is not marked as failed over ({} does not exist)\n", domain, path);
-        return kOk;
-      }
-      throw ftvm::SysError(errno, "unlink " + path);
+    std::vector<std::string> removed;
+    for (const char* kind : {"failed-over", "protected"}) {
+      const auto path = state_dir + "/" + kind + "/" + uuid;
+      if (::unlink(path.c_str()) == 0) removed.push_back(path);
+      else if (errno != ENOENT) throw ftvm::SysError(errno, "unlink " + path);
     }
-    fmt::print("domain {} released: libvirt may start it on this host again ({} removed)\n", domain, path);
+    if (removed.empty()) {
+      fmt::print("domain {} is not marked as failed over or protected (nothing in {}/{{failed-over,protected}})\n",
+                 domain, state_dir);
+      return kOk;
+    }
+    for (const auto& p : removed)
+      fmt::print("domain {} released: libvirt may start it on this host again ({} removed)\n", domain, p);
     return kOk;
   });
 }

@@ -313,7 +313,8 @@ void PrimarySession::primary_lost(const std::string& why) {
     }
   }
   set_state("primary-lost", why);
-  if (conn_) mark_failed_over(why);
+  if (conn_ && last_acked_ > 0) mark_failed_over(why);  // the standby resumes the twin
+  else set_marker("protected", false, {});
 }
 
 void PrimarySession::set_protection_metadata(const std::string& element) {
@@ -323,25 +324,36 @@ void PrimarySession::set_protection_metadata(const std::string& element) {
   else lv_dom_->set_metadata(element, vmm::kProtectionPrefix, vmm::kProtectionNs, lv_dom_->active(), persistent);
 }
 
-// A libvirt domain whose twin took over must not be started here again (two copies): the hook
-// refuses to start it while STATE_DIR/failed-over/<uuid> exists (`ftctl release` removes it).
-void PrimarySession::mark_failed_over(const std::string& why) {
+// Markers for the libvirt hook (tools/hook/ftvm_hook.cc), which refuses to start a domain here
+// while either exists: STATE_DIR/protected/<uuid> while the domain is protected (a committed
+// checkpoint on the standby; if ftd or this host dies, the twin takes over and the marker stays
+// behind), STATE_DIR/failed-over/<uuid> once the twin took over. `ftctl release` removes them.
+void PrimarySession::set_marker(const char* kind, bool present, const std::string& why) {
   if (domain_uuid_.empty()) return;
+  const auto dir = cfg_.state_dir + "/" + kind;
+  const auto path = dir + "/" + domain_uuid_;
   try {
-    const auto dir = cfg_.state_dir + "/failed-over";
+    if (!present) {
+      if (::unlink(path.c_str()) != 0 && errno != ENOENT) throw SysError(errno, "unlink " + path);
+      return;
+    }
     std::filesystem::create_directories(dir);
-    const auto path = dir + "/" + domain_uuid_;
-    const auto text = fmt::format("domain {} ({}) failed over to {} at {:.0f} (unix ms): {}\n", name_, domain_uuid_,
+    const auto text = fmt::format("domain {} ({}), standby {}, {:.0f} (unix ms): {}\n", name_, domain_uuid_,
                                   link_peer_.empty() ? req_.peer : link_peer_, wall_ms(), why);
     UniqueFd f(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
     if (!f) throw SysError(errno, "create " + path);
     if (::write(f.get(), text.data(), text.size()) < 0) throw SysError(errno, "write " + path);
-    log::info("primary", "{}: marked as failed over ({}): libvirt will not start it here until `ftctl release {}`", name_,
-              path, name_);
   } catch (const std::exception& e) {
-    log::error("primary", "{}: could not record the failover ({}); do not start the domain here again while its "
-               "twin runs on the standby", name_, e.what());
+    log::error("primary", "{}: marker {}: {}", name_, path, e.what());
   }
+}
+
+void PrimarySession::mark_failed_over(const std::string& why) {
+  if (domain_uuid_.empty()) return;
+  set_marker("failed-over", true, why);
+  set_marker("protected", false, {});
+  log::info("primary", "{}: marked as failed over ({}/failed-over/{}): libvirt will not start it here until "
+            "`ftctl release {}`", name_, cfg_.state_dir, domain_uuid_, name_);
 }
 
 bool PrimarySession::saw_guest_shutdown() {
@@ -372,6 +384,7 @@ void PrimarySession::guest_shut_down(const std::string& why) {
     log::warn("primary", "{}: {}", name_, e.what());
   }
   paused_by_us_ = false;  // never `cont` a powered-off guest
+  set_marker("protected", false, {});
   set_state("shut-down", why);
 }
 
@@ -412,6 +425,7 @@ void PrimarySession::link_failed(const std::string& why) {
   }
   inflight_ = 0;
   retransmits_ = 0;
+  set_marker("protected", false, {});  // the standby dropped the twin: this copy is the only one
   set_state("degraded", why);
   // Wait before retrying, still answering commands and noticing QEMU's death.
   auto until = Clock::now() + cfg_.reconnect_interval;
@@ -682,6 +696,7 @@ void PrimarySession::handle(const transport::ControlMessage& m) {
         pending_rec_.reset();
       }
       if (state_ == "syncing" || state_ == "degraded" || state_ == "connecting") {
+        set_marker("protected", true, "protected (a committed checkpoint on the standby)");
         state_ = "protected";
         reason_.clear();
         log::info("primary", "{}: state -> protected (epoch {} committed on the standby)", name_, a.epoch);
@@ -996,6 +1011,7 @@ std::string PrimarySession::do_disable() {
   if (disks_) disks_->stop(*qmp_);
   if (output_) output_->detach(*qmp_);  // held frames go out; filters and chardevs removed
   tracker_.reset();
+  set_marker("protected", false, {});
   set_state("disabled");
   return fmt::format("protection of VM '{}' ended; the twin on the standby is destroyed", name_);
 }

@@ -106,6 +106,7 @@ class PrimarySession {
   std::unique_ptr<vmm::lv::Domain> lv_dom_;
   std::string domain_uuid_, domain_xml_;
   void mark_failed_over(const std::string& why);
+  void set_marker(const char* kind, bool present, const std::string& why);
 
   // VM handles (session thread only after start()).
   std::unique_ptr<vmm::Monitor> qmp_;

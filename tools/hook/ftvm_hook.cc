@@ -7,8 +7,10 @@
 //   - never fails a domain start because ftd is down or its input is odd: it logs why and exits 0.
 // The one intended refusal: phase `prepare begin` of a domain whose STATE_DIR/failed-over/UUID
 // marker exists (ftd writes it when the domain failed over to the standby while this host was its
-// primary; starting it here would run two copies). Then it prints the reason on stderr and exits 1,
-// and libvirt refuses the start with that message.
+// primary; starting it here would run two copies), or whose STATE_DIR/protected/UUID marker exists
+// (ftd keeps it while the domain is protected; left behind when ftd or the host died, after which
+// the standby resumed the twin). Then it prints the reason on stderr and exits 1, and libvirt
+// refuses the start with that message.
 //
 // For a domain whose XML carries
 //   <metadata><ftvm:protection xmlns:ftvm="https://ftvm.dev/xmlns/protection/1"
@@ -626,27 +628,39 @@ int run(int argc, char** argv) {
                                clean(dom->uuid, 64)));
       return 0;
     }
-    std::string marker = cfg.state_dir + "/failed-over/" + *uuid;
-    struct stat st{};
-    int stat_rc = ::lstat(marker.c_str(), &st);  // any entry counts, even a dangling link
-    int stat_errno = errno;
-    if (stat_rc == 0) {
-      std::string reason = fmt::format(
-          "ftvm: refusing to start domain '{}': it failed over to its standby while this host was its primary "
-          "(marker {}), so a copy may already run there and starting it here would run two copies. Check the "
-          "standby, then clear the marker with `ftctl release {}` (or delete {}) and start the domain again.",
-          clean(name), marker, clean(name), marker);
-      std::fprintf(stderr, "%s\n", reason.c_str());
-      g_log.info(fmt::format("start refused (exit 1): failed-over marker {} exists; clear it with `ftctl release {}` "
-                             "after checking the standby, or delete the file",
-                             marker, clean(name)));
-      return 1;
+    // failed-over/UUID: ftd saw the twin take over. protected/UUID: the domain was protected
+    // (a committed checkpoint on the standby) when it stopped without ftd ending protection —
+    // ftd or the whole host died, and the standby has most likely resumed the twin.
+    const struct {
+      const char* dir;
+      const char* why;
+    } markers[] = {
+        {"failed-over", "it failed over to its standby while this host was its primary"},
+        {"protected", "it was protected when it stopped and ftd did not end that protection (ftd or this host "
+                      "died), so the standby has most likely resumed its twin"},
+    };
+    for (const auto& m : markers) {
+      std::string marker = cfg.state_dir + "/" + m.dir + "/" + *uuid;
+      struct stat st{};
+      int stat_rc = ::lstat(marker.c_str(), &st);  // any entry counts, even a dangling link
+      int stat_errno = errno;
+      if (stat_rc == 0) {
+        std::string reason = fmt::format(
+            "ftvm: refusing to start domain '{}': {} (marker {}), so a copy may already run there and starting it "
+            "here would run two copies. Check the standby, then clear the marker with `ftctl release {}` (or delete "
+            "{}) and start the domain again.",
+            clean(name), m.why, marker, clean(name), marker);
+        std::fprintf(stderr, "%s\n", reason.c_str());
+        g_log.info(fmt::format("start refused (exit 1): marker {} exists; clear it with `ftctl release {}` "
+                               "after checking the standby, or delete the file",
+                               marker, clean(name)));
+        return 1;
+      }
+      if (stat_errno != ENOENT)
+        g_log.info(fmt::format("cannot check marker {} ({}); start allowed", marker, std::strerror(stat_errno)));
+      else if (dom->has_element)
+        g_log.debug(fmt::format("no marker {}; start allowed", marker));
     }
-    if (stat_errno != ENOENT)
-      g_log.info(fmt::format("cannot check failed-over marker {} ({}); start allowed", marker,
-                             std::strerror(stat_errno)));
-    else if (dom->has_element)
-      g_log.debug(fmt::format("no failed-over marker {}; start allowed", marker));
     return 0;
   }
 
