@@ -42,6 +42,22 @@ unsigned opt_uint(const nlohmann::json& req, const char* key, unsigned def) {
 
 }  // namespace
 
+// A declared domain whose standby is this very ftd (its replication listener) is the twin side's
+// business, not ours: only possible when primary and standby ftd share a host and a libvirtd
+// (tests); protecting it from here would make this ftd its own standby.
+bool Daemon::is_own_listener(const std::string& peer) const {
+  if (cfg_.listen.empty()) return false;
+  try {
+    auto l = transport::tcp::parse_host_port(cfg_.listen);
+    auto p = transport::tcp::parse_host_port(peer);
+    const uint16_t pport = p.port ? p.port : 7410;
+    if (l.port != pport) return false;
+    return l.host == p.host || l.host == "::" || l.host == "0.0.0.0" || l.host.empty();
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
 Daemon::Daemon(DaemonConfig cfg) : cfg_(std::move(cfg)) {
   if (cfg_.control_socket.empty()) cfg_.control_socket = cfg_.run_dir + "/ftd.sock";
   std::filesystem::create_directories(cfg_.run_dir);
@@ -347,6 +363,9 @@ nlohmann::json Daemon::cmd_hook(const nlohmann::json& req) {
     r.epoch_ms = opt_uint(p, "epoch_ms", 25);
     if (cfg_.libvirt_uri.empty())
       return err("refused", "ftd runs without libvirt (--libvirt-uri ''); cannot protect domain " + name);
+    if (is_own_listener(r.peer))
+      return err("refused", fmt::format("domain '{}' names this ftd ({}) as its standby; not protecting it from here",
+                                        name, r.peer));
     if (auto s = primary(name); s && !s->finished())
       return {{"ok", true}, {"message", fmt::format("domain '{}' is already protected", name)}};
     protect_domain_async(uuid, name, r, "hook " + phase);
@@ -410,7 +429,7 @@ void Daemon::scan_libvirt() {
         auto m = d.metadata(vmm::kProtectionNs);
         if (!m) continue;
         auto p = vmm::parse_protection(*m);
-        if (!p) continue;
+        if (!p || is_own_listener(p->peer)) continue;
         EnableRequest r;
         r.domain = d.uuid();
         r.peer = p->peer;

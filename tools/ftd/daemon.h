@@ -45,6 +45,7 @@ class Daemon {
   // is still starting it and must not wait for us).
   void protect_domain_async(const std::string& uuid, const std::string& name, EnableRequest r, std::string origin);
   void scan_libvirt();
+  bool is_own_listener(const std::string& peer) const;
   std::vector<std::thread> workers_;  // joined at shutdown
   std::shared_ptr<PrimarySession> primary(const std::string& name);
 
