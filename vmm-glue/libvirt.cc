@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <future>
 #include <mutex>
 #include <iterator>
 #include <thread>
@@ -540,26 +541,50 @@ nlohmann::json LibvirtMonitor::run(const std::string& cmd, const nlohmann::json&
   nlohmann::json req = {{"execute", cmd}};
   if (!args.is_null()) req["arguments"] = args;
   std::string line = req.dump();
-  char* reply = nullptr;
-  int rc;
-  if (fd) {
-    int fds[1] = {*fd};
-    rc = virDomainQemuMonitorCommandWithFiles(dom_, line.c_str(), 1, fds, nullptr, nullptr,
-                                              &reply, 0);
+  // libvirt's error state is per thread: the call and everything about its failure are taken on
+  // the thread that made it.
+  struct Result {
+    int rc = -1;
+    char* reply = nullptr;
+    std::string msg;
+    bool gone = false;
+  };
+  virConnectPtr conn = conn_;
+  virDomainPtr dom = dom_;
+  const int in_fd = fd ? *fd : -1;
+  auto call = [conn, dom, line, in_fd]() {
+    Result r;
+    if (in_fd >= 0) {
+      int fds[1] = {in_fd};
+      r.rc = virDomainQemuMonitorCommandWithFiles(dom, line.c_str(), 1, fds, nullptr, nullptr, &r.reply, 0);
+    } else {
+      r.rc = virDomainQemuMonitorCommand(dom, line.c_str(), &r.reply, 0);
+    }
+    if (r.rc < 0 || !r.reply) {
+      r.msg = r.rc < 0 ? last_message() : "no reply";
+      // Gone for good: the connection died, or the domain stopped or vanished.
+      r.gone = virConnectIsAlive(conn) != 1 || virDomainIsActive(dom) != 1;
+      virResetLastError();
+    }
+    return r;
+  };
+  Result res;
+  if (idle_) {
+    // The call blocks in libvirt (its job lock, QEMU): keep the caller's idle hook running.
+    auto fut = std::async(std::launch::async, call);
+    while (fut.wait_for(idle_period_) != std::future_status::ready) idle();
+    res = fut.get();
   } else {
-    rc = virDomainQemuMonitorCommand(dom_, line.c_str(), &reply, 0);
+    res = call();
   }
-  if (rc < 0 || !reply) {
-    std::string msg = rc < 0 ? last_message() : "no reply";
-    // Gone for good: the connection died, or the domain stopped or vanished.
-    bool gone = virConnectIsAlive(conn_) != 1 || virDomainIsActive(dom_) != 1;
-    virResetLastError();
-    if (gone) broken_ = true;
+  char* reply = res.reply;
+  if (res.rc < 0 || !reply) {
+    if (res.gone) broken_ = true;
     free(reply);
-    fail("QMP command '{}' on {} failed in libvirt: {} ({})", cmd, describe(), msg,
-         gone ? "the domain or the libvirt connection is gone; open them again once the domain "
-                "runs"
-              : "the monitor is still usable; see libvirtd's log for details");
+    fail("QMP command '{}' on {} failed in libvirt: {} ({})", cmd, describe(), res.msg,
+         res.gone ? "the domain or the libvirt connection is gone; open them again once the domain "
+                    "runs"
+                  : "the monitor is still usable; see libvirtd's log for details");
   }
   std::string r = reply;
   free(reply);

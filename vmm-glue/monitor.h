@@ -15,10 +15,15 @@
 //    for commands that take one (getfd, add-fd); the caller keeps its own descriptor.
 //  * take_events() returns the QMP events received since the last call, oldest first
 //    ({"event": NAME, "data": {...}, "timestamp": {...}}), at most a few thousand.
+//  * set_idle_hook(): while a command waits for its reply, the hook runs on the calling thread
+//    about every `period` (ftd keeps its replication heartbeats going while QEMU or libvirt
+//    is slow to answer). The hook must not use the Monitor and must not throw.
 //  * Not thread-safe: one thread per Monitor.
 #pragma once
 
+#include <chrono>
 #include <deque>
+#include <functional>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -45,6 +50,22 @@ class Monitor {
   virtual bool connected() const = 0;
   // For messages: "QMP socket /run/vm1.qmp" or "libvirt domain vm1 (qemu:///system)".
   virtual std::string describe() const = 0;
+  void set_idle_hook(std::function<void()> hook, std::chrono::milliseconds period) {
+    idle_ = std::move(hook);
+    idle_period_ = period;
+  }
+
+ protected:
+  // Runs the idle hook; a throwing hook is a caller bug, contained here.
+  void idle() noexcept {
+    if (!idle_) return;
+    try {
+      idle_();
+    } catch (...) {
+    }
+  }
+  std::function<void()> idle_;
+  std::chrono::milliseconds idle_period_{20};
 };
 
 }  // namespace ftvm::vmm

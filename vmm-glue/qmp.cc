@@ -212,7 +212,14 @@ nlohmann::json QmpClient::await_return(const std::string& cmd) {
   for (;;) {
     nlohmann::json msg;
     try {
-      msg = *read_message(deadline, /*timeout_is_error=*/true);
+      // In slices of the idle period while an idle hook is set (the hook runs between them).
+      std::optional<nlohmann::json> m;
+      while (!m) {
+        const auto slice = idle_ ? std::min(deadline, Clock::now() + idle_period_) : deadline;
+        m = read_message(slice, /*timeout_is_error=*/slice >= deadline);
+        if (!m) idle();
+      }
+      msg = std::move(*m);
     } catch (const Error& e) {
       throw Error(fmt::format("QMP command '{}': {}", cmd, e.what()));
     }

@@ -165,8 +165,9 @@ def hook_failover():
             listing = virsh('list').stdout
             check(twin_name in listing and 'running' in listing.split(twin_name)[1].splitlines()[0],
                   'virsh list does not show %s running:\n%s' % (twin_name, listing))
-            check(virsh('dominfo', twin_name).stdout.count('Persistent:     yes') == 1,
-                  'the twin is not persistent after failover: %s' % virsh('dominfo', twin_name).stdout)
+            # Defined persistently right after it runs (off the activation path).
+            wait_for(lambda: 'Persistent:     yes' in virsh('dominfo', twin_name).stdout, 15,
+                     'the twin domain to be defined persistently')
             recs = {r['epoch']: r for r in P.epochs(name)}
             cut = max((r for e, r in recs.items() if e <= a['epoch']), key=lambda r: r['epoch'])['wall_ms']
             check_continuity(ser, twin, cut)

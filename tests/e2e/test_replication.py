@@ -13,7 +13,9 @@ VM = 'vm1'
 
 def standby_loss():
     with Env('standby-loss') as env:
-        g = env.boot_guest(dirty_kib_s=1024)
+        # -no-shutdown (as libvirt does): QEMU reports the guest's poweroff and waits, instead of
+        # exiting at once, possibly before its SHUTDOWN event reached ftd (see ARCHITECTURE.md).
+        g = env.boot_guest(dirty_kib_s=1024, extra_args=['-no-shutdown'])
         g.serial.wait_ticks(3, 90)
         P = env.start_ftd('primary', listen=False)
         S = env.start_ftd('standby')
@@ -84,7 +86,7 @@ def standby_loss():
         sv = [v for v in S2.status() if v['name'] == VM]
         check(all(v['state'] == 'closed' and not v.get('activation') for v in sv),
               'the standby activated or kept a twin after a guest poweroff: %s' % sv)
-        wait_for(lambda: not pid_alive(g.pid), 10, 'the primary QEMU to exit after the poweroff')
+        check(pid_alive(g.pid), 'the primary QEMU exited (-no-shutdown keeps it, powered off)')
 
 
 if __name__ == '__main__':

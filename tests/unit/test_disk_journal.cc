@@ -116,6 +116,7 @@ void feed(DiskJournal& j, uint64_t epoch, const std::vector<Op>& ops) {
 
 // Applies `o` to an in-memory reference disk.
 void apply_ref(Bytes& disk, const Op& o) {
+  if (o.length == 0) return;  // (a zero-length op's data() may be null)
   if (o.kind == DiskOpKind::Write)
     std::memcpy(disk.data() + o.offset, o.data.data(), o.length);
   else

@@ -111,6 +111,7 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req) : cfg
     qmp_ = std::make_unique<vmm::QmpClient>(vmm::QmpClient::connect(req_.qmp_socket));
     qemu_pid_ = static_cast<vmm::QmpClient&>(*qmp_).peer_pid();
   }
+  qmp_->set_idle_hook([this] { keepalive(); }, std::max(std::chrono::milliseconds(5), cfg_.heartbeat_interval / 2));
   argv_ = vmm::read_cmdline(qemu_pid_);
   if (name_.empty()) name_ = req_.name.empty() ? default_name(argv_, req_.qmp_socket) : req_.name;
 
@@ -359,7 +360,7 @@ void PrimarySession::mark_failed_over(const std::string& why) {
 bool PrimarySession::saw_guest_shutdown() {
   if (!guest_shutdown_.empty()) return true;
   try {
-    if (qmp_->connected()) process_events();
+    process_events();  // also the events queued before the monitor broke
   } catch (const GuestShutdown&) {
     return true;
   } catch (const std::exception&) {
@@ -452,6 +453,9 @@ void PrimarySession::connect_and_sync() {
   transport::Options opts;
   opts.heartbeat_interval = cfg_.heartbeat_interval;
   std::string chosen;
+  pending_.clear();
+  pending_hb_.clear();
+  link_error_.clear();
   conn_ = transport::connect(host_, port_, transport_kind_, opts, {}, &chosen);
   log::info("primary", "{}: connected to the standby {} over {}", name_, conn_->peer(), chosen);
   {
@@ -626,8 +630,46 @@ void PrimarySession::process_events() {
   if (!guest_shutdown_.empty()) throw GuestShutdown("the guest shut itself down (" + guest_shutdown_ + ")");
 }
 
+// Runs inside QMP commands that take long (QEMU or libvirt slow to answer): heartbeats must
+// go on, or the standby takes a live primary for dead. Messages that arrive meanwhile are kept
+// for next_message(); a broken link is remembered and reported by the next pump().
+void PrimarySession::keepalive() {
+  if (in_keepalive_) return;
+  in_keepalive_ = true;
+  try {
+    if (conn_ && link_error_.empty())
+      if (auto m = conn_->poll(std::chrono::milliseconds(0))) pending_.push_back(std::move(*m));
+  } catch (const std::exception& e) {
+    link_error_ = e.what();
+  }
+  try {
+    if (hb_)
+      if (auto m = hb_->poll(std::chrono::milliseconds(0))) pending_hb_.push_back(std::move(*m));
+  } catch (const std::exception&) {
+  }
+  in_keepalive_ = false;
+}
+
+std::optional<transport::ControlMessage> PrimarySession::next_message(std::chrono::milliseconds timeout) {
+  if (!link_error_.empty()) {
+    auto e = std::exchange(link_error_, {});
+    throw LinkDown(e);
+  }
+  if (!pending_.empty()) {
+    auto m = std::move(pending_.front());
+    pending_.pop_front();
+    return m;
+  }
+  return conn_->poll(timeout);
+}
+
 void PrimarySession::pump(std::chrono::milliseconds timeout) {
   process_events();
+  while (!pending_hb_.empty()) {
+    auto m = std::move(pending_hb_.front());
+    pending_hb_.pop_front();
+    handle(m);
+  }
   if (disks_ && disks_->running()) {
     if (auto f = disks_->failure(); !f.empty()) throw LinkDown(f);
     if (disks_->forward(*conn_, session_id_, UINT64_MAX)) conn_->flush();
@@ -641,7 +683,7 @@ void PrimarySession::pump(std::chrono::milliseconds timeout) {
       hb_.reset();
     }
   }
-  auto m = conn_->poll(timeout);
+  auto m = next_message(timeout);
   {
     std::lock_guard<std::mutex> g(mu_);
     link_idle_ms_ = static_cast<double>(conn_->idle_for().count());
@@ -864,7 +906,7 @@ void PrimarySession::send_epoch(uint64_t epoch, bool final) {
     auto deadline = Clock::now() + std::chrono::seconds(10);
     for (;;) {
       if (Clock::now() > deadline) throw LinkDown("standby did not grant staging space within 10 s");
-      auto m = conn_->poll(std::chrono::milliseconds(20));
+      auto m = next_message(std::chrono::milliseconds(20));
       if (!m) continue;
       if (m->type == static_cast<uint16_t>(MsgType::StagingGranted)) {
         auto g = cp::decode<cp::StagingGranted>(m->body);
@@ -969,7 +1011,7 @@ std::string PrimarySession::do_failover() {
   auto deadline = Clock::now() + std::chrono::seconds(30);
   for (;;) {
     if (Clock::now() > deadline) throw LinkDown("standby did not confirm activation within 30 s");
-    auto m = conn_->poll(std::chrono::milliseconds(20));
+    auto m = next_message(std::chrono::milliseconds(20));
     if (!m) continue;
     if (m->type != static_cast<uint16_t>(MsgType::ActivateDone)) {
       handle(*m);

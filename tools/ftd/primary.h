@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -81,6 +82,11 @@ class PrimarySession {
   void handle(const transport::ControlMessage& m);
   void pump(std::chrono::milliseconds timeout);
   void process_events();
+  void keepalive();
+  std::optional<transport::ControlMessage> next_message(std::chrono::milliseconds timeout);
+  std::deque<transport::ControlMessage> pending_, pending_hb_;  // received inside keepalive()
+  std::string link_error_;                                      // ditto: the link broke
+  bool in_keepalive_ = false;
   bool saw_guest_shutdown();
   void guest_shut_down(const std::string& why);
   std::string guest_shutdown_;  // SHUTDOWN reason when the guest powered itself off
