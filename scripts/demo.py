@@ -1,8 +1,10 @@
 #!/usr/bin/python3
-"""The embedded default, end to end on one machine: a Linux test guest protected by a primary
-ftd and replicated to a standby ftd (both on this host, over loopback TCP), then the primary
-QEMU is killed with SIGKILL and the standby's twin resumes the guest. Prints every command and
-the measured numbers. Everything started here is stopped by PID at the end."""
+"""The embedded default, end to end on one machine: a Linux test guest (with a 64 MiB ext4 disk
+it writes checksummed records to) protected by a primary ftd and replicated, RAM and disk, to a
+standby ftd (both on this host, over loopback TCP); then the primary QEMU is killed with SIGKILL
+and the standby's twin resumes the guest on the disk replica, which is then checked (fsck,
+every record). Prints every command and the measured numbers. Everything started here is
+stopped by PID at the end."""
 import argparse
 import os
 import signal
@@ -11,6 +13,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests', 'e2e'))
 import ftvm_e2e as h  # noqa: E402
+import disk_records  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__)
 ap.add_argument('--mem', type=int, default=256, help='guest RAM in MiB')
@@ -19,6 +22,7 @@ ap.add_argument('--dirty-kib-s', type=int, default=2048, help='guest memory writ
 ap.add_argument('--epoch-ms', type=int, default=25)
 ap.add_argument('--run-s', type=float, default=10, help='protected run time before the failure')
 ap.add_argument('--planned', action='store_true', help='planned switchover (ftctl failover) instead of kill -9')
+ap.add_argument('--no-disk', action='store_true', help='diskless guest (RAM only)')
 a = ap.parse_args()
 
 
@@ -34,14 +38,21 @@ def show(r):
 
 with h.Env('demo', hb_timeout_ms=400) as env:
     say('booting the test guest: %d MiB, %d vCPU, accel %s, writing %d KiB/s' % (a.mem, a.smp, h.ACCEL, a.dirty_kib_s))
-    g = env.boot_guest(mem=a.mem, smp=a.smp, dirty_kib_s=a.dirty_kib_s)
+    extra, append = [], ''
+    if not a.no_disk:
+        img = env.path('disk.img')
+        disk_records.make_fs(img, 64)
+        extra = ['-drive', 'file=%s,if=virtio,format=raw,cache=writeback' % img]
+        append = 'ftvm_disk=vda ftvm_disk_rec_s=20'
+        print('   disk: %s (64 MiB ext4); the guest appends checksummed records and reports "DISK synced N"' % img)
+    g = env.boot_guest(mem=a.mem, smp=a.smp, dirty_kib_s=a.dirty_kib_s, extra_append=append, extra_args=extra)
     print('   ' + open(os.path.join(g.run, 'cmdline')).read().strip())
     g.serial.wait_ticks(3, 120)
     print('   guest up, QEMU pid %d, serial console says: %s' % (g.pid, g.serial.ticks()[-1]))
 
     say('starting the primary ftd and the standby ftd (standby listens on 127.0.0.1:%d)' % env.port)
     P = env.start_ftd('primary', listen=False)
-    S = env.start_ftd('standby')
+    S = env.start_ftd('standby', extra=['--disk-dir', env.path('replicas')])
     print('   ftd --run-dir %s --listen ""           (log %s)' % (P.run_dir, P.logf))
     print('   ftd --run-dir %s --listen 127.0.0.1:%d (log %s)' % (S.run_dir, env.port, S.logf))
 
@@ -79,6 +90,24 @@ with h.Env('demo', hb_timeout_ms=400) as env:
     for ts, line in twin.all()[:5]:
         print('   [twin %+.3f s] %s' % (ts - t_fail, line))
     last = g.serial.ticks()[-1]
+    disk_ok, disk_row = True, None
+    if not a.no_disk:
+        say('checking the disk replica the twin runs on')
+        twin.send('disk-stop')
+        stopped = h.wait_for(lambda: twin.matching('DISK stopped') or twin.matching('DISK umount'), 60,
+                             'the guest to stop writing')[-1][1]
+        print('   twin console: %s' % stopped)
+        replica = act['disks'][0]
+        n = int(stopped.split('last=')[1]) if 'last=' in stopped else 0
+        problems = disk_records.verify(replica, n)
+        durable = [int(l.split()[2]) for ts, l in g.serial.matching('DISK synced ') if ts < t_fail]
+        print('   %s: e2fsck -fn clean and records 1..%d intact: %s' % (replica, n, 'yes' if not problems else problems))
+        disk_ok = not problems and n > 0
+        before_d = before['disk']
+        disk_row = ('disk: initial copy / writes replicated / replica', '%d MiB in %.0f ms / %d (%.1f MiB) / %s' % (
+            before_d['initial_copy_bytes'] >> 20, before_d['initial_copy_ms'], before_d['forwarded_ops'],
+            before_d['forwarded_bytes'] / 2**20, 'fsck clean, records 1..%d ok (last durable before the failure: %s)' %
+            (n, durable[-1] if durable else '-') if disk_ok else 'BAD'))
 
     say('numbers')
     pm = before['pause_ms']
@@ -101,9 +130,11 @@ with h.Env('demo', hb_timeout_ms=400) as env:
                                                           act['ram_digest'])),
         ('last tick on the primary / first on the twin', '%d / %d' % (last[1], tt[0][1])),
     ]
+    if disk_row:
+        rows.append(disk_row)
     for k, val in rows:
         print('   %-48s %s' % (k, val))
-    ok = act['ram_digest'] == act['expected_ram_digest'] and tt[0][1] <= last[1] + 1
+    ok = act['ram_digest'] == act['expected_ram_digest'] and tt[0][1] <= last[1] + 1 and disk_ok
     say('demo %s; logs in %s' % ('OK' if ok else 'FAILED', env.dir))
     env.keep = True
 sys.exit(0 if ok else 1)
