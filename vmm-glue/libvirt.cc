@@ -487,19 +487,96 @@ LibvirtMonitor::LibvirtMonitor(lv::Connection& conn, lv::Domain& dom)
     fail("{}: cannot take a reference on the domain: {}", describe(), msg);
   }
   dom_ = dom.get();
+  uuid_ = dom.uuid();
   events_->what = describe();
+  try {
+    register_events();
+  } catch (...) {
+    virDomainFree(dom_);
+    virConnectClose(conn_);
+    throw;
+  }
+}
+
+void LibvirtMonitor::register_events() {
   auto* holder = new std::shared_ptr<EventQueue>(events_);
   callback_id_ = virConnectDomainQemuMonitorEventRegister(conn_, dom_, nullptr, on_qemu_event,
                                                           holder, free_queue, 0);
   if (callback_id_ < 0) {
     std::string msg = last_message();
     delete holder;  // libvirt does not call free_queue when registration fails
-    virDomainFree(dom_);
-    virConnectClose(conn_);
     fail("{}: cannot register for QEMU monitor events: {} (libvirt's QEMU monitor pass-through "
          "needs the QEMU driver: qemu:///system or qemu:///session)",
          describe(), msg);
   }
+}
+
+bool LibvirtMonitor::reconnect() {
+  log::warn("libvirt", "{}: the libvirt connection is gone (libvirtd restarting?); reconnecting for up to {} s",
+            describe(), kReconnectWindow.count());
+  const auto deadline = std::chrono::steady_clock::now() + kReconnectWindow;
+  std::string last = "not tried";
+  while (std::chrono::steady_clock::now() < deadline) {
+    for (int i = 0; i < 10; i++) {  // ~200 ms between attempts, the idle hook running
+      idle();
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    // Opening blocks while libvirtd starts up (it accepts before it answers): on a worker
+    // thread, the idle hook running here.
+    struct Opened {
+      virConnectPtr c = nullptr;
+      virDomainPtr d = nullptr;
+      std::string err;
+      bool not_running = false;
+    };
+    const std::string uri = uri_, uuid = uuid_;
+    auto fut = std::async(std::launch::async, [uri, uuid] {
+      Opened o;
+      o.c = virConnectOpen(uri.c_str());
+      if (!o.c) {
+        o.err = last_message();
+        virResetLastError();
+        return o;
+      }
+      o.d = virDomainLookupByUUIDString(o.c, uuid.c_str());
+      if (!o.d || virDomainIsActive(o.d) != 1) {
+        o.not_running = o.d != nullptr;
+        o.err = o.d ? "the domain is not running" : last_message();
+        virResetLastError();
+        if (o.d) virDomainFree(o.d);
+        virConnectClose(o.c);
+        o.c = nullptr;
+        o.d = nullptr;
+      }
+      return o;
+    });
+    while (fut.wait_for(idle_period_) != std::future_status::ready) idle();
+    Opened o = fut.get();
+    if (!o.c) {
+      last = o.err;
+      if (o.not_running) break;  // QEMU is gone: nothing to reconnect to
+      continue;
+    }
+    virConnectPtr c = o.c;
+    virDomainPtr d = o.d;
+    if (callback_id_ >= 0) virConnectDomainQemuMonitorEventDeregister(conn_, callback_id_);  // best effort
+    callback_id_ = -1;
+    virDomainFree(dom_);
+    virConnectClose(conn_);
+    conn_ = c;
+    dom_ = d;
+    try {
+      register_events();
+    } catch (const std::exception& e) {
+      last = e.what();
+      continue;
+    }
+    log::info("libvirt", "{}: reconnected to libvirt", describe());
+    generation_++;
+    return true;
+  }
+  log::error("libvirt", "{}: could not reconnect to libvirt: {}", describe(), last);
+  return false;
 }
 
 LibvirtMonitor::LibvirtMonitor(LibvirtMonitor&& o) noexcept
@@ -531,6 +608,33 @@ bool LibvirtMonitor::connected() const {
   return !broken_ && conn_ && virConnectIsAlive(conn_) == 1;
 }
 
+namespace {
+
+struct MonitorCall {
+  int rc = -1;
+  char* reply = nullptr;  // malloc'ed by libvirt
+  std::string msg;        // libvirt's error, when rc < 0
+  bool gone = false;      // the connection died, or the domain stopped or vanished
+};
+
+MonitorCall monitor_call(virConnectPtr conn, virDomainPtr dom, const std::string& line, int fd) {
+  MonitorCall r;
+  if (fd >= 0) {
+    int fds[1] = {fd};
+    r.rc = virDomainQemuMonitorCommandWithFiles(dom, line.c_str(), 1, fds, nullptr, nullptr, &r.reply, 0);
+  } else {
+    r.rc = virDomainQemuMonitorCommand(dom, line.c_str(), &r.reply, 0);
+  }
+  if (r.rc < 0 || !r.reply) {
+    r.msg = r.rc < 0 ? last_message() : "no reply";
+    r.gone = virConnectIsAlive(conn) != 1 || virDomainIsActive(dom) != 1;
+    virResetLastError();
+  }
+  return r;
+}
+
+}  // namespace
+
 nlohmann::json LibvirtMonitor::run(const std::string& cmd, const nlohmann::json& args,
                                    const int* fd) {
   if (!conn_ || !dom_) fail("{}: monitor used after being moved from", describe());
@@ -541,41 +645,25 @@ nlohmann::json LibvirtMonitor::run(const std::string& cmd, const nlohmann::json&
   nlohmann::json req = {{"execute", cmd}};
   if (!args.is_null()) req["arguments"] = args;
   std::string line = req.dump();
-  // libvirt's error state is per thread: the call and everything about its failure are taken on
-  // the thread that made it.
-  struct Result {
-    int rc = -1;
-    char* reply = nullptr;
-    std::string msg;
-    bool gone = false;
-  };
-  virConnectPtr conn = conn_;
-  virDomainPtr dom = dom_;
   const int in_fd = fd ? *fd : -1;
-  auto call = [conn, dom, line, in_fd]() {
-    Result r;
-    if (in_fd >= 0) {
-      int fds[1] = {in_fd};
-      r.rc = virDomainQemuMonitorCommandWithFiles(dom, line.c_str(), 1, fds, nullptr, nullptr, &r.reply, 0);
-    } else {
-      r.rc = virDomainQemuMonitorCommand(dom, line.c_str(), &r.reply, 0);
-    }
-    if (r.rc < 0 || !r.reply) {
-      r.msg = r.rc < 0 ? last_message() : "no reply";
-      // Gone for good: the connection died, or the domain stopped or vanished.
-      r.gone = virConnectIsAlive(conn) != 1 || virDomainIsActive(dom) != 1;
-      virResetLastError();
-    }
-    return r;
-  };
-  Result res;
-  if (idle_) {
-    // The call blocks in libvirt (its job lock, QEMU): keep the caller's idle hook running.
+  // The call blocks in libvirt (its job lock, QEMU): with an idle hook it runs on a worker
+  // thread while the hook keeps running here. libvirt's error state is per thread: the call
+  // and everything about its failure are taken on the thread that made it.
+  auto invoke = [&] {
+    virConnectPtr conn = conn_;
+    virDomainPtr dom = dom_;
+    auto call = [conn, dom, line, in_fd] { return monitor_call(conn, dom, line, in_fd); };
+    if (!idle_) return call();
     auto fut = std::async(std::launch::async, call);
     while (fut.wait_for(idle_period_) != std::future_status::ready) idle();
-    res = fut.get();
-  } else {
-    res = call();
+    return fut.get();
+  };
+  MonitorCall res = invoke();
+  if ((res.rc < 0 || !res.reply) && virConnectIsAlive(conn_) != 1) {
+    // libvirtd went away, not (necessarily) QEMU. QMP commands ftd sends are safe to repeat
+    // (stop, cont, queries, saving device state into the same file).
+    free(res.reply);
+    res = reconnect() ? invoke() : MonitorCall{-1, nullptr, "libvirt connection lost and not re-established", true};
   }
   char* reply = res.reply;
   if (res.rc < 0 || !reply) {

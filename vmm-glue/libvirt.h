@@ -170,6 +170,7 @@ class LibvirtMonitor : public Monitor {
   // malformed reply, or once libvirt reports the connection dead.
   bool connected() const override;
   std::string describe() const override;  // "libvirt domain NAME (URI)"
+  uint64_t generation() const override { return generation_; }
 
   struct EventQueue;  // shared with the event loop thread
 
@@ -182,6 +183,14 @@ class LibvirtMonitor : public Monitor {
   int callback_id_ = -1;
   bool broken_ = false;
   std::shared_ptr<EventQueue> events_;
+  std::string uuid_;
+  uint64_t generation_ = 0;
+  // libvirtd went away (restart, upgrade) while QEMU runs on: reopen the connection and the
+  // domain (by UUID) and register for events again, for up to kReconnectWindow; true when the
+  // domain is back. The idle hook keeps running meanwhile.
+  bool reconnect();
+  void register_events();
+  static constexpr std::chrono::seconds kReconnectWindow{60};
 };
 
 }  // namespace ftvm::vmm

@@ -22,6 +22,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <string>
@@ -50,6 +51,10 @@ class Monitor {
   virtual bool connected() const = 0;
   // For messages: "QMP socket /run/vm1.qmp" or "libvirt domain vm1 (qemu:///system)".
   virtual std::string describe() const = 0;
+  // Changes whenever the monitor had to reconnect (libvirtd restarted). QEMU drops the fdsets
+  // added through a monitor connection once no monitor is connected: a user of add-fd must
+  // add its fds again when this changes.
+  virtual uint64_t generation() const { return 0; }
   void set_idle_hook(std::function<void()> hook, std::chrono::milliseconds period) {
     idle_ = std::move(hook);
     idle_period_ = period;

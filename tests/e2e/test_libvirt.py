@@ -119,6 +119,16 @@ class Lab:
         return virsh('domuuid', name).stdout.strip()
 
 
+def restart_libvirtd():
+    """Restarts the (systemd-less) libvirtd the way an operator or an upgrade does; running
+    domains survive and libvirt runs the hook's `reconnect` phase for each."""
+    pid = int(open('/run/libvirtd.pid').read())
+    os.kill(pid, 15)
+    wait_for(lambda: not os.path.exists('/proc/%d' % pid), 30, 'libvirtd pid %d to exit' % pid)
+    subprocess.run(['libvirtd', '-d'], check=True)
+    wait_for(lambda: virsh('version', check_rc=False).returncode == 0, 60, 'libvirtd to answer again')
+
+
 def ftds(env, lab):
     P = env.start_ftd('primary', listen=False, extra=['--state-dir', lab.state])
     S = env.start_ftd('standby', extra=['--twin-name-suffix', '-twin', '--disk-dir', env.path('replicas'),
@@ -153,6 +163,18 @@ def hook_failover():
             time.sleep(2)
             check(not twin.all(), 'the paused twin printed output: %s' % twin.all()[:3])
             uuid = lab.uuid(name)
+
+            # libvirtd restarts while the domain is protected: protection goes on (ftd reconnects
+            # its monitor; the hook's `reconnect` phase finds the domain already protected).
+            e0 = P.vm(name, 'primary')['epoch']
+            log('restarting libvirtd (epoch %d)' % e0)
+            restart_libvirtd()
+            wait_for(lambda: P.vm(name, 'primary')['epoch'] > e0 + 40, 60, 'epochs to go on after the libvirtd restart')
+            v = P.vm(name, 'primary')
+            check(v['state'] == 'protected', 'after the libvirtd restart: %s %s' % (v['state'], v['reason']))
+            check(domstate(twin_name) == 'paused', 'twin after the libvirtd restart: %s' % domstate(twin_name))
+            wait_for(lambda: 'reconnect' in open(lab.hook_log).read(), 10, 'the hook to run its reconnect phase')
+            log('protected across the libvirtd restart: epoch %d -> %d' % (e0, v['epoch']))
 
             log('virsh destroy %s (the primary)' % name)
             virsh('destroy', name)

@@ -176,8 +176,7 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req) : cfg
                                "memfd_create for device state"));
   devstate_wo_.reset(check_sys(::open(fmt::format("/proc/self/fd/{}", devstate_rw_.get()).c_str(), O_WRONLY | O_CLOEXEC),
                                "reopen device-state memfd write-only"));
-  auto r = qmp_->execute_with_fd("add-fd", {{"opaque", "ftvm device state"}}, devstate_wo_.get());
-  devstate_path_ = fmt::format("/dev/fdset/{}", r.at("fdset-id").get<int64_t>());
+  add_devstate_fd();
 
   if (!cfg_.stats_dir.empty()) {
     auto p = fmt::format("{}/{}.epochs.jsonl", cfg_.stats_dir, name_);
@@ -320,9 +319,12 @@ void PrimarySession::primary_lost(const std::string& why) {
 
 void PrimarySession::set_protection_metadata(const std::string& element) {
   if (!lv_dom_) fail("VM '{}' is not a libvirt domain", name_);
-  const bool persistent = lv_dom_->persistent();
-  if (element.empty()) lv_dom_->remove_metadata(vmm::kProtectionNs, lv_dom_->active(), persistent);
-  else lv_dom_->set_metadata(element, vmm::kProtectionPrefix, vmm::kProtectionNs, lv_dom_->active(), persistent);
+  // A fresh connection: libvirtd may have restarted since enable.
+  auto conn = vmm::lv::Connection::open(lv_conn_->uri());
+  auto dom = vmm::lv::Domain::lookup(conn, domain_uuid_);
+  const bool persistent = dom.persistent();
+  if (element.empty()) dom.remove_metadata(vmm::kProtectionNs, dom.active(), persistent);
+  else dom.set_metadata(element, vmm::kProtectionPrefix, vmm::kProtectionNs, dom.active(), persistent);
 }
 
 // Markers for the libvirt hook (tools/hook/ftvm_hook.cc), which refuses to start a domain here
@@ -787,6 +789,14 @@ void PrimarySession::wait_ack(uint64_t epoch) {
   }
 }
 
+// QEMU keeps an add-fd fdset only while a monitor is connected (or a user holds a dup): after
+// libvirtd restarted, the fdset is gone and must be added again (Monitor::generation()).
+void PrimarySession::add_devstate_fd() {
+  auto r = qmp_->execute_with_fd("add-fd", {{"opaque", "ftvm device state"}}, devstate_wo_.get());
+  devstate_path_ = fmt::format("/dev/fdset/{}", r.at("fdset-id").get<int64_t>());
+  devstate_gen_ = qmp_->generation();
+}
+
 void PrimarySession::read_device_state() {
   struct stat st {};
   check_sys(::fstat(devstate_rw_.get(), &st), "fstat device-state memfd");
@@ -828,7 +838,14 @@ void PrimarySession::checkpoint(bool final) {
   stager_.stage_pages(dirty_, as_span(*ram_));
   const auto t3 = Clock::now();
   check_sys(::lseek(devstate_wo_.get(), 0, SEEK_SET), "rewind device-state memfd");
-  qmp_->execute("xen-save-devices-state", {{"filename", devstate_path_}, {"live", false}});
+  if (qmp_->generation() != devstate_gen_) add_devstate_fd();
+  try {
+    qmp_->execute("xen-save-devices-state", {{"filename", devstate_path_}, {"live", false}});
+  } catch (const vmm::QmpError&) {
+    if (qmp_->generation() == devstate_gen_) throw;
+    add_devstate_fd();  // the monitor reconnected during this very command
+    qmp_->execute("xen-save-devices-state", {{"filename", devstate_path_}, {"live", false}});
+  }
   read_device_state();
   const auto t4 = Clock::now();
   if (!final) {

@@ -100,6 +100,8 @@ class PrimarySession {
   void set_state(const std::string& s, const std::string& reason = {});
   std::string exec_with_fd_into_fdset(int fd);
   void read_device_state();
+  void add_devstate_fd();
+  uint64_t devstate_gen_ = 0;
 
   DaemonConfig cfg_;
   EnableRequest req_;

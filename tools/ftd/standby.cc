@@ -484,7 +484,23 @@ void StandbySession::start_libvirt_twin(const cp::OpenSession& o, const std::map
   }
   log::info("standby", "{}: creating twin libvirt domain '{}' (paused, incoming) on {}; XML in {}/twin.xml", o.vm_name,
             x.name, lv_conn_->uri(), vm_dir_);
+  // A paused transient domain of that name is a twin left behind by an earlier session (its
+  // activation failed, or ftd died): it never ran the guest, so it goes. Anything else of that
+  // name is a real domain and is not touched.
+  try {
+    auto old = vmm::lv::Domain::lookup(*lv_conn_, x.name);
+    if (old.active() && !old.persistent() && old.state().state == "paused") {
+      log::warn("standby", "{}: destroying the stale paused twin domain '{}' of an earlier session", o.vm_name, x.name);
+      old.destroy();
+    } else {
+      throw Error(fmt::format("a libvirt domain named '{}' already exists here ({}{}); it may be this VM after an "
+                              "earlier failover: refusing to create another twin", x.name, old.state().str(),
+                              old.persistent() ? ", persistent" : ""));
+    }
+  } catch (const vmm::lv::NoSuchDomain&) {
+  }
   twin_dom_ = std::make_unique<vmm::lv::Domain>(vmm::lv::create_paused(*lv_conn_, xml));
+  twin_uuid_ = twin_dom_->uuid();
   // What gets defined after activation: the same domain (name, UUID libvirt gave it) without
   // the -incoming arguments.
   x.extra_qemu_args.clear();
@@ -577,8 +593,9 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
     for (const auto& [p, tap] : cfg_.twin_tap_map)  // the twin's NIC goes live
       if (link_exists(tap)) set_link(tap, true);
     const auto c0 = Clock::now();
-    if (twin_dom_) twin_dom_->resume();  // libvirt issues `cont` and knows the domain runs
-    else twin_qmp_->execute("cont");
+    // libvirt domains too: libvirt follows the RESUME event; the monitor reconnects by itself if
+    // libvirtd restarted since the twin was created (a virDomainPtr would be stale then).
+    twin_qmp_->execute("cont");
     act["cont_ms"] = ms_since(c0);
     act["cont_wall_ms"] = wall_ms();
     try {
@@ -618,10 +635,11 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
   if (twin_dom_ && active_) {
     // The twin is this host's domain now: make it persistent (without -incoming).
     try {
-      vmm::lv::define(*lv_conn_, twin_persistent_xml_);
-      log::info("standby", "{}: twin defined persistently as libvirt domain '{}'", name(), twin_dom_->name());
+      auto conn = vmm::lv::Connection::open(cfg_.libvirt_uri);
+      auto d = vmm::lv::define(conn, twin_persistent_xml_);
+      log::info("standby", "{}: twin defined persistently as libvirt domain '{}'", name(), d.name());
       std::lock_guard<std::mutex> g(mu_);
-      activation_["libvirt_domain"] = twin_dom_->name();
+      activation_["libvirt_domain"] = d.name();
     } catch (const std::exception& e) {
       log::error("standby", "{}: the twin runs but defining it persistently failed: {}; it stays a transient domain",
                  name(), e.what());
@@ -649,9 +667,13 @@ void StandbySession::destroy_twin(const std::string& why) {
     replica_.reset();
     if (twin_dom_) {
       try {
-        twin_dom_->destroy();  // transient: the domain disappears with its QEMU
+        auto conn = vmm::lv::Connection::open(cfg_.libvirt_uri);  // libvirtd may have restarted
+        vmm::lv::Domain::lookup(conn, twin_uuid_).destroy();  // transient: gone with its QEMU
       } catch (const std::exception& e) {
-        log::error("standby", "{}: destroying the twin domain failed: {}", name(), e.what());
+        // The paused twin must not survive its session: kill its QEMU (libvirt notices).
+        log::error("standby", "{}: destroying the twin domain through libvirt failed ({}); killing its QEMU pid {}",
+                   name(), e.what(), twin_pid_);
+        ::kill(twin_pid_, SIGKILL);
       }
       twin_dom_.reset();
     } else {

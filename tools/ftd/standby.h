@@ -85,7 +85,7 @@ class StandbySession {
   // libvirt twins (issue 6): see start_libvirt_twin().
   std::unique_ptr<vmm::lv::Connection> lv_conn_;
   std::unique_ptr<vmm::lv::Domain> twin_dom_;
-  std::string twin_persistent_xml_;
+  std::string twin_persistent_xml_, twin_uuid_;
   void start_libvirt_twin(const checkpoint::OpenSession& o, const std::map<std::string, std::string>& disks);
   std::unique_ptr<vmm::MappedRam> twin_ram_;
   std::unique_ptr<checkpoint::Replica> replica_;
