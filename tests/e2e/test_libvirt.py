@@ -4,10 +4,12 @@ it with ftvm's hook installed), real `type='qemu'` domains booting the test gues
 daemons on loopback; the standby's twin is a libvirt domain of the same libvirtd, named
 <domain>-twin (--twin-name-suffix) because both "hosts" share it.
 
-  hook-failover  a domain defined with the ftvm metadata element and started with `virsh start`
-                 becomes protected with no other command; `virsh destroy` of the primary makes
-                 the twin domain run (virsh list shows it, the guest's tick counter continues);
-                 the primary host then refuses to start its copy until `ftctl release`.
+  hook-failover  a domain (with an ext4 disk the guest writes records to) defined with the ftvm
+                 metadata element and started with `virsh start` becomes protected with no other
+                 command and stays protected across a libvirtd restart; `virsh destroy` of the
+                 primary makes the twin domain run on the disk replica (virsh list shows it, the
+                 tick counter continues, fsck and every record check out); the primary host then
+                 refuses to start its copy until `ftctl release`.
   unprepared     `ftctl enable` on a running domain without shared memfd memory and with a
                  balloon fails naming each setting and the fixing command; `ftctl prepare --yes`
                  fixes the definition; after a restart `ftctl enable` protects it and writes the
@@ -22,6 +24,7 @@ import subprocess
 import time
 import uuid as uuidlib
 
+import disk_records
 from ftvm_e2e import (BUILD, GUEST, Env, Serial, check, check_continuity, log, main, wait_for)
 
 NS = 'https://ftvm.dev/xmlns/protection/1'
@@ -74,8 +77,13 @@ class Lab:
         else:
             open(HOOK_CONF, 'w').write(self.saved_conf)
 
-    def define(self, name, peer=None, prepared=True, append=''):
+    def define(self, name, peer=None, prepared=True, append='', disk=None):
         self.domains.append(name)
+        disk_xml = ''
+        if disk:
+            disk_xml = ("<disk type='file' device='disk'><driver name='qemu' type='raw' cache='writeback'/>"
+                        "<source file='%s'/><target dev='vda' bus='virtio'/></disk>" % disk)
+            append += ' ftvm_disk=vda ftvm_disk_rec_s=20'
         serial = self.env.path(name + '.serial.sock')
         mem = ("<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>" if prepared else '')
         balloon = "<memballoon model='none'/>" if prepared else "<memballoon model='virtio'/>"
@@ -96,6 +104,7 @@ class Lab:
   <on_reboot>destroy</on_reboot>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    {disk_xml}
     <serial type='unix'><source mode='bind' path='{serial}'/><target port='0'/></serial>
     <console type='unix'><source mode='bind' path='{serial}'/><target type='serial' port='0'/></console>
     {balloon}
@@ -150,11 +159,14 @@ def hook_failover():
             name = 'ftvmt%d' % os.getpid()
             P, S = ftds(env, lab)
             lab.hook_conf(P.control)
-            sock = lab.define(name, peer='127.0.0.1:%d' % env.port)
+            img = env.path('disk.img')  # the guest writes records to it; replicated with the RAM
+            disk_records.make_fs(img, 64)
+            sock = lab.define(name, peer='127.0.0.1:%d' % env.port, disk=img)
             virsh('start', name)
             ser = lab.serial(sock, name)
             ser.wait_ticks(3, 120)
             v = wait_protected(P, name)
+            check(v['disk'] and v['disk']['disks'][0]['ready'], 'disk not mirrored: %s' % v['disk'])
             log('protected by the hook: epoch %d, libvirt %s' % (v['epoch'], v['libvirt']))
             check('started' in open(lab.hook_log).read(), 'hook log does not show the started phase')
             twin_name = name + '-twin'
@@ -194,6 +206,15 @@ def hook_failover():
             cut = max((r for e, r in recs.items() if e <= a['epoch']), key=lambda r: r['epoch'])['wall_ms']
             check_continuity(ser, twin, cut)
             check(not virsh('dumpxml', twin_name).stdout.count(NS), 'the twin carries the ftvm element')
+            # The twin domain runs on the disk replica: the guest goes on writing there.
+            check(a['disks'][0] in virsh('dumpxml', twin_name).stdout, 'twin does not use the replica %s' % a['disks'])
+            twin.send('disk-stop')
+            stopped = wait_for(lambda: twin.matching('DISK stopped') or twin.matching('DISK umount'), 60,
+                               'the record writer on the twin to stop')[-1][1]
+            last = int(stopped.split('last=')[1]) if 'last=' in stopped else 0
+            problems = disk_records.verify(a['disks'][0], last)
+            check(last > 0 and not problems, 'replica after the libvirt failover (%s): %s' % (stopped, problems))
+            log('twin domain runs on the replica: fsck clean, records 1..%d intact' % last)
 
             # The old primary must not start its copy while the twin runs.
             marker = os.path.join(lab.state, 'failed-over', uuid)

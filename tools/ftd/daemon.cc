@@ -61,7 +61,9 @@ bool Daemon::is_own_listener(const std::string& peer) const {
 Daemon::Daemon(DaemonConfig cfg) : cfg_(std::move(cfg)) {
   if (cfg_.control_socket.empty()) cfg_.control_socket = cfg_.run_dir + "/ftd.sock";
   std::filesystem::create_directories(cfg_.run_dir);
-  ::chmod(cfg_.run_dir.c_str(), 0700);
+  // 0711: QEMU processes of other users (libvirt-qemu) must reach the sockets ftd makes for
+  // them below it (nbd/, output commit); the control socket has its own mode.
+  ::chmod(cfg_.run_dir.c_str(), 0711);
   kill_stale_twins();
   if (!cfg_.listen.empty()) {
     auto hp = transport::tcp::parse_host_port(cfg_.listen);

@@ -266,7 +266,7 @@ void PrimarySession::run() {
         guest_shut_down(std::string("the guest shut itself down (") + e.what() + ")");
         break;
       }
-      if (watch_->wait_exit(std::chrono::milliseconds(2000))) {
+      if (qemu_exits_within(std::chrono::milliseconds(2000))) {
         if (saw_guest_shutdown()) {
           guest_shut_down("the guest shut itself down and QEMU exited");
           break;
@@ -389,6 +389,17 @@ void PrimarySession::guest_shut_down(const std::string& why) {
   paused_by_us_ = false;  // never `cont` a powered-off guest
   set_marker("protected", false, {});
   set_state("shut-down", why);
+}
+
+// Waits up to `t` for the QEMU process to exit, keeping the links alive meanwhile (the standby
+// must not take a primary that is only deciding for dead). Never throws.
+bool PrimarySession::qemu_exits_within(std::chrono::milliseconds t) {
+  const auto until = Clock::now() + t;
+  for (;;) {
+    if (watch_->wait_exit(std::chrono::milliseconds(10))) return true;
+    if (Clock::now() >= until) return false;
+    keepalive();
+  }
 }
 
 void PrimarySession::check_qemu() {
@@ -673,7 +684,19 @@ void PrimarySession::pump(std::chrono::milliseconds timeout) {
     handle(m);
   }
   if (disks_ && disks_->running()) {
-    if (auto f = disks_->failure(); !f.empty()) throw LinkDown(f);
+    if (auto f = disks_->failure(); !f.empty()) {
+      // A QEMU that is being stopped or killed closes its NBD connections before its pidfd
+      // reports the exit: that is the primary dying (the standby takes over), not a mirror
+      // failure (which would make the standby drop the twin).
+      if (qemu_exits_within(std::chrono::milliseconds(2000)))
+        throw QemuGone(fmt::format("primary QEMU (pid {}) exited ({})", qemu_pid_, f));
+      while (!pending_.empty()) {  // what arrived meanwhile (a Takeover still fences)
+        auto m = std::move(pending_.front());
+        pending_.pop_front();
+        handle(m);
+      }
+      throw LinkDown(f);
+    }
     if (disks_->forward(*conn_, session_id_, UINT64_MAX)) conn_->flush();
   }
   if (hb_) {

@@ -83,6 +83,7 @@ class PrimarySession {
   void pump(std::chrono::milliseconds timeout);
   void process_events();
   void keepalive();
+  bool qemu_exits_within(std::chrono::milliseconds t);
   std::optional<transport::ControlMessage> next_message(std::chrono::milliseconds timeout);
   std::deque<transport::ControlMessage> pending_, pending_hb_;  // received inside keepalive()
   std::string link_error_;                                      // ditto: the link broke
