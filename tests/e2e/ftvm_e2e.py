@@ -318,6 +318,17 @@ class Ftd:
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
+    def committed_cut_ms(self, vm, epoch):
+        """Wall time (ms) at which the primary cut `epoch`, the checkpoint the twin resumed. When
+        the primary died before it processed that epoch's ack (no record), the previous recorded
+        epoch bounds it."""
+        recs = {r['epoch']: r for r in self.epochs(vm)}
+        if epoch in recs:
+            return recs[epoch]['wall_ms']
+        earlier = [r for e, r in recs.items() if e < epoch]
+        check(earlier, 'no committed epoch recorded by the primary')
+        return max(earlier, key=lambda r: r['epoch'])['wall_ms']
+
     def epochs(self, vm):
         """Per-epoch records the primary wrote (acked epochs only)."""
         p = os.path.join(self.env.dir, '%s.epochs.jsonl' % vm)

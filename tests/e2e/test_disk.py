@@ -58,15 +58,6 @@ def stop_writer(serial, what):
     return int(re.search(r'last=(\d+)', line).group(1))
 
 
-def committed_cut_ms(P, epoch):
-    recs = {r['epoch']: r for r in P.epochs(VM)}
-    if epoch in recs:
-        return recs[epoch]['wall_ms']
-    earlier = [r for e, r in recs.items() if e < epoch]
-    check(earlier, 'no committed epoch recorded by the primary')
-    return max(earlier, key=lambda r: r['epoch'])['wall_ms']
-
-
 def kill_qemu():
     with Env('disk-kill') as env:
         img, g, P, S = setup(env)
@@ -88,7 +79,7 @@ def kill_qemu():
         check(a['status_after'] == 'running', 'twin not running: %s' % a)
         check(a['ram_digest'] == a['expected_ram_digest'], 'twin RAM digest differs: %s' % a)
         check(gone() * 1000 < a['cont_wall_ms'], 'primary QEMU still ran when the twin resumed')
-        cut = committed_cut_ms(P, a['epoch'])
+        cut = P.committed_cut_ms(VM, a['epoch'])
         check_continuity(g.serial, twin, cut)
         # What the guest reported durable before the committed checkpoint must be on the replica;
         # the resumed guest's own counter continues from the checkpoint.

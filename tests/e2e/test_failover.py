@@ -7,7 +7,7 @@ import re
 import signal
 import time
 
-from ftvm_e2e import (wait_active, Env, check, check_continuity, log, main, protect, qmp, wait_for, watch_exit, Failure)
+from ftvm_e2e import (Env, check, check_continuity, log, main, protect, qmp, wait_active, wait_for, watch_exit)
 
 VM = 'vm1'
 
@@ -37,12 +37,7 @@ def check_activation(env, P, S, v, guest_gone_at, primary_paused=False):
         check(recs[a['epoch']]['ram_digest'] == a['ram_digest'],
               'primary recorded digest %s for epoch %d, twin has %s' % (recs[a['epoch']]['ram_digest'], a['epoch'],
                                                                       a['ram_digest']))
-        cut = recs[a['epoch']]['wall_ms']
-    else:
-        # The primary died before it processed the ack of this epoch: the previous one bounds it.
-        earlier = [r for e, r in recs.items() if e < a['epoch']]
-        check(earlier, 'no committed epoch recorded by the primary')
-        cut = max(earlier, key=lambda r: r['epoch'])['wall_ms']
+    cut = P.committed_cut_ms(VM, a['epoch'])
     # No split brain: the primary QEMU was gone (or, for a planned failover, paused for good)
     # before the twin was resumed.
     check(guest_gone_at is not None, 'primary QEMU still running after the twin took over')

@@ -202,8 +202,7 @@ def hook_failover():
             # Defined persistently right after it runs (off the activation path).
             wait_for(lambda: 'Persistent:     yes' in virsh('dominfo', twin_name).stdout, 15,
                      'the twin domain to be defined persistently')
-            recs = {r['epoch']: r for r in P.epochs(name)}
-            cut = max((r for e, r in recs.items() if e <= a['epoch']), key=lambda r: r['epoch'])['wall_ms']
+            cut = P.committed_cut_ms(name, a['epoch'])
             check_continuity(ser, twin, cut)
             check(not virsh('dumpxml', twin_name).stdout.count(NS), 'the twin carries the ftvm element')
             # The twin domain runs on the disk replica: the guest goes on writing there.

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from ftvm_e2e import (BUILD, Env, Failure, Guest, Serial, check, check_continuity, log, protect, qmp, wait_for,
+from ftvm_e2e import (BUILD, Env, Failure, Guest, Serial, check, check_continuity, log, protect, wait_for,
                       watch_exit)
 from ftvm_e2e import wait_active
 from test_failover import check_activation

@@ -7,6 +7,8 @@
 #include <cerrno>
 #include <chrono>
 #include <filesystem>
+#include <optional>
+#include <string_view>
 #include <thread>
 
 #include "common/error.h"
@@ -17,6 +19,24 @@ namespace ftvm::ftd {
 
 namespace cp = checkpoint;
 using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr std::string_view kJobPrefix = "ftvm-mirror-";
+
+std::string job_id(uint32_t disk) { return fmt::format("{}{}", kJobPrefix, disk); }
+
+// The disk index of one of our mirror jobs ("ftvm-mirror-N"), or nullopt for any other job.
+std::optional<uint32_t> job_disk(const std::string& job) {
+  if (job.rfind(kJobPrefix, 0) != 0) return std::nullopt;
+  try {
+    return static_cast<uint32_t>(std::stoul(job.substr(kJobPrefix.size())));
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
+}  // namespace
 
 std::vector<DiskSpec> find_disks(vmm::Monitor& qmp, std::vector<std::string>& problems) {
   nlohmann::json blocks;
@@ -197,7 +217,7 @@ void DiskMirror::start(vmm::Monitor& qmp, uint64_t epoch) {
                                    {"node-name", nbd_node},
                                    {"server", {{"type", "unix"}, {"path", servers_[i]->path()}}},
                                    {"export", "ftvm"}});
-      qmp.execute("blockdev-mirror", {{"job-id", fmt::format("ftvm-mirror-{}", i)},
+      qmp.execute("blockdev-mirror", {{"job-id", job_id(i)},
                                       {"device", disks_[i].node},
                                       {"target", nbd_node},
                                       {"sync", "full"},
@@ -223,7 +243,7 @@ void DiskMirror::stop(vmm::Monitor& qmp) noexcept {
   }
   space_.notify_all();
   for (uint32_t i = 0; i < disks_.size(); i++) {
-    const auto job = fmt::format("ftvm-mirror-{}", i);
+    const auto job = job_id(i);
     try {
       qmp.execute("block-job-cancel", {{"device", job}, {"force", true}});
     } catch (const std::exception& e) {
@@ -236,7 +256,7 @@ void DiskMirror::stop(vmm::Monitor& qmp) noexcept {
     bool any = false;
     try {
       for (const auto& j : qmp.execute("query-block-jobs"))
-        if (j.value("device", "").rfind("ftvm-mirror-", 0) == 0) any = true;
+        if (job_disk(j.value("device", ""))) any = true;
     } catch (const std::exception& e) {
       log::warn("disk", "{}: query-block-jobs: {}", vm_, e.what());
       break;
@@ -266,33 +286,29 @@ void DiskMirror::stop(vmm::Monitor& qmp) noexcept {
   log::info("disk", "{}: disk mirroring stopped", vm_);
 }
 
+void DiskMirror::mark_ready(uint32_t i) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (ready_[i]) return;
+  ready_[i] = true;
+  if (std::all_of(ready_.begin(), ready_.end(), [](bool b) { return b; })) ready_after_ms_ = wall_ms() - start_wall_ms_;
+  log::info("disk", "{}: disk '{}': initial copy complete, mirror ready", vm_, disks_[i].id);
+}
+
 void DiskMirror::on_events(const std::deque<nlohmann::json>& events) {
   for (const auto& e : events) {
     const std::string name = e.value("event", "");
     if (name.rfind("BLOCK_JOB_", 0) != 0 || !e.contains("data")) continue;
     const std::string dev = e["data"].value("device", "");
-    if (dev.rfind("ftvm-mirror-", 0) != 0) continue;
-    uint32_t i = 0;
-    try {
-      i = static_cast<uint32_t>(std::stoul(dev.substr(12)));
-    } catch (const std::exception&) {
-      continue;
-    }
-    if (i >= disks_.size() || !running_) continue;
+    const auto i = job_disk(dev);
+    if (!i || *i >= disks_.size() || !running_) continue;
     if (name == "BLOCK_JOB_READY") {
-      std::lock_guard<std::mutex> g(mu_);
-      if (!ready_[i]) {
-        ready_[i] = true;
-        if (std::all_of(ready_.begin(), ready_.end(), [](bool b) { return b; }))
-          ready_after_ms_ = wall_ms() - start_wall_ms_;
-        log::info("disk", "{}: disk '{}': initial copy complete, mirror ready", vm_, disks_[i].id);
-      }
+      mark_ready(*i);
     } else if (name == "BLOCK_JOB_ERROR") {
-      set_failure(fmt::format("disk mirror of '{}' failed: {} error on {} ({})", disks_[i].id,
+      set_failure(fmt::format("disk mirror of '{}' failed: {} error on {} ({})", disks_[*i].id,
                               e["data"].value("operation", "?"), dev, e["data"].value("action", "?")));
     } else if (name == "BLOCK_JOB_COMPLETED" || name == "BLOCK_JOB_CANCELLED") {
       const std::string err = e["data"].value("error", "");
-      set_failure(fmt::format("disk mirror of '{}' ended{}{}", disks_[i].id, err.empty() ? "" : ": ", err));
+      set_failure(fmt::format("disk mirror of '{}' ended{}{}", disks_[*i].id, err.empty() ? "" : ": ", err));
     }
   }
 }
@@ -301,22 +317,17 @@ void DiskMirror::poll_jobs(vmm::Monitor& qmp) {
   auto jobs = qmp.execute("query-block-jobs");
   std::vector<bool> seen(disks_.size(), false);
   for (const auto& j : jobs) {
-    const std::string dev = j.value("device", "");
-    if (dev.rfind("ftvm-mirror-", 0) != 0) continue;
-    uint32_t i = static_cast<uint32_t>(std::stoul(dev.substr(12)));
-    if (i >= disks_.size()) continue;
-    seen[i] = true;
-    std::lock_guard<std::mutex> g(mu_);
-    progress_[i] = {j.value("offset", uint64_t{0}), j.value("len", uint64_t{0})};
-    if (j.value("ready", false) && !ready_[i]) {
-      ready_[i] = true;
-      if (std::all_of(ready_.begin(), ready_.end(), [](bool b) { return b; }))
-        ready_after_ms_ = wall_ms() - start_wall_ms_;
-      log::info("disk", "{}: disk '{}': initial copy complete, mirror ready", vm_, disks_[i].id);
+    const auto i = job_disk(j.value("device", ""));
+    if (!i || *i >= disks_.size()) continue;
+    seen[*i] = true;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      progress_[*i] = {j.value("offset", uint64_t{0}), j.value("len", uint64_t{0})};
     }
+    if (j.value("ready", false)) mark_ready(*i);
   }
   for (uint32_t i = 0; i < disks_.size(); i++)
-    if (running_ && !seen[i]) set_failure(fmt::format("disk mirror job ftvm-mirror-{} of '{}' is gone", i, disks_[i].id));
+    if (running_ && !seen[i]) set_failure(fmt::format("disk mirror job {} of '{}' is gone", job_id(i), disks_[i].id));
 }
 
 bool DiskMirror::ready() const {

@@ -127,6 +127,7 @@ class DiskMirror {
   int enqueue(uint32_t disk, checkpoint::DiskOp kind, uint64_t offset, uint64_t length,
               std::span<const std::byte> data);
   void set_failure(const std::string& why);
+  void mark_ready(uint32_t disk);  // initial copy of `disk` complete (BLOCK_JOB_READY or query)
 
   std::string vm_, run_dir_;
   std::vector<DiskSpec> disks_;

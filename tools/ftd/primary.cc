@@ -93,20 +93,21 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req) : cfg
     // A libvirt domain: libvirt owns QEMU's monitor; ftd goes through libvirt's QMP passthrough.
     const std::string uri = req_.libvirt_uri.empty() ? cfg_.libvirt_uri : req_.libvirt_uri;
     if (uri.empty()) fail("ftd runs without libvirt (--libvirt-uri ''); cannot protect domain '{}'", req_.domain);
-    lv_conn_ = std::make_unique<vmm::lv::Connection>(vmm::lv::Connection::open(uri));
-    lv_dom_ = std::make_unique<vmm::lv::Domain>(vmm::lv::Domain::lookup(*lv_conn_, req_.domain));
-    name_ = lv_dom_->name();
-    domain_uuid_ = lv_dom_->uuid();
-    if (!lv_dom_->active())
-      fail("libvirt domain '{}' is not running ({}); start it first (virsh start {})", name_, lv_dom_->state().str(), name_);
-    domain_xml_ = lv_dom_->xml(false, false, /*migratable=*/true);
+    auto conn = vmm::lv::Connection::open(uri);
+    auto dom = vmm::lv::Domain::lookup(conn, req_.domain);
+    libvirt_uri_ = conn.uri();
+    name_ = dom.name();
+    domain_uuid_ = dom.uuid();
+    if (!dom.active())
+      fail("libvirt domain '{}' is not running ({}); start it first (virsh start {})", name_, dom.state().str(), name_);
+    domain_xml_ = dom.xml(false, false, /*migratable=*/true);
     for (const auto& i : vmm::prepare_check(domain_xml_))
       problems.push_back(fmt::format("{} -- fix: {}{}", i.what, i.fix, i.needs_restart ? " (takes effect after a domain restart)" : ""));
     if (!problems.empty())
       problems.push_back(fmt::format("`ftctl prepare {0} --yes` applies the fixable settings to the persistent definition; "
                                      "then restart the domain (virsh shutdown {0}; virsh start {0}) and enable again", name_));
-    qemu_pid_ = lv_dom_->qemu_pid();
-    qmp_ = std::make_unique<vmm::LibvirtMonitor>(*lv_conn_, *lv_dom_);
+    qemu_pid_ = dom.qemu_pid();
+    qmp_ = std::make_unique<vmm::LibvirtMonitor>(conn, dom);  // keeps its own references
   } else {
     qmp_ = std::make_unique<vmm::QmpClient>(vmm::QmpClient::connect(req_.qmp_socket));
     qemu_pid_ = static_cast<vmm::QmpClient&>(*qmp_).peer_pid();
@@ -131,7 +132,7 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req) : cfg
                        "corrupted by that); holding every write until its epoch commits is not implemented. Give "
                        "each host its own copy (the default: ftvm replicates the disk)");
   auto disks = find_disks(*qmp_, problems);
-  if (!disks.empty() && lv_dom_) {
+  if (!disks.empty() && !domain_uuid_.empty()) {
     vmm::TwinXmlOptions to;
     for (size_t i = 0; i < disks.size(); i++) to.disk_files[disks[i].source] = fmt::format("/nonexistent/{}.img", i);
     try {
@@ -318,9 +319,9 @@ void PrimarySession::primary_lost(const std::string& why) {
 }
 
 void PrimarySession::set_protection_metadata(const std::string& element) {
-  if (!lv_dom_) fail("VM '{}' is not a libvirt domain", name_);
+  if (domain_uuid_.empty()) fail("VM '{}' is not a libvirt domain", name_);
   // A fresh connection: libvirtd may have restarted since enable.
-  auto conn = vmm::lv::Connection::open(lv_conn_->uri());
+  auto conn = vmm::lv::Connection::open(libvirt_uri_);
   auto dom = vmm::lv::Domain::lookup(conn, domain_uuid_);
   const bool persistent = dom.persistent();
   if (element.empty()) dom.remove_metadata(vmm::kProtectionNs, dom.active(), persistent);
@@ -1143,7 +1144,7 @@ nlohmann::json PrimarySession::status() const {
       {"epoch_ms", req_.epoch_ms},
       {"qemu_pid", qemu_pid_},
       {"libvirt", domain_uuid_.empty() ? nlohmann::json(nullptr)
-                                       : nlohmann::json{{"uri", lv_conn_->uri()}, {"uuid", domain_uuid_}}},
+                                       : nlohmann::json{{"uri", libvirt_uri_}, {"uuid", domain_uuid_}}},
       {"guard_pid", guard_pid_},
       {"ram_mib", ram_size_ >> 20},
       {"tracker", tracker_name_},

@@ -110,10 +110,8 @@ class PrimarySession {
   std::string host_;
   uint16_t port_ = 0;
 
-  // libvirt domains (null for plain QEMU): the connection and domain the monitor goes through.
-  std::unique_ptr<vmm::lv::Connection> lv_conn_;
-  std::unique_ptr<vmm::lv::Domain> lv_dom_;
-  std::string domain_uuid_, domain_xml_;
+  // libvirt domains: fresh handles are opened by UUID when needed (libvirtd may restart).
+  std::string libvirt_uri_, domain_uuid_, domain_xml_;  // all "" for plain QEMU
   void mark_failed_over(const std::string& why);
   void set_marker(const char* kind, bool present, const std::string& why);
 

@@ -463,7 +463,7 @@ void StandbySession::start_libvirt_twin(const cp::OpenSession& o, const std::map
   if (cfg_.libvirt_uri.empty())
     throw Error(fmt::format("the primary protects libvirt domain '{}' but this ftd runs without libvirt "
                             "(--libvirt-uri ''); start the standby ftd with a libvirt URI", o.vm_name));
-  lv_conn_ = std::make_unique<vmm::lv::Connection>(vmm::lv::Connection::open(cfg_.libvirt_uri));
+  auto conn = vmm::lv::Connection::open(cfg_.libvirt_uri);
   vmm::TwinXmlOptions x;
   x.name = o.vm_name + cfg_.twin_name_suffix;
   x.uuid = cfg_.twin_name_suffix.empty() ? "" : "generate";
@@ -483,12 +483,12 @@ void StandbySession::start_libvirt_twin(const cp::OpenSession& o, const std::map
     if (f && ::write(f.get(), xml.data(), xml.size()) < 0) log::warn("standby", "writing twin.xml failed");
   }
   log::info("standby", "{}: creating twin libvirt domain '{}' (paused, incoming) on {}; XML in {}/twin.xml", o.vm_name,
-            x.name, lv_conn_->uri(), vm_dir_);
+            x.name, conn.uri(), vm_dir_);
   // A paused transient domain of that name is a twin left behind by an earlier session (its
   // activation failed, or ftd died): it never ran the guest, so it goes. Anything else of that
   // name is a real domain and is not touched.
   try {
-    auto old = vmm::lv::Domain::lookup(*lv_conn_, x.name);
+    auto old = vmm::lv::Domain::lookup(conn, x.name);
     if (old.active() && !old.persistent() && old.state().state == "paused") {
       log::warn("standby", "{}: destroying the stale paused twin domain '{}' of an earlier session", o.vm_name, x.name);
       old.destroy();
@@ -499,15 +499,17 @@ void StandbySession::start_libvirt_twin(const cp::OpenSession& o, const std::map
     }
   } catch (const vmm::lv::NoSuchDomain&) {
   }
-  twin_dom_ = std::make_unique<vmm::lv::Domain>(vmm::lv::create_paused(*lv_conn_, xml));
-  twin_uuid_ = twin_dom_->uuid();
+  auto twin = vmm::lv::create_paused(conn, xml);
+  twin_uuid_ = twin.uuid();
   // What gets defined after activation: the same domain (name, UUID libvirt gave it) without
   // the -incoming arguments.
   x.extra_qemu_args.clear();
-  x.uuid = twin_dom_->uuid();
+  x.uuid = twin_uuid_;
   twin_persistent_xml_ = vmm::twin_xml(o.libvirt_xml, x);
-  twin_pid_ = twin_dom_->qemu_pid();
-  twin_qmp_ = std::make_unique<vmm::LibvirtMonitor>(*lv_conn_, *twin_dom_);
+  twin_pid_ = twin.qemu_pid();
+  // The monitor keeps its own references (and reconnects across libvirtd restarts); later
+  // define/destroy look the twin up again by UUID, so no handle here can go stale.
+  twin_qmp_ = std::make_unique<vmm::LibvirtMonitor>(conn, twin);
 }
 
 void StandbySession::primary_silent(const std::string& why) {
@@ -632,7 +634,7 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
     log::error("standby", "{}: activation failed: {}", name(), e.what());
     set_state("activation-failed", e.what());
   }
-  if (twin_dom_ && active_) {
+  if (!twin_uuid_.empty() && active_) {
     // The twin is this host's domain now: make it persistent (without -incoming).
     try {
       auto conn = vmm::lv::Connection::open(cfg_.libvirt_uri);
@@ -665,7 +667,7 @@ void StandbySession::destroy_twin(const std::string& why) {
     twin_qmp_.reset();
     twin_ram_.reset();
     replica_.reset();
-    if (twin_dom_) {
+    if (!twin_uuid_.empty()) {
       try {
         auto conn = vmm::lv::Connection::open(cfg_.libvirt_uri);  // libvirtd may have restarted
         vmm::lv::Domain::lookup(conn, twin_uuid_).destroy();  // transient: gone with its QEMU
@@ -675,7 +677,7 @@ void StandbySession::destroy_twin(const std::string& why) {
                    name(), e.what(), twin_pid_);
         ::kill(twin_pid_, SIGKILL);
       }
-      twin_dom_.reset();
+      twin_uuid_.clear();
     } else {
       ::kill(twin_pid_, SIGKILL);
       int st;

@@ -83,9 +83,8 @@ class StandbySession {
   pid_t twin_pid_ = -1;
   std::unique_ptr<vmm::Monitor> twin_qmp_;
   // libvirt twins (issue 6): see start_libvirt_twin().
-  std::unique_ptr<vmm::lv::Connection> lv_conn_;
-  std::unique_ptr<vmm::lv::Domain> twin_dom_;
-  std::string twin_persistent_xml_, twin_uuid_;
+  std::string twin_uuid_;  // non-empty: the twin is a libvirt domain (looked up by this UUID)
+  std::string twin_persistent_xml_;
   void start_libvirt_twin(const checkpoint::OpenSession& o, const std::map<std::string, std::string>& disks);
   std::unique_ptr<vmm::MappedRam> twin_ram_;
   std::unique_ptr<checkpoint::Replica> replica_;

@@ -26,6 +26,7 @@
 #include <fmt/format.h>
 
 #include "common/error.h"
+#include "transport/sticky_failure.h"
 #include "transport/transport.h"
 
 namespace ftvm::transport::fake {
@@ -117,11 +118,9 @@ class FakeConnection final : public Connection {
   uint64_t bytes_received() const override { return received_; }
 
  private:
-  void check_usable() const {
-    if (!failed_.empty()) throw LinkDown("connection to " + name_ + " already failed: " + failed_);
-  }
+  void check_usable() const { failure_.check(name_); }
   [[noreturn]] void fail_link(const std::string& msg) {
-    failed_ = msg;
+    failure_.set(msg);
     throw LinkDown(msg);
   }
 
@@ -157,8 +156,7 @@ class FakeConnection final : public Connection {
         std::lock_guard<std::mutex> g(in_->mu);
         if (in_->q.empty()) {
           if (in_->closed && pending_.empty()) {
-            failed_ = "receive from " + name_ + ": the peer closed the connection";
-            throw LinkDown(failed_);
+            fail_link("receive from " + name_ + ": the peer closed the connection");
           }
           return;
         }
@@ -172,16 +170,16 @@ class FakeConnection final : public Connection {
       if (it.kind == detail::Item::Write) {
         auto r = regions_.find(it.id);
         if (r == regions_.end()) {
-          failed_ = fmt::format("peer {} wrote {} bytes at offset {} into region {}, which is not registered here; "
+          failure_.set(fmt::format("peer {} wrote {} bytes at offset {} into region {}, which is not registered here; "
                                 "write rejected",
-                                name_, it.data.size(), it.offset, it.id);
-          throw ProtocolError(failed_);
+                                name_, it.data.size(), it.offset, it.id));
+          throw ProtocolError(failure_.what());
         }
         if (it.offset > r->second.size() || it.data.size() > r->second.size() - it.offset) {
-          failed_ = fmt::format("peer {} wrote {} bytes at offset {} into region {} of {} bytes: out of range; write "
+          failure_.set(fmt::format("peer {} wrote {} bytes at offset {} into region {} of {} bytes: out of range; write "
                                 "rejected",
-                                name_, it.data.size(), it.offset, it.id, r->second.size());
-          throw ProtocolError(failed_);
+                                name_, it.data.size(), it.offset, it.id, r->second.size()));
+          throw ProtocolError(failure_.what());
         }
         if (!it.data.empty()) std::memcpy(r->second.data() + it.offset, it.data.data(), it.data.size());
       } else if (it.kind == detail::Item::Control) {
@@ -194,7 +192,7 @@ class FakeConnection final : public Connection {
   std::shared_ptr<detail::Channel> in_, out_;
   Options opts_;
   std::string name_;
-  std::string failed_;
+  StickyFailure failure_;
   std::unordered_map<uint32_t, std::span<std::byte>> regions_;
   std::deque<ControlMessage> pending_;
   Clock::time_point last_rx_ = Clock::now();

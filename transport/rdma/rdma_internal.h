@@ -70,19 +70,10 @@ enum MsgKind : uint8_t {
 inline constexpr uint8_t kFirst = 1, kLast = 2;
 inline constexpr size_t kAdvertSize = 24;
 
-// Runs `f`; on LinkDown/ProtocolError remembers the failure so later calls rethrow it.
+// Runs `f` under the connection's sticky-failure rule (transport/sticky_failure.h).
 template <typename F>
 auto RdmaConnection::guarded(F&& f) -> decltype(f()) {
-  check_usable();
-  try {
-    return f();
-  } catch (const LinkDown& e) {
-    failed_ = e.what();
-    throw;
-  } catch (const ProtocolError& e) {
-    failed_ = e.what();
-    throw;
-  }
+  return failure_.guard(peer_, std::forward<F>(f));
 }
 
 }  // namespace ftvm::transport::rdma

@@ -402,7 +402,7 @@ RdmaConnection::RdmaConnection(std::unique_ptr<Resources> res, Options opts, std
 RdmaConnection::~RdmaConnection() {
   // Let what was posted reach the peer (bounded), then disconnect: the peer sees
   // DISCONNECTED (LinkDown there). Never throws.
-  if (failed_.empty() && res_) {
+  if (!failure_.failed() && res_) {
     try {
       // A signaled Goodbye drains everything posted before it (RC completes in order).
       auto deadline = Clock::now() + std::chrono::milliseconds(1000);
@@ -425,9 +425,7 @@ std::chrono::milliseconds RdmaConnection::idle_for() const {
   return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - last_rx_);
 }
 
-void RdmaConnection::check_usable() const {
-  if (!failed_.empty()) throw LinkDown("connection to " + peer_ + " already failed: " + failed_);
-}
+void RdmaConnection::check_usable() const { failure_.check(peer_); }
 
 RdmaConnection::Mr::~Mr() {
   if (mr) ibv_dereg_mr(mr);
@@ -491,7 +489,7 @@ void RdmaConnection::register_source(std::span<const std::byte> mem) {
 void RdmaConnection::unregister_source(std::span<const std::byte> mem) {
   auto it = sources_.find(reinterpret_cast<uintptr_t>(mem.data()));
   if (it == sources_.end()) return;
-  if (failed_.empty()) {
+  if (!failure_.failed()) {
     try {
       guarded([&] { wait_completed(zc_seq_); });
     } catch (...) {

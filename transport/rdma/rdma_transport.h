@@ -67,6 +67,7 @@
 #include <vector>
 
 #include "transport/frame.h"
+#include "transport/sticky_failure.h"
 #include "transport/transport.h"
 
 namespace ftvm::transport::rdma {
@@ -233,7 +234,7 @@ class RdmaConnection final : public Connection {
   Options opts_;
   std::string peer_;
   RdmaHello peer_hello_;
-  std::string failed_;
+  StickyFailure failure_;
 
   std::unordered_map<uint32_t, std::unique_ptr<Mr>> regions_;  // local regions (peer writes)
   std::map<uintptr_t, std::unique_ptr<Mr>> sources_;            // zero-copy sources by address

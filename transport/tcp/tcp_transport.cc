@@ -282,16 +282,14 @@ TcpConnection::TcpConnection(UniqueFd fd, Options opts, std::string peer, HelloB
 }
 
 TcpConnection::~TcpConnection() {
-  if (!failed_.empty() || !fd_ || tx_pending()) return;
+  if (failure_.failed() || !fd_ || tx_pending()) return;
   auto h = encode_header(FrameHeader{.kind = FrameKind::Goodbye});
   // Best effort: if the socket buffer is full the peer will see EOF instead, which also
   // reads as LinkDown there.
   (void)::send(fd_.get(), h.data(), h.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
-void TcpConnection::check_usable() const {
-  if (!failed_.empty()) throw LinkDown("connection to " + peer_ + " already failed: " + failed_);
-}
+void TcpConnection::check_usable() const { failure_.check(peer_); }
 
 void TcpConnection::register_region(uint32_t id, std::span<std::byte> mem) {
   if (id == 0) throw Error("register_region: region id 0 is reserved (use a nonzero id)");

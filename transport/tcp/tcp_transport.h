@@ -35,6 +35,7 @@
 
 #include "common/fd.h"
 #include "transport/frame.h"
+#include "transport/sticky_failure.h"
 #include "transport/transport.h"
 
 namespace ftvm::transport::tcp {
@@ -143,7 +144,7 @@ class TcpConnection final : public Connection {
   Options opts_;
   std::string peer_;
   uint32_t peer_max_write_;
-  std::string failed_;  // nonempty once a LinkDown/ProtocolError escaped
+  StickyFailure failure_;  // set once a LinkDown/ProtocolError escaped
 
   std::unordered_map<uint32_t, std::span<std::byte>> regions_;
 

@@ -45,16 +45,7 @@ int to_poll_ms(std::chrono::steady_clock::duration d) {
 
 template <typename F>
 auto TcpConnection::guarded(F&& f) -> decltype(f()) {
-  check_usable();
-  try {
-    return f();
-  } catch (const LinkDown& e) {
-    failed_ = e.what();
-    throw;
-  } catch (const ProtocolError& e) {
-    failed_ = e.what();
-    throw;
-  }
+  return failure_.guard(peer_, std::forward<F>(f));
 }
 
 void TcpConnection::link_error(int err, const char* what) {
