@@ -160,8 +160,10 @@ std::string DiskMirror::failure() const {
   if (!failure_.empty() || !running_) return failure_;
   for (size_t i = 0; i < servers_.size() && i < disks_.size(); i++) {
     auto s = servers_[i]->stats();
-    // QEMU connects once; a lost connection fails every later mirror write.
-    if (s.connections > 0 && !s.connected)
+    // QEMU connects once. A lost connection fails the mirror writes in flight (QEMU's client
+    // may reconnect at once, so a second connection counts as a loss too): the copy can no
+    // longer be trusted to be complete.
+    if (s.connections > 1 || (s.connections > 0 && !s.connected))
       return fmt::format("NBD connection from QEMU to the mirror target of disk '{}' was lost{}{}", disks_[i].id,
                          s.last_error.empty() ? "" : ": ", s.last_error);
   }
