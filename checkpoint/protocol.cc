@@ -91,6 +91,9 @@ const char* to_string(MsgType t) {
     case MsgType::Error: return "Error";
     case MsgType::Takeover: return "Takeover";
     case MsgType::HeartbeatLink: return "HeartbeatLink";
+    case MsgType::Resolve: return "Resolve";
+    case MsgType::Resolution: return "Resolution";
+    case MsgType::Suspect: return "Suspect";
     case MsgType::DiskWrite: return "DiskWrite";
   }
   return "Unknown";
@@ -114,6 +117,7 @@ std::vector<std::byte> encode(const OpenSession& m) {
     w.u64(d.size);
   }
   w.str(m.libvirt_xml, kMaxDomainXml);
+  w.str(m.arbiter);
   return std::move(w.out);
 }
 template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
@@ -143,7 +147,9 @@ template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
     m.disks.push_back(std::move(d));
   }
   m.libvirt_xml = r.str(kMaxDomainXml);
+  m.arbiter = r.str(64);
   r.done();
+  if (m.arbiter.empty()) throw ProtocolError("OpenSession: empty arbiter kind");
   if (m.page_size != 4096) throw ProtocolError(fmt::format("OpenSession: page size {} unsupported (4096 only)", m.page_size));
   if (m.ram_size == 0 || m.ram_size % 4096 != 0)
     throw ProtocolError(fmt::format("OpenSession: RAM size {} is not a positive multiple of 4096", m.ram_size));
@@ -156,6 +162,7 @@ std::vector<std::byte> encode(const SessionReady& m) {
   w.u64(m.session_id);
   w.u64(m.staging_capacity);
   w.u64(static_cast<uint64_t>(m.twin_pid));
+  w.u32(m.heartbeat_timeout_ms);
   return std::move(w.out);
 }
 template <> SessionReady decode<SessionReady>(std::span<const std::byte> b) {
@@ -164,7 +171,9 @@ template <> SessionReady decode<SessionReady>(std::span<const std::byte> b) {
   m.session_id = r.u64();
   m.staging_capacity = r.u64();
   m.twin_pid = static_cast<int64_t>(r.u64());
+  m.heartbeat_timeout_ms = r.u32();
   r.done();
+  if (m.heartbeat_timeout_ms == 0) throw ProtocolError("SessionReady: heartbeat timeout 0");
   return m;
 }
 
@@ -411,6 +420,66 @@ template <> DiskWrite decode<DiskWrite>(std::span<const std::byte> b) {
   }
   if (m.epoch == 0) throw ProtocolError("DiskWrite: epoch 0 is invalid (epochs start at 1)");
   if (m.offset + m.length < m.offset) throw ProtocolError("DiskWrite: offset + length overflows");
+  return m;
+}
+
+const char* to_string(Verdict v) {
+  switch (v) {
+    case Verdict::Invalid: return "invalid";
+    case Verdict::Dropped: return "dropped";
+    case Verdict::Active: return "active";
+    case Verdict::Unknown: return "unknown";
+  }
+  return "?";
+}
+
+std::vector<std::byte> encode(const Suspect& m) {
+  Writer w;
+  w.u64(m.session_id);
+  w.u32(m.silent_ms);
+  return std::move(w.out);
+}
+template <> Suspect decode<Suspect>(std::span<const std::byte> b) {
+  Reader r(b, "Suspect");
+  Suspect m;
+  m.session_id = r.u64();
+  m.silent_ms = r.u32();
+  r.done();
+  return m;
+}
+
+std::vector<std::byte> encode(const Resolve& m) {
+  Writer w;
+  w.u64(m.session_id);
+  w.str(m.vm_name);
+  return std::move(w.out);
+}
+template <> Resolve decode<Resolve>(std::span<const std::byte> b) {
+  Reader r(b, "Resolve");
+  Resolve m;
+  m.session_id = r.u64();
+  m.vm_name = r.str();
+  r.done();
+  if (m.session_id == 0) throw ProtocolError("Resolve: session id 0");
+  return m;
+}
+
+std::vector<std::byte> encode(const Resolution& m) {
+  Writer w;
+  w.u64(m.session_id);
+  w.u32(static_cast<uint32_t>(m.verdict));
+  w.str(m.text);
+  return std::move(w.out);
+}
+template <> Resolution decode<Resolution>(std::span<const std::byte> b) {
+  Reader r(b, "Resolution");
+  Resolution m;
+  m.session_id = r.u64();
+  const uint32_t v = r.u32();
+  m.text = r.str();
+  r.done();
+  if (v < 1 || v > 3) throw ProtocolError(fmt::format("Resolution: invalid verdict {}", v));
+  m.verdict = static_cast<Verdict>(v);
   return m;
 }
 

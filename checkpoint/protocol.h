@@ -37,6 +37,8 @@
 //   Activate{} (planned failover, after a Commit with kFinal) -> load devstate N, cont
 //   <---------------------------------------------------------- ActivateDone{ok, text}
 //   PrimaryLost{reason} (the primary QEMU died) ------------->  activate at once
+//   <------------------------------------------ Suspect{silent ms} (primary silent for half the
+//   (the primary pauses its guest and sends Resolve)           heartbeat timeout: one-way cut?)
 //   <------------------------------------------------- Takeover{reason} (sent, best effort,
 //   (a primary that receives it was only stalled, not dead:   before the standby activates
 //    it kills its own QEMU at once: no two running copies)    on silence)
@@ -46,6 +48,10 @@
 //   heartbeats count as life; Disable/PrimaryLost/Takeover      silence = silence on BOTH paths
 //   may travel on it when the data path is broken
 //   Goodbye (transport-level) / link loss ------------------->  see state machine
+//   [after the session broke, on a fresh connection]
+//   Resolve{session_id, vm name} ---------------------------->  settle the session's fate
+//   <------------------------------- Resolution{Dropped | Active | Unknown, text}
+//   (Dropped/Unknown: the primary is the only copy and runs on; Active: it kills its QEMU)
 //
 // Standby state machine (per session):
 //   Opening  --OpenSession ok-->  Syncing  --Commit(1) applied-->  Protected
@@ -79,7 +85,9 @@
 
 namespace ftvm::checkpoint {
 
-inline constexpr uint32_t kProtocolVersion = 2;  // 2: disks (OpenSession.disks, DiskWrite, Commit.disk_*)
+// 2: disks (OpenSession.disks, DiskWrite, Commit.disk_*); 3: SessionReady.heartbeat_timeout_ms,
+// Resolve/Resolution (split-brain arbitration after a lost link)
+inline constexpr uint32_t kProtocolVersion = 3;
 inline constexpr uint32_t kRegionRam = 1;      // the twin's RAM (writable only while Syncing)
 inline constexpr uint32_t kRegionStaging = 2;  // one epoch: [u64 index * n][pages][devstate]
 
@@ -100,6 +108,9 @@ enum class MsgType : uint16_t {
   Takeover = 13,
   HeartbeatLink = 14,
   DiskWrite = 15,
+  Resolve = 16,
+  Resolution = 17,
+  Suspect = 18,
 };
 const char* to_string(MsgType t);
 
@@ -122,6 +133,10 @@ struct OpenSession {
   // A libvirt domain's XML (migratable form; at most kMaxDomainXml bytes): the standby makes
   // the twin a libvirt domain from it instead of running qemu_argv itself. "" = plain QEMU.
   std::string libvirt_xml;
+  // The arbiter kind both sides must use for this VM (checkpoint/arbiter.h: "none",
+  // "fence-command", "corosync", ...). The standby refuses a session whose kind it does not
+  // have configured: a VM arbitrated on one side only is not arbitrated.
+  std::string arbiter = "none";
 };
 inline constexpr size_t kMaxDomainXml = 1 << 20;
 inline constexpr size_t kMaxDisks = 64;
@@ -130,6 +145,10 @@ struct SessionReady {
   uint64_t session_id = 0;
   uint64_t staging_capacity = 0;
   int64_t twin_pid = 0;
+  // The standby activates the twin after this much silence from the primary. The primary
+  // pauses its guest (and its guard fences QEMU if ftd itself stalls) well before that, so
+  // the two copies never run at the same time (docs/ARCHITECTURE.md, "Split brain").
+  uint32_t heartbeat_timeout_ms = 0;
 };
 
 struct StagingGrow {
@@ -205,6 +224,39 @@ struct Takeover {
   std::string reason;
 };
 
+// Standby -> primary, when the primary has been silent for half the heartbeat timeout while the
+// standby's own frames may still get through (a one-way partition): the primary pauses its
+// guest and settles the session with Resolve, before the standby could resume the twin.
+struct Suspect {
+  uint64_t session_id = 0;
+  uint32_t silent_ms = 0;
+};
+
+// First and only request on a fresh connection from a primary whose session broke (link
+// reset, silence, ack timeout, a planned failover that lost its answer): "what became of
+// session `session_id` of VM `vm_name`?". The standby settles the session's fate at once and
+// for good, in one step with its own activation decision (whichever comes first wins):
+// a twin not yet resumed is dropped and will never run; a twin that runs (or is being
+// resumed) stays. The primary runs on, or fences its QEMU, by the answer.
+struct Resolve {
+  uint64_t session_id = 0;
+  std::string vm_name;
+};
+
+enum class Verdict : uint32_t {
+  Invalid = 0,
+  Dropped = 1,  // the twin of that session will never run (dropped now or earlier)
+  Active = 2,   // the twin runs (or is being resumed): the primary must fence its QEMU
+  Unknown = 3,  // no session of that id and no running twin of that VM here
+};
+const char* to_string(Verdict v);
+
+struct Resolution {
+  uint64_t session_id = 0;
+  Verdict verdict = Verdict::Invalid;
+  std::string text;
+};
+
 enum class DiskOp : uint8_t { Invalid = 0, Write = 1, Zero = 2, Trim = 3 };  // u32 on the wire
 
 // One guest disk operation of epoch `epoch` (the epoch whose checkpoint will contain it).
@@ -238,6 +290,9 @@ std::vector<std::byte> encode(const ErrorMsg&);
 std::vector<std::byte> encode(const Takeover&);
 std::vector<std::byte> encode(const HeartbeatLink&);
 std::vector<std::byte> encode(const DiskWrite&);
+std::vector<std::byte> encode(const Resolve&);
+std::vector<std::byte> encode(const Resolution&);
+std::vector<std::byte> encode(const Suspect&);
 // Encodes a DiskWrite without copying `data` into a DiskWrite first.
 std::vector<std::byte> encode_disk_write(uint64_t session_id, uint64_t epoch, uint32_t disk, DiskOp op,
                                          uint64_t offset, uint64_t length, std::span<const std::byte> data);
@@ -262,5 +317,8 @@ template <> constexpr MsgType type_of<ErrorMsg>() { return MsgType::Error; }
 template <> constexpr MsgType type_of<Takeover>() { return MsgType::Takeover; }
 template <> constexpr MsgType type_of<HeartbeatLink>() { return MsgType::HeartbeatLink; }
 template <> constexpr MsgType type_of<DiskWrite>() { return MsgType::DiskWrite; }
+template <> constexpr MsgType type_of<Resolve>() { return MsgType::Resolve; }
+template <> constexpr MsgType type_of<Resolution>() { return MsgType::Resolution; }
+template <> constexpr MsgType type_of<Suspect>() { return MsgType::Suspect; }
 
 }  // namespace ftvm::checkpoint

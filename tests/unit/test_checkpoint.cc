@@ -138,7 +138,34 @@ TEST_CASE("protocol messages round-trip and malformed bodies are rejected", "[ch
   }
   SECTION("wrong protocol version names both versions") {
     b[0] = std::byte{9};
-    REQUIRE_THROWS_WITH(decode<OpenSession>(b), Catch::Contains("version 9") && Catch::Contains("speaks 2"));
+    REQUIRE_THROWS_WITH(decode<OpenSession>(b), Catch::Contains("version 9") &&
+                                                     Catch::Contains(fmt::format("speaks {}", kProtocolVersion)));
+  }
+  SECTION("the arbiter kind travels in OpenSession") {
+    o.arbiter = "fence-command";
+    REQUIRE(decode<OpenSession>(encode(o)).arbiter == "fence-command");
+    o.arbiter = "";
+    auto e = encode(o);
+    REQUIRE_THROWS_WITH(decode<OpenSession>(e), Catch::Contains("arbiter"));
+  }
+  SECTION("split-brain messages: SessionReady's timeout, Resolve, Resolution, Suspect") {
+    auto r = decode<SessionReady>(encode(SessionReady{7, 4096, 1234, 400}));
+    REQUIRE(r.heartbeat_timeout_ms == 400);
+    REQUIRE_THROWS_AS(decode<SessionReady>(encode(SessionReady{7, 4096, 1234, 0})), ProtocolError);
+    auto q = decode<Resolve>(encode(Resolve{42, "vm1"}));
+    REQUIRE(q.session_id == 42);
+    REQUIRE(q.vm_name == "vm1");
+    REQUIRE_THROWS_AS(decode<Resolve>(encode(Resolve{0, "vm1"})), ProtocolError);
+    auto a = decode<Resolution>(encode(Resolution{42, Verdict::Active, "runs here"}));
+    REQUIRE(a.verdict == Verdict::Active);
+    REQUIRE(a.text == "runs here");
+    auto bad = encode(Resolution{42, Verdict::Active, ""});
+    bad[8] = std::byte{9};  // verdict 9
+    REQUIRE_THROWS_WITH(decode<Resolution>(bad), Catch::Contains("verdict"));
+    REQUIRE(decode<Suspect>(encode(Suspect{42, 250})).silent_ms == 250);
+    auto sb = encode(Suspect{42, 250});
+    for (size_t n = 0; n < sb.size(); n++)
+      REQUIRE_THROWS_AS(decode<Suspect>(std::span<const std::byte>(sb.data(), n)), ProtocolError);
   }
   SECTION("huge string length does not allocate") {
     std::vector<std::byte> evil(b.begin(), b.begin() + 24);

@@ -95,3 +95,33 @@ TEST_CASE("guard disarmed and destroyed normally never kills", "[guard]") {
 TEST_CASE("guard refuses a process that does not exist", "[guard]") {
   REQUIRE_THROWS_AS(ftvm::ftd::Guard(999999999, "unit"), ftvm::SysError);
 }
+
+// Watchdog (split brain under a hung ftd): an ftd that is alive but stops pinging the guard
+// (SIGSTOP, a stuck thread) sends no heartbeats either, so the standby resumes the twin after its
+// timeout; the guard must have fenced QEMU before that.
+TEST_CASE("guard watchdog kills the guarded process when ftd stops pinging while armed", "[guard]") {
+  Victim v;
+  ftvm::ftd::Guard g(v.pid, "unit");
+  g.arm(150ms);
+  for (int i = 0; i < 10; i++) {  // 400 ms of regular pings: nothing happens
+    std::this_thread::sleep_for(40ms);
+    g.ping();
+  }
+  REQUIRE(::kill(v.pid, 0) == 0);
+  // Silence: killed after ~150 ms.
+  const auto t0 = std::chrono::steady_clock::now();
+  REQUIRE(v.killed_within(2000ms));
+  const auto took = std::chrono::steady_clock::now() - t0;
+  REQUIRE(took >= 100ms);
+}
+
+TEST_CASE("guard watchdog is off when disarmed or armed without one", "[guard]") {
+  Victim v;
+  ftvm::ftd::Guard g(v.pid, "unit");
+  g.arm(100ms);
+  g.disarm();
+  REQUIRE_FALSE(v.killed_within(300ms));
+  g.arm();  // no watchdog: only ftd's death fences
+  REQUIRE_FALSE(v.killed_within(300ms));
+  g.disarm();
+}

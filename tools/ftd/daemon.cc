@@ -60,6 +60,14 @@ bool Daemon::is_own_listener(const std::string& peer) const {
 
 Daemon::Daemon(DaemonConfig cfg) : cfg_(std::move(cfg)) {
   if (cfg_.control_socket.empty()) cfg_.control_socket = cfg_.run_dir + "/ftd.sock";
+  if (!cfg_.arbiter) cfg_.arbiter = checkpoint::make_no_arbiter(cfg_.alone_after);
+  {
+    const auto st = cfg_.arbiter->status();
+    if (cfg_.arbiter->kind() == "none")
+      log::warn("ftd", "no arbiter configured: {}; configure one with --arbiter", st.holds);
+    else
+      log::info("ftd", "arbiter {}: {}", st.kind, st.holds);
+  }
   std::filesystem::create_directories(cfg_.run_dir);
   // 0711: QEMU processes of other users (libvirt-qemu) must reach the sockets ftd makes for
   // them below it (nbd/, output commit); the control socket has its own mode.
@@ -76,21 +84,75 @@ Daemon::Daemon(DaemonConfig cfg) : cfg_(std::move(cfg)) {
 
 Daemon::~Daemon() = default;
 
+namespace {
+pid_t read_pid(const std::string& path) {
+  std::ifstream f(path);
+  pid_t pid = 0;
+  if (!(f >> pid) || pid <= 0) return -1;
+  return pid;
+}
+// True if `pid` runs and its command line mentions `dir` (a twin started in that VM dir).
+bool twin_alive(pid_t pid, const std::string& dir) {
+  std::ifstream cf(fmt::format("/proc/{}/cmdline", pid));
+  std::string cmd((std::istreambuf_iterator<char>(cf)), std::istreambuf_iterator<char>());
+  return !cmd.empty() && cmd.find(dir) != std::string::npos;
+}
+}  // namespace
+
+// A paused twin left by an earlier ftd can never be resumed (its session is gone): kill it. An
+// activated twin (RUN/vms/VM/active) runs the guest: never touch it.
 void Daemon::kill_stale_twins() {
   const auto dir = cfg_.run_dir + "/vms";
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
-    std::ifstream pf(e.path() / "twin.pid");
-    pid_t pid = 0;
-    if (!(pf >> pid) || pid <= 0) continue;
-    std::ifstream cf(fmt::format("/proc/{}/cmdline", pid));
-    std::string cmd((std::istreambuf_iterator<char>(cf)), std::istreambuf_iterator<char>());
-    if (cmd.find(e.path().string()) != std::string::npos) {
-      log::warn("ftd", "killing stale paused twin pid {} left by an earlier ftd in {}", pid, e.path().string());
+    const auto vmdir = e.path().string();
+    const pid_t active = read_pid(vmdir + "/active");
+    if (active > 0 && twin_alive(active, vmdir)) {
+      log::warn("ftd", "twin pid {} in {} was activated by an earlier ftd and runs the guest: left running", active,
+                vmdir);
+      continue;
+    }
+    if (active > 0) std::filesystem::remove(e.path() / "active", ec);
+    const pid_t pid = read_pid(vmdir + "/twin.pid");
+    if (pid <= 0) continue;
+    if (twin_alive(pid, vmdir)) {
+      log::warn("ftd", "killing stale paused twin pid {} left by an earlier ftd in {}", pid, vmdir);
       ::kill(pid, SIGKILL);
     }
     std::filesystem::remove(e.path() / "twin.pid", ec);
   }
+}
+
+pid_t Daemon::adopted_twin(const std::string& vm) const {
+  if (vm.empty() || vm.find('/') != std::string::npos || vm[0] == '.') return -1;
+  const auto vmdir = cfg_.run_dir + "/vms/" + vm;
+  const pid_t pid = read_pid(vmdir + "/active");
+  return pid > 0 && twin_alive(pid, vmdir) ? pid : -1;
+}
+
+checkpoint::Resolution Daemon::resolve(const checkpoint::Resolve& r) {
+  using checkpoint::Verdict;
+  std::shared_ptr<StandbySession> hit;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (auto& s : standbys_)
+      if (!s->transient() && s->session_id() == r.session_id) hit = s;
+    if (!hit)
+      for (auto& s : standbys_)
+        if (!s->transient() && s->active() && s->name() == r.vm_name)
+          return {r.session_id, Verdict::Active,
+                  fmt::format("VM '{}' failed over to this host and runs here (another session)", r.vm_name)};
+  }
+  if (hit) {
+    std::string text;
+    auto v = hit->resolve(text);
+    return {r.session_id, v, text};
+  }
+  if (pid_t p = adopted_twin(r.vm_name); p > 0)
+    return {r.session_id, Verdict::Active,
+            fmt::format("VM '{}' failed over to this host and runs here (twin pid {})", r.vm_name, p)};
+  return {r.session_id, Verdict::Unknown,
+          fmt::format("no session {:016x} and no running twin of '{}' on this host", r.session_id, r.vm_name)};
 }
 
 int Daemon::run() {
@@ -176,7 +238,8 @@ void Daemon::listen_loop() {
           for (auto& s : standbys_)
             if (s->adopt_heartbeat_link(sid, conn)) return true;
           return false;
-        });
+        },
+        [this](const checkpoint::Resolve& r) { return resolve(r); }, cfg_.arbiter);
     {
       std::lock_guard<std::mutex> g(mu_);
       // Forget sessions that ended without activating; keep active ones for status.
@@ -196,6 +259,9 @@ void Daemon::claim_standby(const std::string& name, StandbySession* self) {
     auto p = primaries_.find(name);
     if (p != primaries_.end() && !p->second->finished())
       fail("VM '{}' is protected from this host as a primary; a host cannot be its own standby", name);
+    if (pid_t p = adopted_twin(name); p > 0)
+      fail("VM '{}' already failed over to this host and runs here (twin pid {}); refusing to create another twin",
+           name, p);
     for (auto& s : standbys_) {
       if (s.get() == self || s->name() != name) continue;
       if (s->active())

@@ -33,6 +33,10 @@ class Daemon {
  private:
   void listen_loop();
   void claim_standby(const std::string& name, StandbySession* self);
+  // Answers a primary's Resolve (checkpoint/protocol.h): settles the named session's fate.
+  checkpoint::Resolution resolve(const checkpoint::Resolve& r);
+  // The pid of an activated twin of `vm` left running by an earlier ftd (RUN/vms/VM/active), or -1.
+  pid_t adopted_twin(const std::string& vm) const;
   void kill_stale_twins();
   nlohmann::json cmd_enable(const nlohmann::json& req);
   nlohmann::json cmd_status(const nlohmann::json& req);

@@ -8,7 +8,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
+#include <ctime>
 
 #include "common/error.h"
 #include "common/log.h"
@@ -16,31 +18,72 @@
 namespace ftvm::ftd {
 namespace {
 
+void say_stderr(const char* prefix, const char* m) {
+  ssize_t w = ::write(2, prefix, strlen(prefix));
+  w = ::write(2, m, strlen(m));
+  (void)w;
+}
+
+int64_t now_ms() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
 [[noreturn]] void guard_main(int ctl, int qemu_pidfd, const char* msg_prefix) {
   bool armed = false;
+  int64_t watchdog_ms = 0, last_ping = now_ms();
+  // Parser state for 'A' + 4 bytes.
+  int want = 0;
+  uint32_t acc = 0;
   for (;;) {
+    int timeout = -1;
+    if (armed && watchdog_ms > 0) {
+      const int64_t left = last_ping + watchdog_ms - now_ms();
+      if (left <= 0) {
+        syscall(SYS_pidfd_send_signal, qemu_pidfd, SIGKILL, nullptr, 0);
+        say_stderr(msg_prefix, " guard: ftd sent no sign of life within its watchdog while protected (hung or stopped?); "
+                               "killed the primary QEMU so the standby alone resumes\n");
+        _exit(1);
+      }
+      timeout = static_cast<int>(left);
+    }
     pollfd fds[2] = {{ctl, POLLIN, 0}, {qemu_pidfd, POLLIN, 0}};
-    int n = ::poll(fds, 2, -1);
+    int n = ::poll(fds, 2, timeout);
     if (n < 0) {
       if (errno == EINTR) continue;
       _exit(2);
     }
+    if (n == 0) continue;  // the watchdog check above decides
     if (fds[1].revents) _exit(0);  // QEMU exited: nothing left to guard
     if (fds[0].revents) {
-      char buf[64];
+      unsigned char buf[256];
       ssize_t r = ::read(ctl, buf, sizeof buf);
       if (r < 0 && errno == EINTR) continue;
       if (r > 0) {
-        for (ssize_t i = 0; i < r; i++) armed = buf[i] == 'A' ? true : buf[i] == 'D' ? false : armed;
+        for (ssize_t i = 0; i < r; i++) {
+          if (want > 0) {
+            acc |= static_cast<uint32_t>(buf[i]) << (8 * (4 - want));
+            if (--want == 0) {
+              watchdog_ms = acc;
+              armed = true;
+              last_ping = now_ms();
+            }
+            continue;
+          }
+          switch (buf[i]) {
+            case 'A': want = 4; acc = 0; break;
+            case 'D': armed = false; break;
+            case 'P': last_ping = now_ms(); break;
+            default: break;
+          }
+        }
         continue;
       }
       // EOF: ftd is gone.
       if (armed) {
         syscall(SYS_pidfd_send_signal, qemu_pidfd, SIGKILL, nullptr, 0);
-        const char* m = " guard: ftd died while protected; killed the primary QEMU so the standby alone resumes\n";
-        ssize_t w = ::write(2, msg_prefix, strlen(msg_prefix));
-        w = ::write(2, m, strlen(m));
-        (void)w;
+        say_stderr(msg_prefix, " guard: ftd died while protected; killed the primary QEMU so the standby alone resumes\n");
         _exit(1);
       }
       _exit(0);
@@ -76,17 +119,27 @@ Guard::Guard(pid_t qemu_pid, const char* vm_name) {
   log::info("guard", "{}: guard pid {} watches QEMU pid {}", vm_name, pid, qemu_pid);
 }
 
-void Guard::say(char c) {
-  for (;;) {
-    ssize_t n = ::write(ctl_.get(), &c, 1);
-    if (n == 1) return;
-    if (n < 0 && errno == EINTR) continue;
+void Guard::say(const char* bytes, size_t n) {
+  size_t done = 0;
+  while (done < n) {
+    ssize_t w = ::write(ctl_.get(), bytes + done, n - done);
+    if (w > 0) {
+      done += static_cast<size_t>(w);
+      continue;
+    }
+    if (w < 0 && errno == EINTR) continue;
     throw SysError(errno, fmt::format("telling guard pid {}", pid_), "the guard process died; re-enable protection");
   }
 }
 
-void Guard::arm() { say('A'); }
-void Guard::disarm() { say('D'); }
+void Guard::arm(std::chrono::milliseconds watchdog) {
+  const auto ms = static_cast<uint32_t>(std::max<int64_t>(0, watchdog.count()));
+  const char w[5] = {'A', static_cast<char>(ms & 0xff), static_cast<char>((ms >> 8) & 0xff),
+                     static_cast<char>((ms >> 16) & 0xff), static_cast<char>((ms >> 24) & 0xff)};
+  say(w, sizeof w);
+}
+void Guard::disarm() { say("D", 1); }
+void Guard::ping() { say("P", 1); }
 
 Guard::~Guard() {
   if (pid_ <= 0) return;

@@ -8,9 +8,17 @@
 // when QEMU exits. The guard reacts within milliseconds, well under the standby's heartbeat
 // timeout, so the twin never resumes while the primary guest still runs. stop() disarms and
 // reaps it. The guard uses only async-signal-safe calls after fork().
+//
+// Watchdog: arm(W) also makes the guard kill QEMU when ftd, though alive, sends no ping() for
+// W (ftd hung, stopped with SIGSTOP, starved): such an ftd sends no heartbeats either, so the
+// standby resumes the twin after its timeout; W is chosen below that timeout. Words on the pipe:
+// 'A' + 4 bytes little-endian W in ms (0 = no watchdog), 'D' disarm, 'P' ping.
 #pragma once
 
 #include <sys/types.h>
+
+#include <chrono>
+#include <string>
 
 #include "common/fd.h"
 
@@ -23,12 +31,15 @@ class Guard {
   Guard(const Guard&) = delete;
   Guard& operator=(const Guard&) = delete;
 
-  void arm();
+  // Armed: the guard fences QEMU if ftd dies, or stops pinging for `watchdog` (0 = never).
+  void arm(std::chrono::milliseconds watchdog = std::chrono::milliseconds(0));
   void disarm();
+  // Proof of life for the watchdog; cheap (one byte on a pipe). Call at least every watchdog/4.
+  void ping();
   pid_t pid() const { return pid_; }
 
  private:
-  void say(char c);
+  void say(const char* bytes, size_t n);
   pid_t pid_ = -1;
   UniqueFd ctl_;
   UniqueFd pidfd_;  // ftd's own pidfd on the guard, for reaping without races

@@ -8,6 +8,7 @@
 
 #include "common/error.h"
 #include "common/log.h"
+#include "tools/ftd/arbiter/fence_command.h"
 #include "tools/ftd/daemon.h"
 
 int main(int argc, char** argv) {
@@ -68,6 +69,24 @@ int main(int argc, char** argv) {
   app.add_option("--state-dir", cfg.state_dir,
                  "Persistent state: failed-over/<uuid> marks libvirt domains that failed over away from this host")
       ->capture_default_str();
+  std::string arbiter = "none", fence_command;
+  unsigned fence_timeout_ms = 30000, alone_after_ms = 1000;
+  app.add_option("--arbiter", arbiter,
+                 "Split-brain arbitration, the same on both hosts: none (a partition between two live hosts runs two "
+                 "copies: 'split-brain unprotected'), fence-command (STONITH through --fence-command)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"none", "fence-command"}));
+  app.add_option("--fence-command", fence_command,
+                 "With --arbiter fence-command: shell command that fences the other host; run with FTVM_FENCE_ACTION "
+                 "(fence-primary|fence-standby), FTVM_PEER, FTVM_VM; exit 0 only once that host cannot run the VM");
+  app.add_option("--fence-timeout-ms", fence_timeout_ms, "A fence command running longer is killed and retried")
+      ->capture_default_str()
+      ->check(CLI::Range(100u, 600000u));
+  app.add_option("--alone-after-ms", alone_after_ms,
+                 "Primary without an arbiter: how long the guest stays paused (output held) when the standby cannot "
+                 "be reached before it runs on alone (at least twice the standby's heartbeat timeout)")
+      ->capture_default_str()
+      ->check(CLI::Range(0u, 3600000u));
   bool no_output_commit = false;
   app.add_flag("--no-output-commit", no_output_commit,
                "Primary: let the guest's network output leave at once instead of after its epoch is committed "
@@ -98,6 +117,18 @@ int main(int argc, char** argv) {
   if (hb_interval_ms * 2 > hb_ms) {
     fmt::print(stderr, "ftd: --heartbeat-interval-ms ({}) must be at most half of --heartbeat-timeout-ms ({})\n",
                hb_interval_ms, hb_ms);
+    return 2;
+  }
+  cfg.alone_after = std::chrono::milliseconds(alone_after_ms);
+  if (arbiter == "fence-command") {
+    if (fence_command.empty()) {
+      fmt::print(stderr, "ftd: --arbiter fence-command needs --fence-command CMD (the command that fences the other host)\n");
+      return 2;
+    }
+    cfg.arbiter = std::make_shared<ftvm::ftd::FenceCommandArbiter>(
+        fence_command, std::chrono::milliseconds(fence_timeout_ms), std::chrono::milliseconds(500));
+  } else if (!fence_command.empty()) {
+    fmt::print(stderr, "ftd: --fence-command is only used with --arbiter fence-command\n");
     return 2;
   }
   cfg.heartbeat_timeout = std::chrono::milliseconds(hb_ms);

@@ -256,9 +256,9 @@ void PrimarySession::run() {
       primary_lost(e.what());
       break;
     } catch (const LinkDown& e) {
-      link_failed(e.what());
+      link_failed(e.what(), activate_sent_);
     } catch (const ProtocolError& e) {
-      link_failed(e.what());
+      link_failed(e.what(), activate_sent_);
     } catch (const std::exception& e) {
       // A failure on the QEMU side (QMP, tracker, guest memory). QEMU may be dying right now:
       // its sockets close before its pidfd reports the exit, so give it time to finish. A
@@ -283,12 +283,14 @@ void PrimarySession::run() {
                                  "resumes the guest from the last checkpoint", qemu_pid_, e.what()));
         break;
       }
-      link_failed(e.what());
+      link_failed(e.what(), activate_sent_);
     }
   }
   // Whatever happened, never leave the guest paused behind, nor its output diverted.
   try {
-    if (state_ != "failed-over" && state_ != "primary-lost" && state_ != "shut-down") {
+    // Not while settling either: a paused guest whose twin may run stays paused (the guard,
+    // still armed, fences it when ftd exits).
+    if (state_ != "failed-over" && state_ != "primary-lost" && state_ != "shut-down" && state_ != "settling") {
       ensure_running();
       if (output_ && qmp_->connected()) output_->detach(*qmp_);
     }
@@ -414,25 +416,38 @@ void PrimarySession::ensure_running() {
   last_cont_ = Clock::now();
 }
 
-void PrimarySession::link_failed(const std::string& why) {
+void PrimarySession::link_failed(const std::string& why, bool activate_sent) {
   log::error("primary", "{}: replication to {}:{} failed: {}", name_, host_, port_, why);
-  if (output_) output_->pass_through("degraded: " + why);  // the guest runs on alone: its output is final
-  if (disks_ && qmp_->connected()) disks_->stop(*qmp_);  // re-protection starts a new full copy
   try {
-    ensure_running();
-  } catch (const std::exception& e) {
-    log::error("primary", "{}: resuming the guest failed: {}", name_, e.what());
-  }
-  if (conn_) {
-    // Best effort: tell the standby to drop the twin rather than take over. If the link is
-    // truly down this does not arrive and the standby may take over: see docs (partition).
-    try {
-      send_both(cp::Disable{session_id_});
-    } catch (const std::exception&) {
+    if (commit_sent_this_session_ || activate_sent) {
+      // The standby may hold a checkpoint and resume the twin: settle before running on.
+      if (!settle_broken_session(why, activate_sent)) {
+        stop_ = true;  // fenced here (or ftd stops while settling): the session is over
+        return;
+      }
+    } else {
+      // No checkpoint ever reached the standby in this session: its twin can never run.
+      if (output_) output_->pass_through("degraded: " + why);  // the guest runs alone: its output is final
+      if (disks_ && qmp_->connected()) disks_->stop(*qmp_);  // re-protection starts a new full copy
+      ensure_running();
+      if (conn_) {
+        try {
+          send_both(cp::Disable{session_id_});  // best effort: frees the standby's paused twin at once
+        } catch (const std::exception&) {
+        }
+      }
+      conn_.reset();
+      hb_.reset();
     }
-    conn_.reset();
-    hb_.reset();
+  } catch (const QemuGone& e) {
+    if (state_ != "failed-over") set_state("primary-lost", std::string("QEMU died while the session was settled: ") + e.what());
+    stop_ = true;
+    return;
+  } catch (const std::exception& e) {
+    log::error("primary", "{}: {}", name_, e.what());
   }
+  conn_.reset();
+  hb_.reset();
   try {
     guard_->disarm();
   } catch (const std::exception& e) {
@@ -440,6 +455,8 @@ void PrimarySession::link_failed(const std::string& why) {
   }
   inflight_ = 0;
   retransmits_ = 0;
+  activate_sent_ = false;
+  commit_sent_this_session_ = false;
   set_marker("protected", false, {});  // the standby dropped the twin: this copy is the only one
   set_state("degraded", why);
   // Wait before retrying, still answering commands and noticing QEMU's death.
@@ -459,6 +476,147 @@ void PrimarySession::link_failed(const std::string& why) {
   }
 }
 
+void PrimarySession::ping_guard() {
+  const auto now = Clock::now();
+  if (!guard_ || now - last_guard_ping_ < std::chrono::milliseconds(10)) return;
+  last_guard_ping_ = now;
+  try {
+    guard_->ping();
+  } catch (const std::exception& e) {
+    log::error("primary", "{}: {}", name_, e.what());
+  }
+}
+
+std::chrono::milliseconds PrimarySession::standby_silence() const {
+  auto s = conn_ ? conn_->idle_for() : std::chrono::milliseconds::max();
+  if (hb_) s = std::min(s, hb_->idle_for());
+  return s;
+}
+
+// The twin runs (or an arbiter says this side lost): this guest must not run on. SIGKILL through
+// the pidfd; its held output dies with it (never released).
+void PrimarySession::fence_self(const std::string& why) {
+  watch_->send_signal(SIGKILL);
+  log::error("primary", "{}: FENCED: killed the primary QEMU pid {}: {}", name_, qemu_pid_, why);
+  paused_by_us_ = false;
+  try {
+    if (guard_) guard_->disarm();
+  } catch (const std::exception&) {
+  }
+  set_state("failed-over", "fenced: " + why);
+  mark_failed_over("fenced: " + why);
+}
+
+std::optional<cp::Resolution> PrimarySession::try_resolve(uint64_t sid) {
+  transport::Options o;
+  o.heartbeat_interval = cfg_.heartbeat_interval;
+  o.connect_timeout = std::max(std::chrono::milliseconds(200), standby_timeout_ / 2);
+  try {
+    auto c = transport::tcp::connect_tcp(host_, port_, o);
+    send_msg(*c, cp::Resolve{sid, name_});
+    c->flush();
+    const auto deadline = Clock::now() + std::max(std::chrono::milliseconds(1000), 2 * standby_timeout_);
+    while (Clock::now() < deadline) {
+      ping_guard();
+      auto m = c->poll(std::chrono::milliseconds(20));
+      if (!m) continue;
+      if (m->type == static_cast<uint16_t>(MsgType::Resolution)) {
+        auto r = cp::decode<cp::Resolution>(m->body);
+        if (r.session_id != sid) throw ProtocolError("Resolution names another session");
+        return r;
+      }
+      if (m->type == static_cast<uint16_t>(MsgType::Error))
+        throw ProtocolError("standby refused Resolve: " + cp::decode<cp::ErrorMsg>(m->body).text);
+      throw ProtocolError(fmt::format("standby answered Resolve with {}", cp::to_string(static_cast<MsgType>(m->type))));
+    }
+    throw LinkDown("no Resolution within the deadline");
+  } catch (const std::exception& e) {
+    log::debug("primary", "{}: Resolve: {}", name_, e.what());
+    std::lock_guard<std::mutex> g(mu_);
+    reason_ = fmt::format("settling: standby {}:{} unreachable ({})", host_, port_, e.what());
+    return std::nullopt;
+  }
+}
+
+bool PrimarySession::settle_broken_session(const std::string& why, bool activate_sent) {
+  const auto heard_at = Clock::now() - std::min(standby_silence(), std::chrono::milliseconds(3600 * 1000));
+  set_state("settling", why);
+  // 1. This guest must not run while the twin might: pause it; its output stays held.
+  if (!paused_by_us_) {
+    try {
+      qmp_->execute("stop");
+      paused_by_us_ = true;
+    } catch (const std::exception& e) {
+      check_qemu();  // QemuGone: it died meanwhile
+      fence_self(fmt::format("the guest could not be paused while the broken session is settled ({})", e.what()));
+      return false;
+    }
+  }
+  const uint64_t sid = session_id_;
+  conn_.reset();
+  hb_.reset();
+  try {
+    if (disks_ && qmp_->connected()) disks_->stop(*qmp_);  // re-protection starts a new full copy
+  } catch (const std::exception& e) {
+    log::warn("primary", "{}: stopping the disk mirror: {}", name_, e.what());
+  }
+  log::warn("primary", "{}: guest paused, output held: settling session {:016x} with the standby ({}){}", name_, sid,
+            cfg_.arbiter->kind() == "none" ? "no arbiter" : "arbiter " + cfg_.arbiter->kind(),
+            activate_sent ? "; Activate was sent: the guest is never resumed unless the standby says its twin will not run" : "");
+  auto backoff = std::chrono::milliseconds(10);
+  cp::ArbiterAnswer last = cp::ArbiterAnswer::Invalid;
+  std::string alone_because;
+  for (;;) {
+    ping_guard();
+    check_qemu();
+    if (stop_) {
+      log::warn("primary", "{}: ftd stops while the session is unsettled: the guest stays paused (the guard fences it)",
+                name_);
+      return false;
+    }
+    if (auto r = try_resolve(sid)) {
+      log::warn("primary", "{}: standby says: {} ({})", name_, cp::to_string(r->verdict), r->text);
+      if (r->verdict == cp::Verdict::Active) {
+        fence_self("the twin runs on the standby: " + r->text);
+        return false;
+      }
+      alone_because = "the standby dropped the twin: " + r->text;
+      break;
+    }
+    const auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - heard_at);
+    if (!activate_sent) {
+      cp::ArbiterAnswer a = cp::ArbiterAnswer::Wait;
+      try {
+        a = cfg_.arbiter->may_run_alone({name_, host_, silent, standby_timeout_}, std::chrono::milliseconds(50));
+      } catch (const std::exception& e) {
+        log::error("primary", "{}: arbiter {}: {}", name_, cfg_.arbiter->kind(), e.what());
+      }
+      if (a != last) {
+        log::warn("primary", "{}: standby unreachable for {} ms; arbiter {} answers {}", name_, silent.count(),
+                  cfg_.arbiter->kind(), cp::to_string(a));
+        last = a;
+      }
+      if (a == cp::ArbiterAnswer::Fence) {
+        fence_self(fmt::format("the standby is unreachable and arbiter {} says this side lost", cfg_.arbiter->kind()));
+        return false;
+      }
+      if (a == cp::ArbiterAnswer::Yes) {
+        alone_because = fmt::format("standby unreachable for {} ms; arbiter {} lets this side run alone{}", silent.count(),
+                                    cfg_.arbiter->kind(),
+                                    cfg_.arbiter->kind() == "none" ? " (split-brain unprotected)" : "");
+        break;
+      }
+    }
+    std::this_thread::sleep_for(backoff);
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(250));
+  }
+  // 2. This is the only copy: its output is final, the guest runs on.
+  log::warn("primary", "{}: running on alone: {}", name_, alone_because);
+  if (output_) output_->pass_through("degraded: " + alone_because);
+  ensure_running();
+  return true;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Setup and full sync
 
@@ -466,7 +624,12 @@ void PrimarySession::connect_and_sync() {
   set_state(state_ == "degraded" ? "degraded" : "connecting", reason_);
   transport::Options opts;
   opts.heartbeat_interval = cfg_.heartbeat_interval;
+  // A send that makes no progress for half the (standby's) heartbeat timeout is a lost link:
+  // the guest must be paused before the standby may resume the twin.
+  opts.stall_timeout = std::max(std::chrono::milliseconds(100), cfg_.heartbeat_timeout / 2);
   std::string chosen;
+  commit_sent_this_session_ = false;
+  activate_sent_ = false;
   pending_.clear();
   pending_hb_.clear();
   link_error_.clear();
@@ -485,6 +648,7 @@ void PrimarySession::connect_and_sync() {
   o.vm_name = name_;
   o.qemu_argv = argv_;
   o.libvirt_xml = domain_xml_;
+  o.arbiter = cfg_.arbiter->kind();
   if (disks_) o.disks = disks_->infos();
   send_msg(*conn_, o);
   auto deadline = Clock::now() + std::chrono::seconds(60);
@@ -501,8 +665,15 @@ void PrimarySession::connect_and_sync() {
   auto ready = cp::decode<cp::SessionReady>(m->body);
   if (ready.session_id != session_id_) throw ProtocolError("standby answered for another session id");
   capacity_ = ready.staging_capacity;
+  standby_timeout_ = std::chrono::milliseconds(ready.heartbeat_timeout_ms);
+  if (standby_timeout_ != cfg_.heartbeat_timeout)
+    log::warn("primary", "{}: the standby's heartbeat timeout is {} ms, this ftd's {} ms: configure both alike", name_,
+              standby_timeout_.count(), cfg_.heartbeat_timeout.count());
   hb_.reset();
-  if (std::string(conn_->backend()) != "tcp") {
+  {
+    // The second path: a separate TCP connection (RDMA sessions: beside the RDMA data path;
+    // TCP sessions: beside the data connection) whose heartbeats keep the standby from taking
+    // a live primary for dead when one connection breaks (activation needs silence on both).
     try {
       hb_ = transport::tcp::connect_tcp(host_, port_, opts);
       send_msg(*hb_, cp::HeartbeatLink{session_id_});
@@ -650,6 +821,7 @@ void PrimarySession::process_events() {
 void PrimarySession::keepalive() {
   if (in_keepalive_) return;
   in_keepalive_ = true;
+  ping_guard();
   try {
     if (conn_ && link_error_.empty())
       if (auto m = conn_->poll(std::chrono::milliseconds(0))) pending_.push_back(std::move(*m));
@@ -678,6 +850,10 @@ std::optional<transport::ControlMessage> PrimarySession::next_message(std::chron
 }
 
 void PrimarySession::pump(std::chrono::milliseconds timeout) {
+  ping_guard();
+  if (commit_sent_this_session_ && standby_silence() > suspect_after())
+    throw LinkDown(fmt::format("nothing heard from the standby for {} ms (its takeover timeout is {} ms)",
+                               standby_silence().count(), standby_timeout_.count()));
   process_events();
   while (!pending_hb_.empty()) {
     auto m = std::move(pending_hb_.front());
@@ -773,6 +949,10 @@ void PrimarySession::handle(const transport::ControlMessage& m) {
     }
     case MsgType::Error:
       throw ProtocolError("standby reported: " + cp::decode<cp::ErrorMsg>(m.body).text);
+    case MsgType::Suspect: {
+      auto su = cp::decode<cp::Suspect>(m.body);
+      throw LinkDown(fmt::format("the standby has not heard this primary for {} ms (one-way cut?)", su.silent_ms));
+    }
     case MsgType::Takeover: {
       // The standby gave up on us (we were silent too long) and is resuming the twin. This
       // guest must not run on: fence it now, before anything else.
@@ -853,6 +1033,10 @@ void PrimarySession::checkpoint(bool final) {
   dirty_.clear();
   tracker_->collect_and_reset(dirty_);
   if (!carry_.empty()) {
+    // set_union needs both sorted; the carried list was collected while the guest ran.
+    std::sort(carry_.begin(), carry_.end());
+    carry_.erase(std::unique(carry_.begin(), carry_.end()), carry_.end());
+    std::sort(dirty_.begin(), dirty_.end());
     std::vector<uint64_t> merged;
     std::set_union(dirty_.begin(), dirty_.end(), carry_.begin(), carry_.end(), std::back_inserter(merged));
     dirty_.swap(merged);
@@ -998,6 +1182,14 @@ void PrimarySession::send_epoch(uint64_t epoch, bool final) {
   } else {
     conn_->write(cp::kRegionStaging, 0, bytes);
   }
+  commit_sent_this_session_ = true;  // from here on the standby may hold a checkpoint
+  if (epoch == 1 || state_ != "protected") {
+    // The standby may take over from now on: the guard kills QEMU if ftd dies or stops pinging
+    // it for 0.6 x the standby's timeout (minus two heartbeat periods of slack).
+    const auto w = std::min(standby_timeout_ * 6 / 10, standby_timeout_ - 2 * cfg_.heartbeat_interval);
+    guard_->arm(std::max(w, std::chrono::milliseconds(20)));
+    last_guard_ping_ = Clock::now();
+  }
   send_msg(*conn_, c);
   conn_->flush();
   if (f == Fault::CorruptThenCrash) {
@@ -1008,7 +1200,6 @@ void PrimarySession::send_epoch(uint64_t epoch, bool final) {
   }
   commit_sent_ = Clock::now();
   inflight_ = epoch;
-  if (epoch == 1 || state_ != "protected") guard_->arm();  // the standby may take over from now on
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1047,6 +1238,7 @@ std::string PrimarySession::do_failover() {
   // The final epoch is committed and its frames released (handle()): let QEMU send them out
   // before the twin resumes and this QEMU quits.
   if (output_) output_->flush(std::chrono::milliseconds(2000));
+  activate_sent_ = true;  // from here on this guest never resumes unless the standby says its twin won't run
   send_msg(*conn_, cp::Activate{session_id_});
   conn_->flush();
   auto deadline = Clock::now() + std::chrono::seconds(30);

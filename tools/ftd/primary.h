@@ -3,10 +3,19 @@
 // does. One thread per session; the control thread talks to it only through the methods
 // below, which are thread-safe.
 //
-// States: connecting -> syncing -> protected; any link failure -> degraded (the guest keeps
-// running unprotected; the session reconnects and starts a fresh full sync); planned failover
-// -> failed-over; QEMU died -> primary-lost; disable -> disabled; the guest powered itself off
-// (QMP SHUTDOWN with guest=true) -> shut-down (the twin is destroyed, nothing fails over).
+// States: connecting -> syncing -> protected; any link failure -> settling -> degraded (the
+// guest runs on unprotected; the session reconnects and starts a fresh full sync) or
+// failed-over (the twin runs: this QEMU is fenced); planned failover -> failed-over; QEMU died
+// -> primary-lost; disable -> disabled; the guest powered itself off (QMP SHUTDOWN with
+// guest=true) -> shut-down (the twin is destroyed, nothing fails over).
+//
+// Split brain (docs/ARCHITECTURE.md): once the standby holds a checkpoint it may resume the
+// twin after `heartbeat_timeout` of silence. So whenever this side loses the session (link
+// error, no frame from the standby for half that timeout, a Suspect, no ack) it pauses the
+// guest and keeps its output held ("settling") until it knows it is the only copy: the standby
+// answers a Resolve (protocol.h) with "dropped"/"unknown", or the arbiter says Yes. "active"
+// (or an arbiter's Fence) kills the guest here. The guard (guard.h) kills QEMU when ftd itself
+// stops pinging it for 0.6 x the standby's timeout (ftd hung, stopped or dead).
 #pragma once
 
 #include <atomic>
@@ -93,7 +102,21 @@ class PrimarySession {
   std::string guest_shutdown_;  // SHUTDOWN reason when the guest powered itself off
   void check_qemu();
   void primary_lost(const std::string& why);
-  void link_failed(const std::string& why);
+  void link_failed(const std::string& why, bool activate_sent = false);
+  // Pauses the guest and settles the broken session (Resolve / arbiter). True: this side is the
+  // only copy (guest resumed, output released); false: the guest was fenced here.
+  bool settle_broken_session(const std::string& why, bool activate_sent);
+  // One Resolve round trip on a fresh connection; nullopt when the standby cannot be reached.
+  std::optional<checkpoint::Resolution> try_resolve(uint64_t sid);
+  void fence_self(const std::string& why);
+  std::chrono::milliseconds standby_silence() const;
+  std::chrono::milliseconds suspect_after() const { return standby_timeout_ / 2; }
+  void ping_guard();
+  std::chrono::milliseconds standby_timeout_{400};  // from SessionReady
+  bool commit_sent_this_session_ = false;             // the standby may hold a checkpoint
+  bool activate_sent_ = false;                        // planned failover: never resume on our own
+  std::chrono::steady_clock::time_point last_standby_frame_{};             // last frame heard from the standby
+  std::chrono::steady_clock::time_point last_guard_ping_{};
   void ensure_running();
   bool service_command();
   std::string do_failover();

@@ -4,11 +4,13 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 
 #include <nlohmann/json.hpp>
 #include <span>
 
+#include "checkpoint/arbiter.h"
 #include "vmm-glue/process.h"
 
 namespace ftvm::ftd {
@@ -45,6 +47,12 @@ struct DaemonConfig {
   // persistent state: STATE_DIR/failed-over/<uuid> marks a libvirt domain that failed over
   // away from this host (the hook then refuses to start it here)
   std::string state_dir = "/var/lib/ftvm";
+  // Split-brain arbitration (checkpoint/arbiter.h), shared by every session of this ftd; null
+  // = none (a pair without a third party: "split-brain unprotected").
+  std::shared_ptr<checkpoint::Arbiter> arbiter;
+  // Without an arbiter: how long a primary whose standby cannot be reached keeps its guest
+  // paused (output held) before it runs on alone (at least twice the standby's timeout).
+  std::chrono::milliseconds alone_after{1000};
 };
 
 // What `ftctl enable` asks for.

@@ -87,8 +87,91 @@ pid_t spawn(const std::vector<std::string>& argv, const std::string& log_path) {
 }  // namespace
 
 StandbySession::StandbySession(const DaemonConfig& cfg, std::unique_ptr<transport::Connection> conn, Claim claim,
-                               Adopt adopt)
-    : cfg_(cfg), conn_(std::move(conn)), claim_(std::move(claim)), adopt_(std::move(adopt)) {}
+                               Adopt adopt, Resolver resolver, std::shared_ptr<cp::Arbiter> arbiter)
+    : cfg_(cfg),
+      conn_(std::move(conn)),
+      claim_(std::move(claim)),
+      adopt_(std::move(adopt)),
+      resolver_(std::move(resolver)),
+      arbiter_(std::move(arbiter)) {
+  if (!arbiter_) arbiter_ = cp::make_no_arbiter(cfg_.heartbeat_timeout * 2);
+  // "host:port" or "[v6]:port" -> host
+  peer_host_ = conn_->peer();
+  if (auto c = peer_host_.rfind(':'); c != std::string::npos) peer_host_.resize(c);
+  if (peer_host_.size() >= 2 && peer_host_.front() == '[' && peer_host_.back() == ']')
+    peer_host_ = peer_host_.substr(1, peer_host_.size() - 2);
+}
+
+bool StandbySession::settle(Fate f) {
+  std::lock_guard<std::mutex> g(fate_mu_);
+  if (fate_ == Fate::Open) {
+    fate_ = f;
+    return true;
+  }
+  return fate_ == f;
+}
+
+StandbySession::Fate StandbySession::fate() const {
+  std::lock_guard<std::mutex> g(fate_mu_);
+  return fate_;
+}
+
+cp::Verdict StandbySession::resolve(std::string& text) {
+  bool dropped_now = false;
+  {
+    std::lock_guard<std::mutex> g(fate_mu_);
+    if (fate_ == Fate::Open) {
+      fate_ = Fate::Dropped;
+      dropped_now = true;
+    }
+    if (fate_ == Fate::Activating) {
+      text = active_ ? fmt::format("the twin of '{}' runs on this host (it took over)", name())
+                     : fmt::format("the twin of '{}' is being resumed on this host", name());
+      return cp::Verdict::Active;
+    }
+  }
+  if (dropped_now) {
+    text = fmt::format("the paused twin of '{}' is dropped and will never run", name());
+    log::warn("standby", "{}: the primary settled the broken session: it runs on alone; the twin is dropped", name());
+    abort("the primary settled the broken session (Resolve): it runs on alone");
+  } else {
+    text = fmt::format("the twin of '{}' was already dropped", name());
+  }
+  return cp::Verdict::Dropped;
+}
+
+// The primary has been silent on every path for the heartbeat timeout. The arbiter decides
+// whether that is a dead primary (Yes) or a partition this side lost (Fence) or cannot tell yet
+// (Wait: the caller keeps polling the paths and asks again).
+bool StandbySession::arbiter_allows_activation(std::chrono::milliseconds silent_for) {
+  cp::ArbiterSubject subj{name(), peer_host_, silent_for};
+  cp::ArbiterAnswer a = cp::ArbiterAnswer::Wait;
+  try {
+    a = arbiter_->may_activate(subj, std::chrono::milliseconds(20));
+  } catch (const std::exception& e) {
+    log::error("standby", "{}: arbiter {}: {}; not activating", name(), arbiter_->kind(), e.what());
+    a = cp::ArbiterAnswer::Wait;
+  }
+  if (a != last_answer_ || Clock::now() - arbiter_log_ > std::chrono::seconds(5)) {
+    if (a != cp::ArbiterAnswer::Yes || arbiter_->kind() != "none")
+      log::warn("standby", "{}: primary silent for {} ms; arbiter {} answers {}", name(), silent_for.count(),
+                arbiter_->kind(), cp::to_string(a));
+    last_answer_ = a;
+    arbiter_log_ = Clock::now();
+  }
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (a == cp::ArbiterAnswer::Wait && state_ == "protected")
+      reason_ = fmt::format("primary silent for {} ms; waiting for arbiter {}", silent_for.count(), arbiter_->kind());
+  }
+  if (a == cp::ArbiterAnswer::Fence) {
+    destroy_twin(fmt::format("primary silent for {} ms but arbiter {} says this side lost: the twin is dropped",
+                             silent_for.count(), arbiter_->kind()));
+    abort_ = true;
+    return false;
+  }
+  return a == cp::ArbiterAnswer::Yes;
+}
 
 bool StandbySession::adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<transport::Connection>& conn) {
   if (session_id == 0 || session_id != sid_ || finished_) return false;
@@ -205,7 +288,11 @@ void StandbySession::run() {
               return;
             }
           } else if (Clock::now() >= last_heard + cfg_.heartbeat_timeout) {
-            break;
+            if (fate() != Fate::Open) break;  // settled by a Resolve meanwhile
+            if (!replica_ || !replica_->has_checkpoint()) break;  // nothing to resume: closes below
+            if (arbiter_allows_activation(std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - last_heard)))
+              break;
+            if (abort_) break;
           }
           std::this_thread::sleep_for(std::chrono::milliseconds(2));
         }
@@ -218,8 +305,22 @@ void StandbySession::run() {
         if (!handle(*m)) break;
         continue;
       }
-      if (silence() > cfg_.heartbeat_timeout) {
-        primary_silent(fmt::format("no heartbeat from the primary for {} ms", silence().count()));
+      const auto quiet = silence();
+      if (quiet < cfg_.heartbeat_timeout / 2) suspect_sent_ = false;
+      if (quiet >= cfg_.heartbeat_timeout / 2 && !suspect_sent_ && replica_ && sid_) {
+        // Our frames may still reach the primary (one-way cut): it pauses and settles.
+        suspect_sent_ = true;
+        log::warn("standby", "{}: primary silent for {} ms: asking it to settle (Suspect)", name(), quiet.count());
+        try {
+          send_msg(*conn_, cp::Suspect{session_id_, static_cast<uint32_t>(quiet.count())});
+          conn_->flush();
+        } catch (const std::exception& e) {
+          log::warn("standby", "{}: sending Suspect failed: {}", name(), e.what());
+        }
+      }
+      if (quiet > cfg_.heartbeat_timeout) {
+        if (replica_ && replica_->has_checkpoint() && !arbiter_allows_activation(quiet)) continue;
+        primary_silent(fmt::format("no heartbeat from the primary for {} ms", quiet.count()));
         break;
       }
     }
@@ -251,6 +352,9 @@ void StandbySession::open(const cp::OpenSession& o) {
     std::lock_guard<std::mutex> g(mu_);
     name_ = o.vm_name;
   }
+  if (o.arbiter != arbiter_->kind())
+    fail("VM '{}' asks for arbiter '{}' but this ftd arbitrates with '{}'; configure both hosts alike (ftd --arbiter)",
+         o.vm_name, o.arbiter, arbiter_->kind());
   claim_(o.vm_name, this);
   session_id_ = o.session_id;
   sid_ = o.session_id;
@@ -313,7 +417,8 @@ void StandbySession::open(const cp::OpenSession& o) {
   conn_->register_region(cp::kRegionRam, as_span(*twin_ram_));
   conn_->register_region(cp::kRegionStaging, replica_->staging());
   set_state("syncing");
-  send_msg(*conn_, cp::SessionReady{session_id_, replica_->staging().size(), twin_pid_});
+  send_msg(*conn_, cp::SessionReady{session_id_, replica_->staging().size(), twin_pid_,
+                                    static_cast<uint32_t>(cfg_.heartbeat_timeout.count())});
   conn_->flush();
   log::info("standby", "{}: twin pid {} paused (inmigrate), RAM {} MiB mapped; receiving full sync from {}", o.vm_name,
             twin_pid_, o.ram_size >> 20, conn_->peer());
@@ -321,7 +426,7 @@ void StandbySession::open(const cp::OpenSession& o) {
 
 bool StandbySession::handle(const transport::ControlMessage& m) {
   const auto type = static_cast<MsgType>(m.type);
-  if (type != MsgType::OpenSession && type != MsgType::HeartbeatLink && !replica_ && !sid_)
+  if (type != MsgType::OpenSession && type != MsgType::HeartbeatLink && type != MsgType::Resolve && !replica_ && !sid_)
     throw ProtocolError(fmt::format("{} before OpenSession", cp::to_string(type)));
   auto check_sid = [&](uint64_t sid) {
     if (sid != session_id_)
@@ -353,6 +458,18 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
         send_msg(*conn_, cp::ErrorMsg{fmt::format("unknown session {:016x}", h.session_id)});
         conn_->flush();
       }
+      return false;
+    }
+    case MsgType::Resolve: {
+      if (replica_ || sid_) throw ProtocolError("Resolve on a session's connection");
+      auto r = cp::decode<cp::Resolve>(m.body);
+      transient_ = true;
+      cp::Resolution res{r.session_id, cp::Verdict::Unknown, "no resolver"};
+      if (resolver_) res = resolver_(r);
+      log::warn("standby", "Resolve from {} for session {:016x} of '{}': {} ({})", conn_->peer(), r.session_id,
+                r.vm_name, cp::to_string(res.verdict), res.text);
+      send_msg(*conn_, res);
+      conn_->flush();
       return false;
     }
     case MsgType::StagingGrow: {
@@ -437,7 +554,7 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
     case MsgType::PrimaryLost: {
       auto p = cp::decode<cp::PrimaryLost>(m.body);
       check_sid(p.session_id);
-      primary_silent("primary reports its QEMU died: " + p.reason);
+      primary_silent("primary reports its QEMU died: " + p.reason);  // no arbiter: the primary says it is gone
       return false;
     }
     case MsgType::Disable: {
@@ -518,6 +635,10 @@ void StandbySession::primary_silent(const std::string& why) {
     destroy_twin(why + "; no committed checkpoint yet, nothing to resume");
     return;
   }
+  if (!settle(Fate::Activating)) {
+    destroy_twin("not activating (" + why + "): the primary already settled the session and runs on");
+    return;
+  }
   log::warn("standby", "{}: primary declared dead: {}", name(), why);
   // If the primary was only stalled and the link still works, this makes it fence itself.
   if (conn_) {
@@ -532,6 +653,15 @@ void StandbySession::primary_silent(const std::string& why) {
 
 void StandbySession::activate(const std::string& reason, double declared_wall_ms) {
   const auto t0 = Clock::now();
+  if (!replica_ || !replica_->has_checkpoint()) {
+    destroy_twin(reason + "; no committed checkpoint yet, nothing to resume");
+    return;
+  }
+  if (!settle(Fate::Activating)) {
+    // The primary settled the session first (Resolve): it runs on; this twin never will.
+    destroy_twin("not activating (" + reason + "): the primary already settled the session and runs on");
+    return;
+  }
   const auto& c = *replica_->last_commit();
   if (begun_epoch_ > c.epoch)
     log::warn("standby", "{}: discarding epoch {} (begun, never committed{}{}); resuming from epoch {}", name(),
@@ -614,6 +744,15 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
       std::lock_guard<std::mutex> g(mu_);
       activation_ = act;
     }
+    {
+      // Marks the twin as activated: an ftd that restarts adopts it instead of killing it as a
+      // stale paused twin, and answers a Resolve for this VM with "active".
+      auto mark = vm_dir_ + "/active";
+      auto text = fmt::format("{}\n", twin_pid_);
+      UniqueFd f(::open(mark.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+      if (!f || ::write(f.get(), text.data(), text.size()) < 0)
+        log::error("standby", "{}: writing {} failed: {}", name(), mark, std::strerror(errno));
+    }
     set_state("active", reason);
     log::info("standby", "{}: ACTIVATED twin pid {} at epoch {}: query-status {}, load {:.1f} ms, total {:.1f} ms after "
               "the primary was declared dead", name(), twin_pid_, c.epoch, st, act["load_ms"].get<double>(),
@@ -631,8 +770,7 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
     std::lock_guard<std::mutex> g(mu_);
     activation_["executing"] = executing;
   } catch (const std::exception& e) {
-    log::error("standby", "{}: activation failed: {}", name(), e.what());
-    set_state("activation-failed", e.what());
+    activation_failed(e.what());
   }
   if (!twin_uuid_.empty() && active_) {
     // The twin is this host's domain now: make it persistent (without -incoming).
@@ -653,8 +791,21 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
   twin_qmp_.reset();  // frees QEMU's single QMP connection for the operator
 }
 
+// The twin could not be resumed. Its state is uncertain (it may even run): kill it, so that the
+// primary (if alive) is the only copy; the logs keep what happened.
+void StandbySession::activation_failed(const std::string& why) {
+  log::error("standby", "{}: activation failed: {}; killing the twin (pid {}) so that it never runs beside the primary",
+             name(), why, twin_pid_);
+  if (twin_pid_ > 0) ::kill(twin_pid_, SIGKILL);
+  {
+    std::lock_guard<std::mutex> g(fate_mu_);
+    fate_ = Fate::Dropped;  // a later Resolve: the primary may run on
+  }
+  set_state("activation-failed", why);
+}
+
 void StandbySession::destroy_twin(const std::string& why) {
-  if (active_) return;
+  if (active_ || !settle(Fate::Dropped)) return;  // a resumed (or resuming) twin is the VM now
   if (twin_pid_ > 0) {
     log::info("standby", "{}: destroying twin pid {}: {}", name(), twin_pid_, why);
     if (conn_) {

@@ -7,6 +7,12 @@
 // connection counts as silence from the moment of the last frame). A protocol violation or an
 // explicit Disable destroys the twin instead: the primary is alive then, and two running
 // copies must never exist. A session without a committed checkpoint never activates.
+//
+// The session's fate is settled exactly once (Fate): the twin is either resumed (Activating)
+// or dropped (Dropped), never both, whichever comes first of the session's own decision and a
+// Resolve from the primary (resolve(), another thread). Activation on silence additionally
+// needs the arbiter's Yes (checkpoint/arbiter.h); PrimaryLost and a planned Activate do not
+// (the primary itself says its copy is gone or stopped for good).
 #pragma once
 
 #include <sys/types.h>
@@ -22,6 +28,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/arbiter.h"
 #include "checkpoint/disk_journal.h"
 #include "checkpoint/protocol.h"
 #include "checkpoint/replica.h"
@@ -41,7 +48,10 @@ class StandbySession {
   using Claim = std::function<void(const std::string& name, StandbySession* self)>;
   // Hands a second-path connection to the session with that id; false if there is none.
   using Adopt = std::function<bool(uint64_t session_id, std::unique_ptr<transport::Connection>& conn)>;
-  StandbySession(const DaemonConfig& cfg, std::unique_ptr<transport::Connection> conn, Claim claim, Adopt adopt);
+  // Answers a Resolve (a fresh connection from a primary whose session broke); see protocol.h.
+  using Resolver = std::function<checkpoint::Resolution(const checkpoint::Resolve&)>;
+  StandbySession(const DaemonConfig& cfg, std::unique_ptr<transport::Connection> conn, Claim claim, Adopt adopt,
+                 Resolver resolver, std::shared_ptr<checkpoint::Arbiter> arbiter);
   ~StandbySession();
 
   void start();
@@ -57,13 +67,26 @@ class StandbySession {
   // Thread-safe: takes `conn` as this session's second path if `session_id` is ours.
   bool adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<transport::Connection>& conn);
   nlohmann::json status() const;
+  uint64_t session_id() const { return sid_; }
+
+  // Thread-safe. Settles this session's fate for the primary's Resolve: a twin not yet being
+  // resumed is dropped for good (the session ends and destroys it); returns the verdict.
+  checkpoint::Verdict resolve(std::string& text);
+
+  enum class Fate { Open, Dropped, Activating };
 
  private:
+  // Moves the fate from Open to `f` (true), or reports whether it already is `f`.
+  bool settle(Fate f);
+  Fate fate() const;
+  // Silence: asks the arbiter whether the twin may be resumed; true = go ahead.
+  bool arbiter_allows_activation(std::chrono::milliseconds silent_for);
   void run();
   void open(const checkpoint::OpenSession& o);
   bool handle(const transport::ControlMessage& m);  // false = session over
   void primary_silent(const std::string& why);
   void activate(const std::string& reason, double declared_wall_ms);
+  void activation_failed(const std::string& why);
   void destroy_twin(const std::string& why);
   void set_state(const std::string& s, const std::string& reason = {});
 
@@ -71,6 +94,12 @@ class StandbySession {
   std::unique_ptr<transport::Connection> conn_;
   Claim claim_;
   Adopt adopt_;
+  Resolver resolver_;
+  std::shared_ptr<checkpoint::Arbiter> arbiter_;
+  std::string peer_host_;  // the primary's address (host part), for the arbiter
+  bool suspect_sent_ = false;
+  std::chrono::steady_clock::time_point arbiter_log_{};
+  checkpoint::ArbiterAnswer last_answer_ = checkpoint::ArbiterAnswer::Invalid;
   std::unique_ptr<transport::Connection> hb_;          // session thread
   std::unique_ptr<transport::Connection> pending_hb_;  // under mu_
   std::atomic<uint64_t> sid_{0};
@@ -106,6 +135,8 @@ class StandbySession {
   nlohmann::json activation_ = nullptr;
   nlohmann::json disk_status_ = nullptr;
   std::atomic<bool> finished_{false}, active_{false}, abort_{false};
+  mutable std::mutex fate_mu_;
+  Fate fate_ = Fate::Open;  // under fate_mu_
   std::string abort_reason_;
   std::thread thread_;
 };

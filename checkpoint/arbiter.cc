@@ -1,0 +1,48 @@
+#include "checkpoint/arbiter.h"
+
+#include <algorithm>
+#include <chrono>
+#include <fmt/format.h>
+
+namespace ftvm::checkpoint {
+
+const char* to_string(ArbiterAnswer a) {
+  switch (a) {
+    case ArbiterAnswer::Invalid: return "invalid";
+    case ArbiterAnswer::Yes: return "yes";
+    case ArbiterAnswer::Wait: return "wait";
+    case ArbiterAnswer::Fence: return "fence";
+  }
+  return "?";
+}
+
+namespace {
+
+class NoArbiter final : public Arbiter {
+ public:
+  explicit NoArbiter(std::chrono::milliseconds alone_after) : alone_after_(alone_after) {}
+  std::string kind() const override { return "none"; }
+  ArbiterAnswer may_activate(const ArbiterSubject&, std::chrono::milliseconds) override { return ArbiterAnswer::Yes; }
+  ArbiterAnswer may_run_alone(const ArbiterSubject& s, std::chrono::milliseconds) override {
+    const auto need = std::max(alone_after_, 2 * s.peer_timeout);
+    return s.silent_for >= need ? ArbiterAnswer::Yes : ArbiterAnswer::Wait;
+  }
+  ArbiterStatus status() const override {
+    return {"none",
+            fmt::format("nothing: split-brain unprotected (a partition between two live hosts runs two copies; "
+                        "the primary runs alone after {} ms without the standby)",
+                        alone_after_.count()),
+            false, 0};
+  }
+
+ private:
+  const std::chrono::milliseconds alone_after_;
+};
+
+}  // namespace
+
+std::unique_ptr<Arbiter> make_no_arbiter(std::chrono::milliseconds alone_after) {
+  return std::make_unique<NoArbiter>(alone_after);
+}
+
+}  // namespace ftvm::checkpoint
