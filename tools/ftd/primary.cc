@@ -837,6 +837,7 @@ void PrimarySession::keepalive() {
 }
 
 std::optional<transport::ControlMessage> PrimarySession::next_message(std::chrono::milliseconds timeout) {
+  ping_guard();
   if (!link_error_.empty()) {
     auto e = std::exchange(link_error_, {});
     throw LinkDown(e);
