@@ -1,0 +1,232 @@
+#!/usr/bin/python3
+"""Split-brain scenarios (CTest label `split-brain`, issue 10): faults that leave both hosts alive
+must never leave two running copies of the guest. A real Linux guest under QEMU, two real ftd
+daemons on loopback, real TCP resets (`ss -K`), real packet drops (iptables on the replication
+port, both directions or one), SIGSTOP of ftd, a real fence command as the arbiter.
+
+What "one copy" means here, checked after every fault:
+  * the standby never resumed the twin while the primary QEMU ran unpaused, seen from outside:
+    the guest prints a tick every 100 ms on its serial console; the primary's ticks and the
+    twin's ticks never overlap in time, and
+  * whichever copy survives continues from a committed checkpoint (tick continuity).
+"""
+import os
+import random
+import signal
+import subprocess
+import time
+
+from ftvm_e2e import (Env, Failure, check, check_continuity, log, main, pid_alive, protect, wait_active, wait_for,
+                      watch_exit)
+
+VM = 'vm1'
+
+
+def setup(env, extra_primary=(), extra_standby=(), dirty=1024):
+    g = env.boot_guest(mem=256, dirty_kib_s=dirty)
+    g.serial.wait_ticks(3, 90)
+    P = env.start_ftd('primary', listen=False, extra=extra_primary)
+    S = env.start_ftd('standby', extra=extra_standby)
+    protect(env, P, S, g, VM)
+    twin = env.twin_serial(S, VM)
+    time.sleep(1.5)
+    check(not twin.all(), 'paused twin printed output: %s' % twin.all()[:3])
+    return g, P, S, twin
+
+
+def no_overlap(primary_serial, twin_serial, slack_s=0.15):
+    """Two running copies would both print ticks at the same time. The primary's last tick must
+    come before the twin's first (plus the serial latency slack)."""
+    pt, tt = primary_serial.ticks(), twin_serial.ticks()
+    if not tt:
+        return
+    first_twin = tt[0][0]
+    late = [(ts, n) for ts, n in pt if ts > first_twin + slack_s]
+    check(not late, 'SPLIT BRAIN: the primary printed ticks %s after the twin started printing at %.3f (first twin '
+          'tick %d)' % ([n for _, n in late[:5]], first_twin, tt[0][1]))
+
+
+def ticks_advance(serial, what, n=5, timeout=30):
+    before = serial.ticks()
+    last = before[-1][1] if before else -1
+    wait_for(lambda: serial.ticks() and serial.ticks()[-1][1] >= last + n, timeout, '%s to advance %d ticks' % (what, n))
+
+
+def state(ftd, role):
+    v = ftd.vm(VM, role)
+    return v['state'] if v else None
+
+
+def ss_kill(port):
+    """Resets every TCP connection to the replication port (the data path and the second path):
+    both hosts stay up, only the connections die."""
+    r = subprocess.run(['ss', '-K', 'dst', '127.0.0.1', 'dport', '=', ':%d' % port], capture_output=True, text=True)
+    check(r.returncode == 0, 'ss -K failed: %s' % r.stderr)
+
+
+class Partition:
+    """Drops packets of the replication port on loopback: 'both', 'to-standby' (primary ->
+    standby lost) or 'to-primary' (standby -> primary lost). Removed on exit, pass or fail."""
+
+    def __init__(self, port, direction):
+        self.rules = []
+        if direction in ('both', 'to-standby'):
+            self.rules.append(['INPUT', '-i', 'lo', '-p', 'tcp', '--dport', str(port), '-j', 'DROP'])
+        if direction in ('both', 'to-primary'):
+            self.rules.append(['INPUT', '-i', 'lo', '-p', 'tcp', '--sport', str(port), '-j', 'DROP'])
+
+    def __enter__(self):
+        for r in self.rules:
+            subprocess.run(['iptables', '-w', '-I'] + r, check=True)
+        log('partition on: %s' % self.rules)
+        return self
+
+    def __exit__(self, *a):
+        for r in self.rules:
+            subprocess.run(['iptables', '-w', '-D'] + r)
+        log('partition healed')
+        return False
+
+
+def reset():
+    """`ss -K` on the replication connections while both hosts live, 4 times at random moments:
+    the primary settles the session (Resolve), the standby drops its paused twin and never
+    resumes it, the primary re-protects; the guest never stops."""
+    with Env('sb-reset') as env:
+        g, P, S, twin = setup(env)
+        rng = random.Random(int(os.environ.get('FTVM_SEED', '7')))
+        for i in range(4):
+            wait_for(lambda: state(P, 'primary') == 'protected', 120, 'protection before reset %d' % i)
+            time.sleep(rng.uniform(0.2, 1.0))
+            log('reset %d: ss -K on port %d' % (i, env.port))
+            ss_kill(env.port)
+            # The standby's timeout is 1 s: wait well past it.
+            time.sleep(2.5)
+            check('ACTIVATED' not in S.log_text(), 'the standby resumed the twin after a connection reset:\n%s' %
+                  [l for l in S.log_text().splitlines() if 'activat' in l.lower()][-5:])
+            check(pid_alive(g.pid), 'the primary QEMU died after a connection reset')
+            ticks_advance(g.serial, 'the primary guest after reset %d' % i)
+        wait_for(lambda: state(P, 'primary') == 'protected', 120, 'protection after the last reset')
+        no_overlap(g.serial, twin)
+        check(not twin.all(), 'a twin printed output: %s' % twin.all()[:3])
+        text = P.log_text()
+        check('settling session' in text and 'standby says: dropped' in text,
+              'the primary did not settle the broken session with the standby')
+        log('4 resets: the primary settled each and re-protected; the twin never ran')
+
+
+def stall_ftd():
+    """SIGSTOP of the primary ftd for longer than the standby's timeout: the guard's watchdog
+    kills the primary QEMU before the standby resumes the twin; SIGCONT later changes nothing."""
+    with Env('sb-stall') as env:
+        g, P, S, twin = setup(env)
+        gone = watch_exit(g.pid)
+        log('SIGSTOP primary ftd pid %d for 3 s' % P.proc.pid)
+        os.kill(P.proc.pid, signal.SIGSTOP)
+        try:
+            v = wait_active(S, VM, timeout=20)
+        finally:
+            time.sleep(0.5)
+            os.kill(P.proc.pid, signal.SIGCONT)
+        check(gone() is not None, 'primary QEMU still runs after the twin took over (ftd stopped)')
+        a = v['activation']
+        check(gone() * 1000 < a['cont_wall_ms'], 'SPLIT BRAIN: primary QEMU exited at %.3f, after the twin resumed at %.3f'
+              % (gone(), a['cont_wall_ms'] / 1000))
+        check_continuity(g.serial, twin, P.committed_cut_ms(VM, a['epoch']))
+        no_overlap(g.serial, twin)
+        wait_for(lambda: state(P, 'primary') in ('primary-lost', 'failed-over'), 20, 'the primary to notice')
+        log('guard watchdog fenced the stalled primary %.0f ms before the twin resumed' %
+            (a['cont_wall_ms'] - gone() * 1000))
+
+
+def short_stall():
+    """SIGSTOP of the primary ftd well below the watchdog: nothing fails over."""
+    with Env('sb-short-stall') as env:
+        g, P, S, twin = setup(env)
+        os.kill(P.proc.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        os.kill(P.proc.pid, signal.SIGCONT)
+        time.sleep(2)
+        check(pid_alive(g.pid), 'a 200 ms stall of ftd killed the primary QEMU')
+        check('ACTIVATED' not in S.log_text(), 'a 200 ms stall made the standby take over')
+        ticks_advance(g.serial, 'the primary guest')
+
+
+FENCE = r'''#!/bin/sh
+# A test fence device with one shot (like a STONITH power switch both hosts share): whoever
+# fences first wins; the loser's command fails. fence-standby kills the standby "host" (its
+# ftd and twin); fence-primary kills the primary "host" (its ftd; its guard then kills QEMU).
+D=%(dir)s
+echo "$(date +%%s.%%N) $FTVM_FENCE_ACTION peer=$FTVM_PEER vm=$FTVM_VM" >> $D/fence.calls
+mkdir $D/fence.lock 2>/dev/null || { echo "fence device already fired"; exit 1; }
+echo "$FTVM_FENCE_ACTION" > $D/fence.lock/by
+case "$FTVM_FENCE_ACTION" in
+  fence-standby) kill -9 $(cat $D/standby.ftd.pid) $(cat $D/standby/vms/%(vm)s/twin.pid 2>/dev/null) ;;
+  fence-primary) kill -9 $(cat $D/primary.ftd.pid) ;;
+esac
+echo fenced
+'''
+
+
+def partition(direction):
+    def run():
+        """A partition longer than the timeout with a fence-command arbiter: exactly one copy
+        survives (the side whose fence fired first), never both, never overlapping."""
+        with Env('sb-part-%s' % direction) as env:
+            fence = env.path('fence.sh')
+            with open(fence, 'w') as f:
+                f.write(FENCE % {'dir': env.dir, 'vm': VM})
+            os.chmod(fence, 0o755)
+            arb = ['--arbiter', 'fence-command', '--fence-command', fence, '--fence-timeout-ms', '5000']
+            g, P, S, twin = setup(env, extra_primary=arb, extra_standby=arb)
+            for d in (P, S):
+                with open(env.path('%s.ftd.pid' % d.name), 'w') as f:
+                    f.write('%d\n' % d.proc.pid)
+            gone = watch_exit(g.pid)
+            with Partition(env.port, direction):
+                wait_for(lambda: os.path.exists(env.path('fence.lock', 'by')), 30, 'a fence to fire')
+                time.sleep(3)
+            by = open(env.path('fence.lock', 'by')).read().strip()
+            log('fence fired: %s; calls:\n%s' % (by, open(env.path('fence.calls')).read()))
+            if by == 'fence-standby':
+                # The primary won: it runs on alone; the twin never ran.
+                wait_for(lambda: state(P, 'primary') in ('degraded', 'protected'), 20, 'the primary to run on')
+                check(pid_alive(g.pid), 'the primary QEMU died although it won the fence')
+                ticks_advance(g.serial, 'the primary guest')
+                check(not twin.all(), 'SPLIT BRAIN: the twin printed output: %s' % twin.all()[:3])
+                check('ACTIVATED' not in S.log_text(), 'the fenced standby resumed the twin')
+            else:
+                # The standby won: the primary host was fenced before the twin resumed.
+                v = wait_active(S, VM, timeout=30)
+                wait_for(gone, 10, 'the fenced primary QEMU to be gone')
+                a = v['activation']
+                check(gone() * 1000 < a['cont_wall_ms'], 'SPLIT BRAIN: primary QEMU exited at %.3f, after the twin '
+                      'resumed at %.3f' % (gone(), a['cont_wall_ms'] / 1000))
+                check_continuity(g.serial, twin, P.committed_cut_ms(VM, a['epoch']) if P.epochs(VM) else 0)
+            no_overlap(g.serial, twin)
+    return run
+
+
+def standby_restart_keeps_active_twin():
+    """kill -9 of the primary QEMU -> the twin runs; then kill -9 and restart of the standby ftd:
+    the new ftd leaves the running twin alone (it used to kill it as a 'stale paused twin') and
+    refuses a new session for that VM."""
+    with Env('sb-standby-restart') as env:
+        g, P, S, twin = setup(env)
+        os.kill(g.pid, signal.SIGKILL)
+        wait_active(S, VM)
+        tpid = int(open(os.path.join(S.run_dir, 'vms', VM, 'twin.pid')).read())
+        twin.wait_ticks(3, 30)
+        S.kill9()
+        S2 = env.start_ftd('standby')
+        time.sleep(1)
+        check(pid_alive(tpid), 'the restarted standby ftd killed the running (activated) twin pid %d' % tpid)
+        check('left running' in S2.log_text(), 'the restarted ftd did not say it left the active twin running')
+        ticks_advance(twin, 'the twin after the standby ftd restart')
+
+
+if __name__ == '__main__':
+    main({'reset': reset, 'stall-ftd': stall_ftd, 'short-stall': short_stall,
+          'partition-both': partition('both'), 'partition-to-standby': partition('to-standby'),
+          'partition-to-primary': partition('to-primary'),
+          'standby-restart': standby_restart_keeps_active_twin})
