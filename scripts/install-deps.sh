@@ -18,7 +18,7 @@ PACKAGES=(
   # libvirt glue (vmm-glue/libvirt*): libvirt API, QEMU driver, domain XML via libxml2
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev python3-libvirt libxml2-dev
   # test tooling
-  iproute2 python3 procps util-linux e2fsprogs
+  iproute2 iptables python3 procps util-linux e2fsprogs
   # output-commit tests and bench/net_bench.py (capture on the test bridge, ping RTT)
   tcpdump iputils-ping
 )

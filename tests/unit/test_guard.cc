@@ -125,3 +125,21 @@ TEST_CASE("guard watchdog is off when disarmed or armed without one", "[guard]")
   REQUIRE_FALSE(v.killed_within(300ms));
   g.disarm();
 }
+
+TEST_CASE("a guard that died is replaced, armed with the same watchdog", "[guard]") {
+  Victim v;
+  ftvm::ftd::Guard g(v.pid, "unit");
+  g.arm(150ms);
+  const pid_t first = g.pid();
+  REQUIRE(::kill(first, SIGKILL) == 0);
+  std::this_thread::sleep_for(50ms);
+  g.ping();  // EPIPE -> a new guard, armed again
+  REQUIRE(g.pid() != first);
+  REQUIRE(g.respawns() == 1);
+  for (int i = 0; i < 5; i++) {
+    std::this_thread::sleep_for(40ms);
+    g.ping();
+  }
+  REQUIRE(::kill(v.pid, 0) == 0);
+  REQUIRE(v.killed_within(2000ms));  // no more pings: the new guard's watchdog fences
+}

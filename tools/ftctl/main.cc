@@ -64,6 +64,15 @@ void print_human(const nlohmann::json& vms) {
       fmt::print("  link {} via {}  {}  idle {} ms   tracker {}  QEMU pid {}  RAM {} MiB\n", l.value("peer", "?"),
                  l.value("transport", "?"), l.value("healthy", false) ? "healthy" : "DOWN", fmt_ms(l["idle_ms"]),
                  v.value("tracker", "?"), v.value("qemu_pid", 0), v.value("ram_mib", 0));
+      if (v.contains("arbiter") && v["arbiter"].is_object()) {
+        const auto& a = v["arbiter"];
+        const double at = a.value("last_confirmed_wall_ms", 0.0);
+        fmt::print("  arbiter {}: {}{}\n", a.value("kind", "?"), a.value("holds", ""),
+                   at > 0 ? fmt::format(" (last confirmed {:.1f} s ago)",
+                                        (std::chrono::duration<double, std::milli>(
+                                             std::chrono::system_clock::now().time_since_epoch()).count() - at) / 1000)
+                          : "");
+      }
       if (v.contains("disk") && v["disk"].is_object()) {
         const auto& d = v["disk"];
         for (const auto& x : d["disks"])
@@ -339,6 +348,11 @@ int main(int argc, char** argv) {
         if (state == "protected") {
           fmt::print("{}: protected; epoch {}, sync {} pages in {} passes ({:.0f} ms)\n", vm, v.value("epoch", 0),
                      v["sync"].value("pages", 0), v["sync"].value("passes", 0), v["sync"].value("ms", 0.0));
+          if (v.contains("arbiter") && v["arbiter"].value("kind", "none") == "none")
+            fmt::print(stderr,
+                       "ftctl: warning: no arbiter: split-brain unprotected. A partition between two live hosts "
+                       "runs two copies of {}; configure one on both hosts (ftd --arbiter fence-command ...)\n",
+                       vm);
           return kOk;
         }
         if (state == "primary-lost" || state == "disabled" || state == "failed-over") return kFailed;

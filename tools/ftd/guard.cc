@@ -93,14 +93,16 @@ int64_t now_ms() {
 
 }  // namespace
 
-Guard::Guard(pid_t qemu_pid, const char* vm_name) {
-  UniqueFd qfd(static_cast<int>(::syscall(SYS_pidfd_open, qemu_pid, 0)));
-  if (!qfd) throw SysError(errno, fmt::format("pidfd_open of QEMU pid {}", qemu_pid), "is the VM still running?");
+Guard::Guard(pid_t qemu_pid, const char* vm_name) : qemu_pid_(qemu_pid), vm_name_(vm_name) { spawn(); }
+
+void Guard::spawn() {
+  UniqueFd qfd(static_cast<int>(::syscall(SYS_pidfd_open, qemu_pid_, 0)));
+  if (!qfd) throw SysError(errno, fmt::format("pidfd_open of QEMU pid {}", qemu_pid_), "is the VM still running?");
   int p[2];
-  check_sys(::pipe2(p, O_CLOEXEC), "pipe2 for the guard of " + std::string(vm_name));
+  check_sys(::pipe2(p, O_CLOEXEC), "pipe2 for the guard of " + vm_name_);
   UniqueFd rd(p[0]), wr(p[1]);
   static thread_local char prefix[128];
-  snprintf(prefix, sizeof prefix, "ftvm[%s]", vm_name);
+  snprintf(prefix, sizeof prefix, "ftvm[%s]", vm_name_.c_str());
   pid_t pid = ::fork();
   if (pid < 0) throw SysError(errno, "fork of the guard process");
   if (pid == 0) {
@@ -116,11 +118,12 @@ Guard::Guard(pid_t qemu_pid, const char* vm_name) {
   pid_ = pid;
   ctl_ = std::move(wr);
   pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
-  log::info("guard", "{}: guard pid {} watches QEMU pid {}", vm_name, pid, qemu_pid);
+  log::info("guard", "{}: guard pid {} watches QEMU pid {}", vm_name_, pid, qemu_pid_);
 }
 
 void Guard::say(const char* bytes, size_t n) {
   size_t done = 0;
+  bool respawned = false;
   while (done < n) {
     ssize_t w = ::write(ctl_.get(), bytes + done, n - done);
     if (w > 0) {
@@ -128,17 +131,41 @@ void Guard::say(const char* bytes, size_t n) {
       continue;
     }
     if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && errno == EPIPE && !respawned) {
+      // The guard died (killed by someone, or it fenced QEMU). Never run unguarded: reap it and
+      // start a new one with the same state; if QEMU is gone, spawn() throws.
+      const int e = errno;
+      int st;
+      while (::waitpid(pid_, &st, 0) < 0 && errno == EINTR) {
+      }
+      log::error("guard", "{}: guard pid {} died ({}); starting a new guard", vm_name_, pid_, std::strerror(e));
+      spawn();
+      respawns_++;
+      respawned = true;
+      if (armed_) {
+        const uint32_t ms = watchdog_ms_;
+        const char a[5] = {'A', static_cast<char>(ms & 0xff), static_cast<char>((ms >> 8) & 0xff),
+                           static_cast<char>((ms >> 16) & 0xff), static_cast<char>((ms >> 24) & 0xff)};
+        say(a, sizeof a);
+      }
+      continue;
+    }
     throw SysError(errno, fmt::format("telling guard pid {}", pid_), "the guard process died; re-enable protection");
   }
 }
 
 void Guard::arm(std::chrono::milliseconds watchdog) {
   const auto ms = static_cast<uint32_t>(std::max<int64_t>(0, watchdog.count()));
+  armed_ = true;
+  watchdog_ms_ = ms;
   const char w[5] = {'A', static_cast<char>(ms & 0xff), static_cast<char>((ms >> 8) & 0xff),
                      static_cast<char>((ms >> 16) & 0xff), static_cast<char>((ms >> 24) & 0xff)};
   say(w, sizeof w);
 }
-void Guard::disarm() { say("D", 1); }
+void Guard::disarm() {
+  armed_ = false;
+  say("D", 1);
+}
 void Guard::ping() { say("P", 1); }
 
 Guard::~Guard() {

@@ -37,9 +37,19 @@ class Guard {
   // Proof of life for the watchdog; cheap (one byte on a pipe). Call at least every watchdog/4.
   void ping();
   pid_t pid() const { return pid_; }
+  // How many times the guard process died and was replaced (status).
+  unsigned respawns() const { return respawns_; }
 
  private:
+  // Forks the guard process (constructor, and again when it died: a write to it fails with
+  // EPIPE; the new one gets the current armed state and watchdog before anything else).
+  void spawn();
   void say(const char* bytes, size_t n);
+  pid_t qemu_pid_ = -1;
+  std::string vm_name_;
+  bool armed_ = false;
+  uint32_t watchdog_ms_ = 0;
+  unsigned respawns_ = 0;
   pid_t pid_ = -1;
   UniqueFd ctl_;
   UniqueFd pidfd_;  // ftd's own pidfd on the guard, for reaping without races

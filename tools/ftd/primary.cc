@@ -481,9 +481,14 @@ void PrimarySession::ping_guard() {
   if (!guard_ || now - last_guard_ping_ < std::chrono::milliseconds(10)) return;
   last_guard_ping_ = now;
   try {
-    guard_->ping();
+    guard_->ping();  // a dead guard is replaced here (guard.h)
+    if (guard_->pid() != guard_pid_) {
+      std::lock_guard<std::mutex> g(mu_);
+      guard_pid_ = guard_->pid();
+    }
   } catch (const std::exception& e) {
     log::error("primary", "{}: {}", name_, e.what());
+    last_guard_ping_ = now + std::chrono::seconds(1);  // QEMU gone: check_qemu() ends the session
   }
 }
 
@@ -1339,6 +1344,11 @@ nlohmann::json PrimarySession::status() const {
       {"libvirt", domain_uuid_.empty() ? nlohmann::json(nullptr)
                                        : nlohmann::json{{"uri", libvirt_uri_}, {"uuid", domain_uuid_}}},
       {"guard_pid", guard_pid_},
+      {"arbiter", [&] {
+         const auto a = cfg_.arbiter->status();
+         return nlohmann::json{{"kind", a.kind}, {"holds", a.holds}, {"healthy", a.healthy},
+                               {"last_confirmed_wall_ms", a.last_confirmed_wall_ms}};
+       }()},
       {"ram_mib", ram_size_ >> 20},
       {"tracker", tracker_name_},
       {"pause_ms", {{"last", pause_ms_.last()}, {"p50", pause_ms_.percentile(50)}, {"p99", pause_ms_.percentile(99)},
