@@ -225,8 +225,28 @@ def standby_restart_keeps_active_twin():
         ticks_advance(twin, 'the twin after the standby ftd restart')
 
 
+def planned_lost_answer():
+    """A planned failover whose link breaks right after Activate (no ActivateDone): the primary
+    must never resume its paused guest on its own; it settles with the standby, learns that the
+    twin runs and fences its QEMU. Exactly one copy, nothing lost (planned continuity)."""
+    with Env('sb-planned-lost') as env:
+        g, P, S, twin = setup(env)
+        gone = watch_exit(g.pid)
+        P.ctl('fault', VM, 'lose-activate-done')
+        r = P.ctl('failover', VM, check_rc=False)
+        log('ftctl failover -> rc %d: %s %s' % (r.returncode, r.stdout.strip(), r.stderr.strip()))
+        v = wait_active(S, VM)
+        wait_for(gone, 20, 'the primary QEMU to be fenced after the lost ActivateDone')
+        wait_for(lambda: state(P, 'primary') == 'failed-over', 20, 'the primary to report failed-over')
+        twin.wait_ticks(3, 30)
+        no_overlap(g.serial, twin)
+        check_continuity(g.serial, twin, 0, planned=True)
+        check('standby says: active' in P.log_text() and 'FENCED' in P.log_text(),
+              'the primary did not learn from the standby that the twin runs')
+
+
 if __name__ == '__main__':
     main({'reset': reset, 'stall-ftd': stall_ftd, 'short-stall': short_stall,
           'partition-both': partition('both'), 'partition-to-standby': partition('to-standby'),
           'partition-to-primary': partition('to-primary'),
-          'standby-restart': standby_restart_keeps_active_twin})
+          'standby-restart': standby_restart_keeps_active_twin, 'planned-lost-answer': planned_lost_answer})

@@ -277,7 +277,7 @@ int main(int argc, char** argv) {
   fa->group("");  // hidden from --help
   std::string fa_name, fa_kind;
   fa->add_option("VM", fa_name)->required();
-  fa->add_option("KIND", fa_kind, "crash-mid-epoch | corrupt-then-crash | corrupt-once | nbd-drop")->required();
+  fa->add_option("KIND", fa_kind, "crash-mid-epoch | corrupt-then-crash | corrupt-once | nbd-drop | lose-activate-done")->required();
 
   auto* dg = app.add_subcommand("digest", "Print the XXH3-64 digest of files (compare a disk replica with its source; "
                                           "`status --json` shows the standby's digests at activation)");

@@ -1166,7 +1166,9 @@ void PrimarySession::send_epoch(uint64_t epoch, bool final) {
   c.ram_digest = ram_digest_->value();
   c.flags = final ? cp::Commit::kFinal : 0;
 
-  const Fault f = fault_.exchange(Fault::None);
+  Fault f = fault_.load();
+  if (f == Fault::LoseActivateDone) f = Fault::None;  // do_failover's, not an epoch's
+  else f = fault_.exchange(Fault::None);
   if (f == Fault::NbdDrop) {
     if (disks_) disks_->drop_connections();
     log::warn("primary", "{}: fault injection: closed QEMU's NBD connections to the disk mirror", name_);
@@ -1247,6 +1249,11 @@ std::string PrimarySession::do_failover() {
   activate_sent_ = true;  // from here on this guest never resumes unless the standby says its twin won't run
   send_msg(*conn_, cp::Activate{session_id_});
   conn_->flush();
+  if (fault_ == Fault::LoseActivateDone) {
+    fault_ = Fault::None;
+    log::warn("primary", "{}: fault injection: the link breaks right after Activate", name_);
+    throw LinkDown("fault injection: link lost right after Activate (no ActivateDone)");
+  }
   auto deadline = Clock::now() + std::chrono::seconds(30);
   for (;;) {
     if (Clock::now() > deadline) throw LinkDown("standby did not confirm activation within 30 s");
@@ -1380,7 +1387,8 @@ Fault parse_fault(const std::string& s) {
   if (s == "corrupt-then-crash") return Fault::CorruptThenCrash;
   if (s == "corrupt-once") return Fault::CorruptOnce;
   if (s == "nbd-drop") return Fault::NbdDrop;
-  fail("unknown fault '{}' (known: crash-mid-epoch, corrupt-then-crash, corrupt-once, nbd-drop)", s);
+  if (s == "lose-activate-done") return Fault::LoseActivateDone;
+  fail("unknown fault '{}' (known: crash-mid-epoch, corrupt-then-crash, corrupt-once, nbd-drop, lose-activate-done)", s);
 }
 
 }  // namespace ftvm::ftd

@@ -76,6 +76,7 @@ enum class Fault {
   CorruptThenCrash,  // corrupt the next epoch on the wire, wait for the standby's rejection, _exit(9)
   CorruptOnce,       // corrupt the next epoch on the wire once; the primary retransmits it
   NbdDrop,           // close QEMU's NBD connections to the disk mirror targets (mirror failure)
+  LoseActivateDone,  // planned failover: the link breaks right after Activate was sent (no answer)
 };
 Fault parse_fault(const std::string& s);
 
