@@ -238,7 +238,7 @@ class Chaos:
             wait_for(lambda: os.path.exists(out) and len(self.client_ok(out)) >= 10, 60, 'client replies')
             names = [n for n, w in FAULTS for _ in range(w)]
             for i in range(self.nfaults):
-                wait_for(lambda: self.state(P, 'primary') == 'protected', 120, 'protection before fault %d' % i)
+                S = self.wait_protected(env, h, P, S, 'protection before fault %d' % i)
                 time.sleep(0.3)
                 self.attach_twin(env, S, twins)
                 time.sleep(self.rng.uniform(0.0, 1.2))
@@ -268,7 +268,7 @@ class Chaos:
                 wait_for(lambda: len(self.client_ok(out)) >= n_before + 5, 60, 'client replies after %s' % fault)
                 if os.path.exists(env.path('fence.lock')) or S.proc.poll() is not None:
                     S = self.reboot_standby(env, h, S)
-                    self.done.append((fault, 'standby fenced, rebooted'))
+                    self.done.append((fault, 'standby fenced or down, rebooted'))
                 else:
                     self.done.append((fault, 'primary ran on'))
             open(stopf, 'w').close()
@@ -279,10 +279,23 @@ class Chaos:
                 (self.seed, len(self.done), [f for f, _ in self.done], nums[-1] if nums else 0, time.time() - t0))
         return self.done
 
+    def wait_protected(self, env, h, P, S, what, timeout=120):
+        """Waits for protection, rebooting the standby host whenever a fence fired or it is down."""
+        end = time.time() + timeout
+        while time.time() < end:
+            if os.path.exists(env.path('fence.lock')) or S.proc.poll() is not None:
+                S = self.reboot_standby(env, h, S)
+            if self.state(P, 'primary') == 'protected':
+                return S
+            time.sleep(0.1)
+        raise Failure('timed out after %d s waiting for %s' % (timeout, what))
+
     def reboot_standby(self, env, h, S):
-        """The fenced (or killed) standby host comes back: leftovers killed, fence re-armed, ftd started."""
+        """The fenced (or killed) standby host comes back: leftovers killed, fence re-armed, ftd
+        started. A fence that fired at an earlier incarnation (the current ftd runs) only re-arms."""
         if S.proc.poll() is None:
-            S.proc.kill()
+            sh('rm', '-rf', env.path('fence.lock'))
+            return S
         S.proc.wait(10)
         try:
             tp = int(open(os.path.join(S.run_dir, 'vms', VM, 'twin.pid')).read())

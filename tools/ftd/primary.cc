@@ -515,7 +515,8 @@ void PrimarySession::fence_self(const std::string& why) {
 std::optional<cp::Resolution> PrimarySession::try_resolve(uint64_t sid) {
   transport::Options o;
   o.heartbeat_interval = cfg_.heartbeat_interval;
-  o.connect_timeout = std::max(std::chrono::milliseconds(200), standby_timeout_ / 2);
+  // connect() blocks without pinging the guard: stay well inside its watchdog.
+  o.connect_timeout = std::max(std::chrono::milliseconds(30), std::min(standby_timeout_ / 2, guard_watchdog_ / 3));
   try {
     auto c = transport::tcp::connect_tcp(host_, port_, o);
     send_msg(*c, cp::Resolve{sid, name_});
@@ -612,7 +613,10 @@ bool PrimarySession::settle_broken_session(const std::string& why, bool activate
         break;
       }
     }
-    std::this_thread::sleep_for(backoff);
+    for (auto slept = std::chrono::milliseconds(0); slept < backoff; slept += std::chrono::milliseconds(10)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      ping_guard();
+    }
     backoff = std::min(backoff * 2, std::chrono::milliseconds(250));
   }
   // 2. This is the only copy: its output is final, the guest runs on.
@@ -1195,7 +1199,8 @@ void PrimarySession::send_epoch(uint64_t epoch, bool final) {
     // The standby may take over from now on: the guard kills QEMU if ftd dies or stops pinging
     // it for 0.6 x the standby's timeout (minus two heartbeat periods of slack).
     const auto w = std::min(standby_timeout_ * 6 / 10, standby_timeout_ - 2 * cfg_.heartbeat_interval);
-    guard_->arm(std::max(w, std::chrono::milliseconds(20)));
+    guard_watchdog_ = std::max(w, std::chrono::milliseconds(20));
+    guard_->arm(guard_watchdog_);
     last_guard_ping_ = Clock::now();
   }
   send_msg(*conn_, c);

@@ -113,6 +113,7 @@ class PrimarySession {
   std::chrono::milliseconds suspect_after() const { return standby_timeout_ / 2; }
   void ping_guard();
   std::chrono::milliseconds standby_timeout_{400};  // from SessionReady
+  std::chrono::milliseconds guard_watchdog_{240};   // what the guard was armed with
   bool commit_sent_this_session_ = false;             // the standby may hold a checkpoint
   bool activate_sent_ = false;                        // planned failover: never resume on our own
   std::chrono::steady_clock::time_point last_standby_frame_{};             // last frame heard from the standby
