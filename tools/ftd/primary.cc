@@ -590,7 +590,10 @@ bool PrimarySession::settle_broken_session(const std::string& why, bool activate
       break;
     }
     const auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - heard_at);
-    if (!activate_sent) {
+    // The arbiter (a fence fires!) only once the standby has been silent for T/2: a standby ftd
+    // that restarts, or a reset, is answered by Resolve long before; the standby itself cannot act
+    // before T, so this side still asks first.
+    if (!activate_sent && silent >= standby_timeout_ / 2) {
       cp::ArbiterAnswer a = cp::ArbiterAnswer::Wait;
       try {
         a = cfg_.arbiter->may_run_alone({name_, host_, silent, standby_timeout_}, std::chrono::milliseconds(50));
