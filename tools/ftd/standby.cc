@@ -75,7 +75,7 @@ pid_t spawn(const std::vector<std::string>& argv, const std::string& log_path) {
     ::dup2(logfd.get(), 1);
     ::dup2(logfd.get(), 2);
     ::syscall(SYS_close_range, 3, ~0U, 0);
-    ::execvp(cargv[0], cargv.data());
+    ::execv(cargv[0], cargv.data());  // an absolute path from --qemu-binary: no PATH search
     const char m[] = "ftvm: exec of the twin QEMU failed\n";
     ssize_t w = ::write(2, m, sizeof m - 1);
     (void)w;
@@ -244,6 +244,15 @@ void StandbySession::run() {
   finished_ = true;
 }
 
+vmm::TwinPolicy StandbySession::twin_policy() const {
+  vmm::TwinPolicy p;
+  p.qemu_binaries = cfg_.qemu_binaries;
+  p.run_dir = vm_dir_;
+  p.disk_dir = disk_dir_;
+  p.read_dirs = cfg_.allow_paths;
+  return p;
+}
+
 void StandbySession::open(const cp::OpenSession& o) {
   if (!safe_name(o.vm_name))
     throw ProtocolError(fmt::format("VM name '{}' is not usable as a file name ([A-Za-z0-9._-], up to 128)", o.vm_name));
@@ -282,7 +291,16 @@ void StandbySession::open(const cp::OpenSession& o) {
   if (!o.libvirt_xml.empty()) {
     start_libvirt_twin(o, to.disk_files);
   } else {
-    auto argv = vmm::make_twin_cmdline(o.qemu_argv, to);
+    // What the standby executes is its own decision (issue 12): the binary is one of
+    // --qemu-binary, and every option and file of the final command line passes the twin policy.
+    if (o.qemu_argv.empty()) throw ProtocolError("OpenSession without a QEMU command line and without libvirt XML");
+    auto peer_argv = o.qemu_argv;
+    peer_argv[0] = vmm::pick_qemu_binary(peer_argv[0], cfg_.qemu_binaries);
+    auto argv = vmm::make_twin_cmdline(peer_argv, to);
+    if (auto problems = vmm::check_twin_cmdline(argv, twin_policy()); !problems.empty())
+      throw Error(fmt::format("refusing to start the twin: its command line breaks this standby's policy "
+                              "(docs/ARCHITECTURE.md, \"Security\"): {}",
+                              fmt::join(problems, "; ")));
     // The twin's taps stay admin-down until activation: frames queued on a paused twin's tap
     // would reach the guest stale when it resumes (and confuse its TCP).
     for (const auto& [p, tap] : cfg_.twin_tap_map)

@@ -30,6 +30,7 @@
 #include "vmm-glue/process.h"
 #include "vmm-glue/libvirt.h"
 #include "vmm-glue/libvirt_xml.h"
+#include "vmm-glue/qemu_cmdline.h"
 #include "vmm-glue/qmp.h"
 
 namespace ftvm::ftd {
@@ -61,6 +62,7 @@ class StandbySession {
  private:
   void run();
   void open(const checkpoint::OpenSession& o);
+  vmm::TwinPolicy twin_policy() const;  // what this session's twin may run and touch
   bool handle(const transport::ControlMessage& m);  // false = session over
   void primary_silent(const std::string& why);
   void activate(const std::string& reason, double declared_wall_ms);
