@@ -441,6 +441,17 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
     case MsgType::Activate: {
       auto a = cp::decode<cp::Activate>(m.body);
       check_sid(a.session_id);
+      if (!replica_ || !replica_->has_checkpoint()) {
+        // Nothing committed: the twin holds no state to resume. The primary still runs the
+        // guest; the twin goes.
+        const std::string why = "planned failover requested before any checkpoint was committed: the twin holds no "
+                                "state to resume (the primary keeps running the guest; wait for the first Commit)";
+        log::error("standby", "{}: refusing Activate: {}", name(), why);
+        send_msg(*conn_, cp::ActivateDone{session_id_, 0u, why});
+        conn_->flush();
+        destroy_twin("Activate before any committed checkpoint");
+        return false;
+      }
       activate("planned failover requested by the primary", wall_ms());
       bool ok = active_;
       std::string text;
@@ -478,24 +489,23 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
 // state exactly like a plain twin. After activation it is defined persistently (without the
 // -incoming argument): a normal domain of this host.
 void StandbySession::start_libvirt_twin(const cp::OpenSession& o, const std::map<std::string, std::string>& disks) {
-  if (cfg_.libvirt_uri.empty())
-    throw Error(fmt::format("the primary protects libvirt domain '{}' but this ftd runs without libvirt "
-                            "(--libvirt-uri ''); start the standby ftd with a libvirt URI", o.vm_name));
-  auto conn = vmm::lv::Connection::open(cfg_.libvirt_uri);
   vmm::TwinXmlOptions x;
   x.name = o.vm_name + cfg_.twin_name_suffix;
   x.uuid = cfg_.twin_name_suffix.empty() ? "" : "generate";
   x.disk_files = disks;
   x.socket_dir = vm_dir_;
-  // QEMU runs as libvirt's user: it must reach the sockets it creates in the VM's run dir.
-  for (std::filesystem::path d = vm_dir_; !d.empty() && d != d.root_path(); d = d.parent_path()) {
-    struct stat st {};
-    if (::stat(d.c_str(), &st) == 0 && (st.st_mode & 0111) != 0111) ::chmod(d.c_str(), (st.st_mode & 07777) | 0111);
-  }
+  const vmm::TwinPolicy policy = twin_policy();
+  x.policy = &policy;
   // As for a plain twin: the device state from xen-save-devices-state has no configuration
   // section, so the twin must not expect one.
   x.extra_qemu_args = {"-incoming", "defer", "-global", "migration.send-configuration=off"};
-  const auto xml = vmm::twin_xml(o.libvirt_xml, x);
+  const auto xml = vmm::twin_xml(o.libvirt_xml, x);  // checks the policy (throws): before libvirt sees it
+  if (cfg_.libvirt_uri.empty())
+    throw Error(fmt::format("the primary protects libvirt domain '{}' but this ftd runs without libvirt "
+                            "(--libvirt-uri ''); start the standby ftd with a libvirt URI", o.vm_name));
+  // QEMU runs as libvirt's user: it must reach the sockets it creates in the VM's run dir.
+  make_run_dir_reachable(vm_dir_, cfg_.run_dir);
+  auto conn = vmm::lv::Connection::open(cfg_.libvirt_uri);
   {
     UniqueFd f(::open((vm_dir_ + "/twin.xml").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
     if (f && ::write(f.get(), xml.data(), xml.size()) < 0) log::warn("standby", "writing twin.xml failed");
@@ -550,6 +560,12 @@ void StandbySession::primary_silent(const std::string& why) {
 
 void StandbySession::activate(const std::string& reason, double declared_wall_ms) {
   const auto t0 = Clock::now();
+  if (!replica_ || !replica_->has_checkpoint()) {  // callers check; never resume a twin without state
+    log::error("standby", "{}: not activating ({}): no committed checkpoint", name(), reason);
+    destroy_twin("activation without a committed checkpoint");
+    set_state("activation-failed", "no committed checkpoint");
+    return;
+  }
   const auto& c = *replica_->last_commit();
   if (begun_epoch_ > c.epoch)
     log::warn("standby", "{}: discarding epoch {} (begun, never committed{}{}); resuming from epoch {}", name(),
@@ -750,6 +766,34 @@ nlohmann::json StandbySession::status() const {
           {"last_commit_age_ms", last_commit_wall_ms_ > 0 ? wall_ms() - last_commit_wall_ms_ : 0.0},
           {"activation", activation_},
           {"disk", disk_status_}};
+}
+
+void make_run_dir_reachable(const std::string& vm_dir, const std::string& run_dir) {
+  namespace fs = std::filesystem;
+  const fs::path run = fs::path(run_dir).lexically_normal();
+  const fs::path vm = fs::path(vm_dir).lexically_normal();
+  auto rel = vm.lexically_relative(run);
+  if (rel.empty() || *rel.begin() == "..")
+    fail("twin run directory {} is not inside ftd's run directory {} (caller bug)", vm_dir, run_dir);
+  // ftd's own directories: RUN_DIR and below.
+  for (fs::path d = vm;; d = d.parent_path()) {
+    struct stat st {};
+    check_sys(::stat(d.c_str(), &st), fmt::format("stat {}", d.string()));
+    if ((st.st_mode & 0111) != 0111)
+      check_sys(::chmod(d.c_str(), (st.st_mode & 07777) | 0111), fmt::format("chmod o+x {}", d.string()));
+    if (d == run || d == d.parent_path()) break;
+  }
+  // Above RUN_DIR: the operator's directories, never changed; check instead.
+  for (fs::path d = run.parent_path(); !d.empty(); d = d.parent_path()) {
+    struct stat st {};
+    check_sys(::stat(d.c_str(), &st), fmt::format("stat {}", d.string()));
+    if ((st.st_mode & 0001) == 0)
+      fail("QEMU of a libvirt twin runs as libvirt's user and cannot reach its sockets in {}: the directory {} above "
+           "ftd's --run-dir is not searchable by others (mode {:o}); ftd does not change directories it does not "
+           "own: choose a --run-dir whose parents are (e.g. /run/ftvm), or `chmod o+x {}` yourself",
+           vm_dir, d.string(), st.st_mode & 07777, d.string());
+    if (d == d.parent_path()) break;
+  }
 }
 
 }  // namespace ftvm::ftd

@@ -35,6 +35,12 @@
 
 namespace ftvm::ftd {
 
+// Makes `vm_dir` (a directory inside `run_dir`, ftd's --run-dir) reachable for QEMU running as
+// another user (libvirt's): adds o+x to vm_dir and its parents up to run_dir, which ftd owns.
+// Directories above run_dir are the operator's and are never changed: if one is not searchable
+// by others, throws ftvm::Error naming it and the fix. Throws SysError when stat/chmod fail.
+void make_run_dir_reachable(const std::string& vm_dir, const std::string& run_dir);
+
 class StandbySession {
  public:
   // `claim` is called with the VM name from OpenSession before a twin is created; it throws
