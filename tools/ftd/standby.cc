@@ -285,7 +285,10 @@ void StandbySession::open(const cp::OpenSession& o) {
       log::info("standby", "{}: disk '{}' ({}, {} MiB) -> replica {}", o.vm_name, o.disks[i].id, o.disks[i].source,
                 o.disks[i].size >> 20, path);
     }
-    journal_ = std::make_unique<checkpoint::DiskJournal>(imgs, cfg_.disk_buffer_bytes, vm_dir_);
+    // Spill files go beside the replicas (--disk-dir, a real file system), not into the run
+    // dir (tmpfs /run: spilling there would eat RAM), and are capped (--disk-spill-max-mib).
+    journal_ = std::make_unique<checkpoint::DiskJournal>(imgs, cfg_.disk_buffer_bytes, disk_dir_, 1,
+                                                         cfg_.disk_spill_max_bytes);
     update_disk_status();
   }
   if (!o.libvirt_xml.empty()) {
