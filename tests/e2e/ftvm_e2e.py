@@ -270,6 +270,9 @@ class Env:
         """What a standby ftd lets twins run (issue 12): the test QEMU and synthvm, and the files
         of the test guest and of this scenario's directory."""
         args = []
+        help_text = subprocess.run([os.path.join(BUILD, 'ftd'), '--help'], capture_output=True, text=True).stdout
+        if '--qemu-binary' not in help_text:  # an ftd from before issue 12
+            return args
         for b in ('/usr/bin/qemu-system-x86_64', os.path.join(BUILD, 'tests', 'synthetic-vmm', 'synthvm')):
             if os.path.exists(b):
                 args += ['--qemu-binary', b]

@@ -59,7 +59,7 @@ def xxh32(data, seed=0):
 
 # ---- frames and messages (transport/frame.h, checkpoint/protocol.h) ---------------------------
 HELLO, WRITE, CONTROL, HEARTBEAT, GOODBYE = 1, 2, 3, 4, 5
-OPEN_SESSION, SESSION_READY, ACTIVATE, ACTIVATE_DONE, ERROR = 1, 2, 8, 9, 12
+OPEN_SESSION, SESSION_READY, EPOCH_BEGIN, COMMIT, ACK, ACTIVATE, ACTIVATE_DONE, ERROR = 1, 2, 5, 6, 7, 8, 9, 12
 PROTOCOL_VERSION = 2
 
 
@@ -170,6 +170,19 @@ HOSTILE_XML = """<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domai
 """
 
 
+FAILURES = []
+
+
+def case(what, fn, *args, **kw):
+    """Runs one case; a failure is recorded and the next case runs (all are reported)."""
+    try:
+        fn(*args, **kw)
+        log('case %s: ok' % what)
+    except Failure as e:
+        log('case %s: FAILED: %s' % (what, e))
+        FAILURES.append('%s: %s' % (what, e))
+
+
 def scenario():
     help_text = subprocess.run([FTD, '--help'], capture_output=True, text=True).stdout
     extra = ['--insecure'] if '--insecure' in help_text else []
@@ -179,36 +192,72 @@ def scenario():
         base = [SYNTHVM, '-name', 'guest=g', '-machine', 'q35,memory-backend=mem0', '-m', '64',
                 '-object', 'memory-backend-memfd,id=mem0,size=64M,share=on', '-nodefaults', '-display', 'none',
                 '-append', 'synth_rate_kib_s=256 synth_tick_ms=100']
-        refused(S, port, 'shell', ['/bin/sh', '-c', 'touch %s' % env.path('pwned')], expect=['/bin/sh', '--qemu-binary'])
-        refused(S, port, 'plugin', base + ['-plugin', env.path('evil.so')], expect=['-plugin'])
-        refused(S, port, 'kernel', base + ['-kernel', '/etc/shadow'], expect=['/etc/shadow', '--allow-path'])
-        refused(S, port, 'script', base + ['-netdev', 'tap,id=n0,script=%s' % env.path('evil.sh')],
-                expect=['script='])
-        refused(S, port, 'xml', ['qemu-system-x86_64'], xml=HOSTILE_XML,
-                expect=['<emulator>', '/bin/sh', '/etc/shadow', 'qemu:commandline'])
-        check(not os.path.exists(env.path('pwned')), 'the hostile command line ran')
+        case('shell', refused, S, port, 'shell', ['/bin/sh', '-c', 'touch %s' % env.path('pwned')],
+             expect=['/bin/sh', '--qemu-binary'])
+        case('plugin', refused, S, port, 'plugin', base + ['-plugin', env.path('evil.so')], expect=['-plugin'])
+        case('kernel', refused, S, port, 'kernel', base + ['-kernel', '/etc/shadow'],
+             expect=['/etc/shadow', '--allow-path'])
+        case('script', refused, S, port, 'script', base + ['-netdev', 'tap,id=n0,script=%s' % env.path('evil.sh')],
+             expect=['script='])
+        case('xml', refused, S, port, 'xml', ['qemu-system-x86_64'], xml=HOSTILE_XML,
+             expect=['<emulator>', '/bin/sh', '/etc/shadow', 'qemu:commandline'])
+        # A process the old behaviour started (the shell, a twin) is gone before the next case.
+        for pid, _ in children(S.proc.pid):
+            os.kill(pid, 9)
+        case('shell-not-run', lambda: check(not os.path.exists(env.path('pwned')), 'the hostile command line ran'))
         check(S.proc.poll() is None, 'ftd died')
-
-        # Activate before any Commit: refused, the twin destroyed (no children left).
         if os.path.exists(SYNTHVM):
-            fp = FakePrimary(port)
-            sid = 0xAC71
-            fp.control(OPEN_SESSION, open_session(sid, 'early', 64 << 20, base))
-            typ, p = fp.reply()
-            check(typ == SESSION_READY, 'synthvm twin: expected SessionReady, got %d %r' % (typ, p[:200]))
-            twin = struct.unpack_from('<QQq', p)[2]
-            log('twin pid %d paused; sending Activate before any Commit' % twin)
-            check(any(pid == twin for pid, _ in children(S.proc.pid)), 'twin is not a child of ftd')
-            fp.control(ACTIVATE, struct.pack('<Q', sid))
-            typ, p = fp.reply()
-            check(typ == ACTIVATE_DONE, 'expected ActivateDone, got %d' % typ)
-            _, ok = struct.unpack_from('<QI', p)
-            text = error_text(p[12:])
-            log('ActivateDone ok=%d: %s' % (ok, text))
-            check(ok == 0 and 'before any checkpoint was committed' in text, 'Activate before Commit: %d %s' % (ok, text))
-            fp.close()
-            wait_for(lambda: not children(S.proc.pid), 10, 'the twin to be destroyed')
-            check(S.proc.poll() is None, 'ftd died')
+            case('ram-locked', ram_locked, S, port, base)
+            case('activate-before-commit', activate_early, S, port, base)
+        check(S.proc.poll() is None, 'ftd died')
+        check(not FAILURES, '%d case(s) failed: %s' % (len(FAILURES), ' | '.join(FAILURES)))
+
+
+def ram_locked(S, port, base):
+    # After the first Commit the twin's RAM is no longer writable by the primary: a
+    # region-1 write then ends the session with a protocol error.
+    fp = FakePrimary(port)
+    sid = 0x5A11
+    fp.control(OPEN_SESSION, open_session(sid, 'ramlock', 64 << 20, base))
+    typ, p = fp.reply()
+    check(typ == SESSION_READY, 'synthvm twin: expected SessionReady, got %d %r' % (typ, p[:200]))
+    fp.sock.sendall(frame(WRITE, 1, b'\xab' * 4096, offset=0))  # sync: allowed
+    # A Commit that does not verify (digest 0): Ack Rejected, but the sync is over.
+    fp.control(COMMIT, struct.pack('<QQQQQQIQQ', sid, 1, 0, 0, 0, 0, 0, 0, 0))
+    typ, p = fp.reply()
+    check(typ == ACK and struct.unpack_from('<QQI', p)[2] == 2, 'expected Ack Rejected, got %d' % typ)
+    fp.sock.sendall(frame(WRITE, 1, b'\xcd' * 4096, offset=0))
+    fp.control(EPOCH_BEGIN, struct.pack('<QQQ', sid, 2, 0))
+    try:  # the standby's transport rejects the write: an Error or the link closes
+        typ, p = fp.reply(timeout=10)
+        log('region-1 write after the first Commit -> message %d: %s' % (typ, p[:200]))
+    except (Failure, OSError) as e:
+        log('region-1 write after the first Commit -> %s' % e)
+    fp.close()
+    wait_for(lambda: 'into region 1, which is not registered' in S.log_text(), 10,
+             'the standby to reject a region-1 write after the first Commit')
+    wait_for(lambda: not children(S.proc.pid), 10, 'the twin to be destroyed')
+
+
+def activate_early(S, port, base):
+    # Activate before any Commit: refused, the twin destroyed (no children left).
+    fp = FakePrimary(port)
+    sid = 0xAC71
+    fp.control(OPEN_SESSION, open_session(sid, 'early', 64 << 20, base))
+    typ, p = fp.reply()
+    check(typ == SESSION_READY, 'synthvm twin: expected SessionReady, got %d %r' % (typ, p[:200]))
+    twin = struct.unpack_from('<QQq', p)[2]
+    log('twin pid %d paused; sending Activate before any Commit' % twin)
+    check(any(pid == twin for pid, _ in children(S.proc.pid)), 'twin is not a child of ftd')
+    fp.control(ACTIVATE, struct.pack('<Q', sid))
+    typ, p = fp.reply()
+    check(typ == ACTIVATE_DONE, 'expected ActivateDone, got %d' % typ)
+    _, ok = struct.unpack_from('<QI', p)
+    text = error_text(p[12:])
+    log('ActivateDone ok=%d: %s' % (ok, text))
+    check(ok == 0 and 'before any checkpoint was committed' in text, 'Activate before Commit: %d %s' % (ok, text))
+    fp.close()
+    wait_for(lambda: not children(S.proc.pid), 10, 'the twin to be destroyed')
 
 
 if __name__ == '__main__':

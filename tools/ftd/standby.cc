@@ -332,6 +332,7 @@ void StandbySession::open(const cp::OpenSession& o) {
   twin_ram_ = std::make_unique<vmm::MappedRam>(twin_pid_, gr, vmm::MappedRam::Access::ReadWrite);
   replica_ = std::make_unique<cp::Replica>(as_span(*twin_ram_), uint64_t{8} << 20);
   conn_->register_region(cp::kRegionRam, as_span(*twin_ram_));
+  ram_region_open_ = true;
   conn_->register_region(cp::kRegionStaging, replica_->staging());
   set_state("syncing");
   send_msg(*conn_, cp::SessionReady{session_id_, replica_->staging().size(), twin_pid_});
@@ -403,6 +404,15 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
     case MsgType::Commit: {
       auto c = cp::decode<cp::Commit>(m.body);
       check_sid(c.session_id);
+      if (ram_region_open_) {
+        // The full sync is over (every region-1 write precedes the first Commit on the wire):
+        // from now on the twin's RAM changes only through verified epochs (Replica::apply), so
+        // the peer loses direct write access to it. A region-1 write after this is a
+        // ProtocolError and ends the session.
+        conn_->unregister_region(cp::kRegionRam);
+        ram_region_open_ = false;
+        log::info("standby", "{}: full sync done; twin RAM no longer writable by the primary", name());
+      }
       // The epoch's disk writes must be complete before its RAM is applied: RAM and disk move
       // to epoch N together. Missing or altered disk writes cannot be retransmitted: the
       // ProtocolError ends the session (the primary resynchronizes).

@@ -103,6 +103,7 @@ class StandbySession {
   std::vector<std::unique_ptr<checkpoint::RawImage>> images_;
   std::unique_ptr<checkpoint::DiskJournal> journal_;
   void update_disk_status();  // session thread: refreshes disk_status_ (under mu_)
+  bool ram_region_open_ = false;  // region 1 (twin RAM) registered: only until the first Commit
   uint64_t begun_epoch_ = 0;  // last EpochBegin seen (diagnosis of torn epochs)
   std::string last_rejection_;
 
