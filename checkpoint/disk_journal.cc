@@ -182,9 +182,9 @@ uint64_t DiskOpDigest::value() const { return XXH3_64bits_digest(state_.get()); 
 // DiskJournal
 
 DiskJournal::DiskJournal(std::vector<DiskImage*> images, uint64_t memory_limit, std::string spill_dir,
-                         uint64_t first_epoch)
+                         uint64_t first_epoch, uint64_t spill_limit)
     : images_(std::move(images)), memory_limit_(memory_limit), spill_dir_(std::move(spill_dir)),
-      first_epoch_(first_epoch) {
+      first_epoch_(first_epoch), spill_limit_(spill_limit) {
   for (size_t i = 0; i < images_.size(); i++)
     if (!images_[i]) fail("disk journal: image of disk {} is null", i);
   struct stat st {};
@@ -201,6 +201,11 @@ void DiskJournal::add(uint64_t epoch, uint32_t disk, DiskOpKind kind, uint64_t o
     throw ProtocolError(fmt::format("disk {} op for epoch {} arrived but epoch {} is already committed (epochs start at "
                                     "1 and a committed epoch takes no more ops)",
                                     kind_name(kind), epoch, committed_));
+  const uint64_t window = (committed_ ? committed_ : first_epoch_ - 1) + 2;
+  if (epoch > window)
+    throw ProtocolError(fmt::format("disk {} op for epoch {} arrived but the last committed epoch is {}: at most "
+                                    "epoch {} may be open (one checkpoint in flight); the peer is broken or hostile",
+                                    kind_name(kind), epoch, committed_, window));
   if (disk >= images_.size())
     throw ProtocolError(fmt::format("epoch {}: disk op for disk {} but the twin has {} disks", epoch, disk,
                                     images_.size()));
@@ -215,8 +220,25 @@ void DiskJournal::add(uint64_t epoch, uint32_t disk, DiskOpKind kind, uint64_t o
     throw ProtocolError(fmt::format("epoch {}: {} of length {} on disk {} carries {} bytes of data", epoch,
                                     kind_name(kind), length, disk, data.size()));
 
+  const bool direct = committed_ == 0 && epoch <= first_epoch_;
+  bool to_ram = false;
+  if (!direct) {
+    // Limits first, so that a refused op leaves no trace.
+    const uint64_t index_budget = std::max(memory_limit_, kMinIndexBudget);
+    if (stats_.index_bytes + kOpOverhead > index_budget)
+      fail("disk journal: {} buffered disk ops of uncommitted epochs exceed the index budget of {} bytes "
+           "(--disk-buffer-mib); the primary sends far more, far smaller writes per epoch than expected: the session "
+           "ends and the primary resynchronizes",
+           stats_.buffered_ops, index_budget);
+    to_ram = data.empty() || stats_.memory_bytes + stats_.index_bytes + kOpOverhead + data.size() <= memory_limit_;
+    if (!to_ram && stats_.spilled_bytes + data.size() > spill_limit_)
+      fail("disk journal: spilling {} more bytes of epoch {} would exceed the spill limit of {} bytes in {} "
+           "(--disk-spill-max-mib): the standby is not committing fast enough for the primary's disk writes; the "
+           "session ends and the primary resynchronizes (raise --disk-buffer-mib or --disk-spill-max-mib)",
+           data.size(), epoch, spill_limit_, spill_dir_);
+  }
   Epoch& e = epochs_[epoch];
-  if (committed_ == 0 && epoch <= first_epoch_) {  // initial copy: straight to the image
+  if (direct) {  // initial copy: straight to the image
     if (kind == DiskOpKind::Write)
       images_[disk]->write(offset, data);
     else
@@ -234,7 +256,7 @@ void DiskJournal::add(uint64_t epoch, uint32_t disk, DiskOpKind kind, uint64_t o
   op.offset = offset;
   op.length = length;
   if (!data.empty()) {
-    if (stats_.memory_bytes + data.size() <= memory_limit_) {
+    if (to_ram) {
       op.data.assign(data.begin(), data.end());
       e.memory_bytes += data.size();
       stats_.memory_bytes += data.size();
@@ -244,6 +266,7 @@ void DiskJournal::add(uint64_t epoch, uint32_t disk, DiskOpKind kind, uint64_t o
     }
   }
   e.ops.push_back(std::move(op));
+  stats_.index_bytes += kOpOverhead;
   e.digest.add(disk, kind, offset, length, data);
   e.buffered_bytes += data.size();
   stats_.buffered_ops++;
@@ -335,6 +358,7 @@ void DiskJournal::commit(uint64_t epoch, uint64_t op_count, uint64_t digest, boo
 void DiskJournal::release(std::map<uint64_t, Epoch>::iterator it) {
   const Epoch& e = it->second;
   stats_.buffered_ops -= e.ops.size();
+  stats_.index_bytes -= e.ops.size() * kOpOverhead;
   stats_.buffered_bytes -= e.buffered_bytes;
   stats_.memory_bytes -= e.memory_bytes;
   stats_.spilled_bytes -= e.spill_end;

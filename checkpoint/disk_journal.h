@@ -19,8 +19,9 @@
 //    payloads are appended to a spill file of their epoch (O_TMPFILE in spill_dir, or a file
 //    created and unlinked at once), released (closed, so its blocks are freed) as soon as that
 //    epoch is applied or dropped. Disk usage is thus bounded by the uncommitted epochs even
-//    though the journal is never empty in steady state. Only the per-op index (~64 bytes/op)
-//    stays in RAM regardless.
+//    though the journal is never empty in steady state. The per-op index (kOpOverhead bytes
+//    per op) stays in RAM regardless; it counts against memory_limit (payloads spill earlier)
+//    and is capped; spilled bytes are capped by spill_limit.
 // Not thread-safe: one standby session thread owns a journal.
 #pragma once
 
@@ -118,17 +119,27 @@ class DiskJournal {
   // here). first_epoch: the epoch the first Commit is expected for; until a Commit is accepted,
   // ops of epochs <= first_epoch are written to the images at once (initial copy). Throws Error
   // on a null image or a missing spill_dir.
+  // spill_limit: payload bytes that may be spilled at once (all uncommitted epochs); an op that
+  // would exceed it throws Error (the session ends; the primary resynchronizes) instead of
+  // filling the spill directory's file system.
   DiskJournal(std::vector<DiskImage*> images, uint64_t memory_limit, std::string spill_dir,
-              uint64_t first_epoch = 1);
+              uint64_t first_epoch = 1, uint64_t spill_limit = UINT64_MAX);
   ~DiskJournal();
   DiskJournal(const DiskJournal&) = delete;
   DiskJournal& operator=(const DiskJournal&) = delete;
 
   // Records one op of `epoch`: applied at once during the initial copy (see the constructor),
   // otherwise buffered; either way it is added to that epoch's digest. Throws ProtocolError,
-  // recording nothing, on epoch 0 or an epoch <= committed_epoch(), a disk index out of range,
+  // recording nothing, on epoch 0 or an epoch <= committed_epoch(), an epoch beyond the window
+  // (> committed_epoch() + 2, or > first_epoch + 1 before the first commit: the primary has at
+  // most one epoch in flight, so a later one is a hostile or broken peer), a disk index out of range,
   // an Invalid/unknown kind, a range past the image end, data.size() != length for Write, or
-  // data for Zero/Trim. Throws SysError if writing the image or the spill file fails.
+  // data for Zero/Trim. Throws SysError if writing the image or the spill file fails. Throws
+  // Error, recording nothing, when the op would take the spilled bytes beyond spill_limit or
+  // the in-RAM index of buffered ops (kOpOverhead bytes each) beyond max(memory_limit,
+  // kMinIndexBudget).
+  static constexpr uint64_t kOpOverhead = 96;  // RAM per buffered op besides its payload
+  static constexpr uint64_t kMinIndexBudget = uint64_t{1} << 20;
   void add(uint64_t epoch, uint32_t disk, DiskOpKind kind, uint64_t offset, uint64_t length,
            std::span<const std::byte> data);
 
@@ -159,7 +170,9 @@ class DiskJournal {
   struct Stats {
     uint64_t buffered_ops = 0;         // ops waiting for their Commit
     uint64_t buffered_bytes = 0;       // their payload bytes, in RAM or spilled
-    uint64_t memory_bytes = 0;         // payload bytes in RAM now (<= memory_limit)
+    uint64_t memory_bytes = 0;         // payload bytes in RAM now (memory_bytes + index_bytes
+                                       // <= memory_limit whenever payloads could spill)
+    uint64_t index_bytes = 0;          // kOpOverhead per buffered op (counted against memory_limit)
     uint64_t spilled_bytes = 0;        // payload bytes in spill files now
     uint64_t applied_ops = 0;          // ops written to the images (initial copy included)
     uint64_t applied_bytes = 0;        // Write payload bytes written to the images
@@ -198,6 +211,7 @@ class DiskJournal {
   uint64_t memory_limit_;
   std::string spill_dir_;
   uint64_t first_epoch_;
+  uint64_t spill_limit_;
   uint64_t committed_ = 0;
   std::map<uint64_t, Epoch> epochs_;  // uncommitted epochs that saw ops, by epoch
   Stats stats_;

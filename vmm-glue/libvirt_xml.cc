@@ -5,6 +5,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <functional>
 #include <set>
 
 #include <fmt/format.h>
@@ -533,6 +534,150 @@ void relocate_files(xmlNode* root, std::string dir) {
   }
 }
 
+
+// The text content of `n`, surrounding whitespace removed.
+std::string content(xmlNode* n) {
+  xmlChar* c = xmlNodeGetContent(n);
+  std::string t = S(c);
+  xmlFree(c);
+  const auto b = t.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return "";
+  return t.substr(b, t.find_last_not_of(" \t\r\n") - b + 1);
+}
+
+// The standby's policy on a twin's XML (see TwinXmlOptions::policy). `root` is the rewritten
+// domain; `ftd_args` are the <qemu:arg> values ftd adds itself (tolerated in the input).
+std::vector<std::string> policy_problems(xmlNode* root, const TwinPolicy& p, const std::string& run_dir) {
+  std::vector<std::string> out;
+  auto inside = [&](const std::string& path, std::vector<std::string> dirs) { return path_inside(path, dirs); };
+  std::vector<std::string> read_dirs = p.read_dirs;
+  read_dirs.push_back(p.disk_dir);
+  read_dirs.push_back(run_dir);
+  auto need = [&](const std::string& what, const std::string& path, const std::vector<std::string>& dirs,
+                  const char* where) {
+    if (!inside(path, dirs))
+      out.push_back(fmt::format("{}: the path '{}' is not inside {}; the standby refuses to let the primary name "
+                                "files on this host (add its directory with ftd --allow-path on the standby if it is "
+                                "a read-only input)",
+                                what, path, where));
+  };
+  const char* kRead = "a directory allowed with ftd --allow-path";
+  // <os>
+  if (xmlNode* os = child(root, "os")) {
+    for (const char* k : {"kernel", "initrd", "dtb", "loader"})
+      for (xmlNode* e : children(os, k)) {
+        const std::string t = content(e);
+        if (!t.empty()) need(fmt::format("<os><{}>", k), t, read_dirs, kRead);
+      }
+    for (xmlNode* e : children(os, "nvram")) {
+      if (auto tp = attr(e, "template")) need("<os><nvram template=>", *tp, read_dirs, kRead);
+      const std::string t = content(e);
+      if (!t.empty()) need("<os><nvram>", t, {run_dir}, "the twin's run directory (libvirt writes it)");
+    }
+    if (xmlNode* acpi = child(os, "acpi"))
+      for (xmlNode* t : children(acpi, "table")) {
+        need("<os><acpi><table>", content(t), read_dirs, kRead);
+      }
+  }
+  for (xmlNode* si : children(root, "sysinfo"))
+    for (xmlNode* e : children(si, "entry"))
+      if (auto f = attr(e, "file")) need("<sysinfo><entry file=>", *f, read_dirs, kRead);
+  xmlNode* devices = child(root, "devices");
+  // Disks.
+  std::function<void(xmlNode*, const std::string&)> backing = [&](xmlNode* d, const std::string& what) {
+    for (xmlNode* bs : children(d, "backingStore")) {
+      if (auto f = attr(child(bs, "source"), "file")) need(what + " <backingStore>", *f, read_dirs, kRead);
+      else if (child(bs, "source"))
+        out.push_back(what + " <backingStore>: only file backing stores are allowed on a twin");
+      backing(bs, what);
+    }
+  };
+  for (xmlNode* disk : children(devices, "disk")) {
+    const std::string what = describe_disk(disk);
+    const std::string type = attr_or(disk, "type", "file");
+    xmlNode* src = child(disk, "source");
+    if (type != "file") {
+      if (src)
+        out.push_back(fmt::format("{} is type='{}': a twin opens only local image files (no block devices, network "
+                                  "or directory disks)",
+                                  what, type));
+      continue;
+    }
+    if (auto f = attr(src, "file")) {
+      if (disk_writable(disk))
+        need(what, *f, {p.disk_dir}, "the twin's replica directory (writable disks must be replicated disks)");
+      else
+        need(what, *f, read_dirs, kRead);
+    }
+    backing(disk, what);
+  }
+  // Chardevs.
+  auto chardev = [&](xmlNode* e, const std::string& what) {
+    const std::string type = attr_or(e, "type");
+    static const std::set<std::string> ok = {"pty", "null", "unix", "file", "spicevmc", "spiceport", "qemu-vdagent"};
+    if (!ok.count(type)) {
+      out.push_back(fmt::format("<{} type='{}'>: only pty, null, spicevmc, spiceport, qemu-vdagent, and unix or file "
+                                "in the twin's run directory are allowed on a twin",
+                                what, type));
+      return;
+    }
+    for (xmlNode* src : children(e, "source"))
+      if (auto path = attr(src, "path"); path && (type == "unix" || type == "file"))
+        need(fmt::format("<{} type='{}'> source", what, type), *path, {run_dir},
+             "the twin's run directory (sockets the twin connects to must be ftd's)");
+    for (xmlNode* log : children(e, "log"))
+      if (auto f = attr(log, "file")) need(fmt::format("<{}> <log file=>", what), *f, {run_dir}, "the twin's run directory");
+  };
+  for (const char* kind : {"serial", "parallel", "console", "channel", "redirdev", "smartcard"})
+    for (xmlNode* e : children(devices, kind)) {
+      if (std::string(kind) == "smartcard" && attr_or(e, "mode") != "passthrough") continue;
+      chardev(e, kind);
+    }
+  for (xmlNode* rng : children(devices, "rng"))
+    for (xmlNode* be : children(rng, "backend")) {
+      if (attr_or(be, "model") == "random") {
+        const std::string v = content(be);
+        if (!v.empty() && v != "/dev/urandom" && v != "/dev/random" && v != "/dev/hwrng")
+          out.push_back(fmt::format("<rng><backend model='random'>{}: only /dev/urandom, /dev/random or /dev/hwrng",
+                                    v));
+      } else {
+        chardev(be, "rng backend");
+      }
+    }
+  for (xmlNode* i : children(devices, "interface")) {
+    const std::string type = attr_or(i, "type");
+    if (type == "vhostuser" || type == "vdpa" || type == "hostdev" || type == "server" || type == "client" ||
+        type == "mcast" || type == "udp")
+      out.push_back(fmt::format("<interface type='{}'>: not allowed on a twin (host devices, other processes or "
+                                "network sockets of the primary's choice)",
+                                type));
+    if (child(i, "script") || child(i, "downscript"))
+      out.push_back("<interface> <script>/<downscript>: the primary may not name a program for the standby to run");
+    if (xmlNode* b = child(i, "backend"); b && (attr(b, "tap") || attr(b, "vhost")))
+      out.push_back("<interface> <backend tap=/vhost=>: the twin opens only the standard host devices");
+  }
+  for (xmlNode* dev = devices ? devices->children : nullptr; dev; dev = dev->next) {
+    if (!is_elem(dev)) continue;
+    for (xmlNode* rom : children(dev, "rom"))
+      if (auto f = attr(rom, "file"); f && !f->empty()) need(fmt::format("<{}><rom file=>", S(dev->name)), *f, read_dirs, kRead);
+  }
+  for (const char* bad : {"hostdev", "filesystem", "shmem"})
+    if (!children(devices, bad).empty())
+      out.push_back(fmt::format("<{}>: passes host devices, host directories or host memory to the guest; not allowed "
+                                "on a twin",
+                                bad));
+  for (xmlNode* in : children(devices, "input"))
+    if (attr_or(in, "type") == "passthrough" || attr_or(in, "type") == "evdev")
+      out.push_back(fmt::format("<input type='{}'>: passes a host input device; not allowed on a twin",
+                                attr_or(in, "type")));
+  for (xmlNode* tpm : children(devices, "tpm"))
+    if (attr_or(child(tpm, "backend"), "type") == "passthrough")
+      out.push_back("<tpm><backend type='passthrough'>: passes the host's TPM; not allowed on a twin");
+  for (xmlNode* m : children(devices, "memory"))
+    if (xmlNode* src = child(m, "source"); src && child(src, "path"))
+      out.push_back("<memory><source><path>: maps a host file as guest memory; not allowed on a twin");
+  return out;
+}
 }  // namespace
 
 bool looks_like_uuid(const std::string& s) {
@@ -652,6 +797,52 @@ std::string twin_xml(const std::string& domain_xml, const TwinXmlOptions& opts) 
            from, to);
 
   if (!opts.socket_dir.empty()) relocate_files(root, opts.socket_dir);
+
+  if (opts.policy) {
+    std::vector<std::string> problems;
+    if (opts.socket_dir.empty()) fail("twin XML: a policy needs socket_dir (caller bug)");
+    // libvirt's raw QEMU passthrough: nothing of the primary's, only what ftd adds below.
+    static const std::set<std::string> ftd_args = {"-incoming", "defer", "-global",
+                                                   "migration.send-configuration=off"};
+    for (xmlNode* c = root->children; c;) {
+      xmlNode* next = c->next;
+      if (is_elem(c) && c->ns && S(c->ns->href) == kQemuNs) {
+        bool only_ftd = S(c->name) == "commandline";
+        for (xmlNode* a = c->children; a && only_ftd; a = a->next)
+          if (is_elem(a) && !(in_ns(a, kQemuNs, "arg") && ftd_args.count(attr_or(a, "value"))))
+            only_ftd = false;
+        if (only_ftd)
+          remove_node(c);
+        else
+          problems.push_back(fmt::format("<qemu:{}>: raw QEMU arguments, environment or overrides from the primary "
+                                         "are not allowed on a twin (ftd adds the only arguments the twin needs)",
+                                         S(c->name)));
+      }
+      c = next;
+    }
+    for (auto& pr : policy_problems(root, *opts.policy, opts.socket_dir)) problems.push_back(pr);
+    // The binary: the standby's own.
+    xmlNode* devices = child(root, "devices");
+    if (!devices) append_child(root, devices = new_elem(d, "devices"));
+    xmlNode* emu = child(devices, "emulator");
+    std::string requested;
+    if (emu) requested = content(emu);
+    try {
+      const std::string bin = pick_qemu_binary(requested, opts.policy->qemu_binaries);
+      if (!emu) {
+        emu = new_elem(d, "emulator");
+        append_child(devices, emu);
+      }
+      remove_children(emu);
+      xmlAddChild(emu, new_text(d, bin));
+    } catch (const Error& e) {
+      problems.push_back(fmt::format("<emulator>: {}", e.what()));
+    }
+    if (!problems.empty())
+      fail("refusing the twin's libvirt domain XML: it breaks this standby's policy (docs/ARCHITECTURE.md, "
+           "\"Security\"): {}",
+           fmt::join(problems, "; "));
+  }
 
   if (xmlNode* md = child(root, "metadata")) {
     for (xmlNode* c = md->children; c;) {

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "vmm-glue/qemu_cmdline.h"
+
 namespace ftvm::vmm {
 
 // ---- protection metadata ----------------------------------------------------------------------
@@ -106,6 +108,23 @@ struct TwinXmlOptions {
   // <listen type='socket' socket=...>). Unix sockets in connect mode (someone else's server),
   // ptys and disks are kept.
   std::string socket_dir;
+  // The standby's policy (issue 12; the standby always sets it, with socket_dir = its run_dir):
+  //  * <emulator> becomes pick_qemu_binary(<emulator>, policy->qemu_binaries) (inserted when
+  //    absent); a binary whose basename is not allowed is refused;
+  //  * elements in libvirt's QEMU namespace (<qemu:commandline>, <qemu:override>,
+  //    <qemu:capabilities>, ...) are refused, except <qemu:arg>s equal to the ones ftd itself adds
+  //    (-incoming defer -global migration.send-configuration=off), which are dropped first;
+  //  * after the replica rewrite and the relocation into socket_dir: every <disk> is type='file'
+  //    (or has no source), writable ones inside policy->disk_dir, read-only ones and CD-ROMs
+  //    (and every <backingStore>) inside policy->read_dirs or disk_dir; chardevs are pty, null,
+  //    spicevmc, spiceport, qemu-vdagent, or unix/file inside socket_dir; <os> kernel, initrd, dtb,
+  //    loader, nvram template, ACPI tables, fw_cfg files and ROMs inside the read dirs; an explicit
+  //    <nvram> path inside socket_dir; interfaces without <script>/<downscript>/<backend tap|vhost>
+  //    and not vhostuser/vdpa/hostdev; no <hostdev>, <filesystem>, <shmem>, evdev/passthrough
+  //    <input>, passthrough <tpm>, rng other than /dev/{u,}random|/dev/hwrng;
+  //  * <seclabel>, graphics ports and passwords are left to libvirt.
+  // Any violation throws ftvm::Error listing every problem; nothing is defined.
+  const TwinPolicy* policy = nullptr;
 };
 
 // The twin's domain XML, from the primary's:

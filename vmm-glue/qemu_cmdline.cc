@@ -1,6 +1,7 @@
 #include "vmm-glue/qemu_cmdline.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <map>
 #include <optional>
 #include <set>
@@ -625,6 +626,401 @@ std::vector<std::string> make_twin_cmdline(const std::vector<std::string>& argv,
   out.insert(out.end(), {"-S", "-incoming", "defer", "-global", "migration.send-configuration=off",
                          "-qmp", "unix:" + join_keyval({t.qmp_socket}) + ",server=on,wait=off"});
   return out;
+}
+
+
+// ---- twin policy --------------------------------------------------------------------------------
+
+namespace {
+
+std::string basename_of(const std::string& p) {
+  auto s = p.find_last_of('/');
+  return s == std::string::npos ? p : p.substr(s + 1);
+}
+
+bool lexically_inside(const std::string& path, std::string dir) {
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  if (dir.empty()) return false;
+  if (dir == "/") return path.size() > 1;
+  return path.size() > dir.size() + 1 && path.compare(0, dir.size(), dir) == 0 && path[dir.size()] == '/';
+}
+
+// Where a path named on the twin's command line may lie.
+enum class Use {
+  Create,    // QEMU creates or writes it (sockets, logs, chardev files): the run dir only
+  Read,      // QEMU only reads it (kernel, firmware, ROMs): read dirs, run dir, disk dir
+  Disk,      // a writable disk: the replica dir only
+  DiskRead,  // a read-only disk or CD-ROM: read dirs or the replica dir
+};
+
+class PolicyChecker {
+ public:
+  explicit PolicyChecker(const TwinPolicy& p) : p_(p) {}
+  std::vector<std::string> problems;
+
+  void refuse(const std::string& what, const std::string& why) {
+    problems.push_back(fmt::format("{}: {}", what, why));
+  }
+
+  void path(const std::string& what, const std::string& value, Use use) {
+    std::vector<std::string> dirs;
+    const char* where = "";
+    switch (use) {
+      case Use::Create:
+        dirs = {p_.run_dir};
+        where = "the twin's run directory";
+        break;
+      case Use::Read:
+        dirs = p_.read_dirs;
+        dirs.push_back(p_.run_dir);
+        dirs.push_back(p_.disk_dir);
+        where = "a directory allowed with ftd --allow-path (or the twin's run/replica directory)";
+        break;
+      case Use::Disk:
+        dirs = {p_.disk_dir};
+        where = "the twin's replica directory (writable disks must be replicated disks)";
+        break;
+      case Use::DiskRead:
+        dirs = p_.read_dirs;
+        dirs.push_back(p_.disk_dir);
+        where = "a directory allowed with ftd --allow-path (or the twin's replica directory)";
+        break;
+    }
+    if (!path_inside(value, dirs))
+      refuse(what, fmt::format("the path '{}' is not inside {}; the standby refuses to let the primary name files "
+                               "on this host (add its directory with ftd --allow-path on the standby if it is a "
+                               "read-only input such as a kernel, firmware or image)",
+                               value, where));
+  }
+
+  // Keys that name files, whatever the option; checked wherever they occur.
+  void generic_keys(const std::string& what, const OptValue& ov, Use use) {
+    for (const auto& k : ov.keys()) {
+      auto v = ov.get(k).value_or("");
+      if (k == "romfile" || k == "file" || k == "filename" || k == "logfile" || k == "path" || k == "kernel" ||
+          k == "initrd" || k == "dtb" || k == "firmware" || k == "bios") {
+        if (k == "romfile" && v.empty()) continue;  // romfile= (no ROM)
+        path(fmt::format("{} {}=", what, k), v, (k == "logfile" || k == "path") ? Use::Create : use);
+      } else if (k == "script" || k == "downscript") {
+        if (v != "no")
+          refuse(fmt::format("{} {}={}", what, k, v),
+                 "the primary may not name a program for the standby to run; use script=no,downscript=no");
+      } else if (k == "helper" || k == "dumpdtb" || k == "mem-path" || k == "smb" || k == "guestfwd" ||
+                 k == "sock_fd" || k == "fd" || k == "fds" || k == "vhostfd" || k == "vhostfds") {
+        refuse(fmt::format("{} {}=", what, k),
+               "this setting runs a program, writes or exports a host file, or takes a file descriptor, and is not "
+               "allowed on a twin");
+      }
+    }
+  }
+
+  void check(const std::vector<std::string>& argv) {
+    if (argv.empty()) {
+      refuse("twin command line", "empty");
+      return;
+    }
+    if (std::find(p_.qemu_binaries.begin(), p_.qemu_binaries.end(), argv[0]) == p_.qemu_binaries.end())
+      refuse(fmt::format("binary {}", argv[0]),
+             fmt::format("not one of the QEMU binaries this standby runs ({}); allow it with ftd --qemu-binary",
+                         p_.qemu_binaries.empty() ? "none" : fmt::format("{}", fmt::join(p_.qemu_binaries, ", "))));
+    std::vector<Opt> opts;
+    try {
+      opts = parse_argv(argv);
+    } catch (const std::exception& e) {
+      refuse("twin command line", e.what());
+      return;
+    }
+    for (const Opt& o : opts) {
+      try {
+        option(o);
+      } catch (const std::exception& e) {
+        refuse(fmt::format("-{}", o.name), e.what());
+      }
+    }
+  }
+
+ private:
+  const TwinPolicy& p_;
+
+  void legacy_chardev(const std::string& what, const std::string& v) {
+    if (v == "none" || v == "null" || v == "pty" || v == "stdio" || starts_with(v, "chardev:")) return;
+    if (starts_with(v, "unix:")) {
+      auto items = split_keyval(v.substr(5));
+      path(what, items.empty() ? "" : items[0], Use::Create);
+      return;
+    }
+    if (starts_with(v, "file:")) {
+      path(what, v.substr(5), Use::Create);
+      return;
+    }
+    refuse(what + " " + v, "only none, null, pty, stdio, chardev:ID, unix:PATH and file:PATH (in the twin's run "
+                           "directory) are allowed on a twin");
+  }
+
+  void blockdev_json(const std::string& what, const nlohmann::json& j, bool ro) {
+    if (!j.is_object()) return;
+    if (j.contains("read-only") && j["read-only"].is_boolean() && j["read-only"].get<bool>()) ro = true;
+    for (auto& [k, v] : j.items()) {
+      if (k == "driver") {
+        std::string d = v.is_string() ? v.get<std::string>() : v.dump();
+        if (d != "file" && d != "raw" && d != "qcow2")
+          refuse(fmt::format("{} driver {}", what, d), "only the file, raw and qcow2 block drivers are allowed on a "
+                                                       "twin (no network or host-device block backends)");
+      } else if (k == "filename") {
+        path(what + " filename=", v.is_string() ? v.get<std::string>() : v.dump(), ro ? Use::DiskRead : Use::Disk);
+      } else if (v.is_object()) {
+        blockdev_json(what, v, ro);
+      }
+    }
+  }
+
+  void option(const Opt& o) {
+    const std::string what = "-" + o.name;
+    if (o.prefix.empty()) {  // legacy -hda image
+      path(fmt::format("disk image argument {}", o.name), o.name, Use::Disk);
+      return;
+    }
+    static const std::set<std::string> plain = {"S", "enable-kvm", "nodefaults", "nographic", "no-user-config",
+                                                "no-reboot", "no-shutdown", "no-hpet", "no-acpi", "mem-prealloc",
+                                                "usb", "only-migratable", "no-fd-bootchk"};
+    static const std::set<std::string> free_text = {"m", "smp", "cpu", "name", "uuid", "rtc", "boot", "k", "vga",
+                                                    "append", "overcommit", "msg", "action", "watchdog-action",
+                                                    "numa", "d", "icount"};
+    if (!o.value) {
+      if (!plain.count(o.name))
+        refuse(what, "not on the standby's allow-list of QEMU options for twins (see docs/ARCHITECTURE.md, "
+                     "\"Security\")");
+      return;
+    }
+    const std::string& v = *o.value;
+    if (free_text.count(o.name)) return;
+    if (o.name == "machine" || o.name == "M") {
+      generic_keys(what, OptValue(v, "type", o.name), Use::Read);
+    } else if (o.name == "accel") {
+      OptValue ov(v, "accel", o.name);
+      auto a = ov.get("accel").value_or("");
+      if (a != "kvm" && a != "tcg") refuse(what + " " + a, "only kvm and tcg are allowed");
+      generic_keys(what, ov, Use::Read);
+    } else if (o.name == "kernel" || o.name == "initrd" || o.name == "dtb" || o.name == "bios" ||
+               o.name == "L" || o.name == "option-rom") {
+      path(what, v, Use::Read);
+    } else if (o.name == "cdrom") {
+      path(what, v, Use::DiskRead);
+    } else if (o.name == "hda" || o.name == "hdb" || o.name == "hdc" || o.name == "hdd" || o.name == "sd" ||
+               o.name == "mtdblock" || o.name == "pflash" || o.name == "fda" || o.name == "fdb") {
+      path(what, v, Use::Disk);
+    } else if (o.name == "D") {
+      path(what, v, Use::Create);
+    } else if (o.name == "trace") {
+      OptValue ov(v, "enable", o.name);
+      if (auto f = ov.get("file")) path(what + " file=", *f, Use::Create);
+      if (auto f = ov.get("events")) path(what + " events=", *f, Use::Read);
+    } else if (o.name == "display") {
+      if (OptValue(v, "type", o.name).get("type").value_or("") != "none")
+        refuse(what + " " + v, "only -display none is allowed on a twin (it runs headless on the standby)");
+    } else if (o.name == "vnc") {
+      if (v == "none") return;
+      if (!starts_with(v, "unix:")) {
+        refuse(what + " " + v, "only -vnc none or -vnc unix:PATH in the twin's run directory are allowed");
+        return;
+      }
+      auto items = split_keyval(v.substr(5));
+      path(what, items.empty() ? "" : items[0], Use::Create);
+    } else if (o.name == "serial" || o.name == "parallel" || o.name == "debugcon" || o.name == "virtioconsole") {
+      legacy_chardev(what, v);
+    } else if (o.name == "chardev") {
+      OptValue ov(v, "backend", o.name);
+      auto b = ov.get("backend").value_or("");
+      static const std::set<std::string> ok = {"socket", "file", "null", "pty", "stdio", "ringbuf", "memory"};
+      if (!ok.count(b)) {
+        refuse(what + " " + b, "only socket, file, null, pty, stdio and ringbuf chardevs are allowed on a twin");
+        return;
+      }
+      if (b == "socket" && !ov.get("path"))
+        refuse(what + " socket", "only unix sockets (path=, in the twin's run directory) are allowed on a twin, "
+                                 "not TCP/UDP endpoints");
+      if (b == "file" && !ov.get("path")) refuse(what + " file", "file chardev without path=");
+      generic_keys(what, ov, Use::Create);
+    } else if (o.name == "device") {
+      OptValue ov(v, "driver", o.name);
+      auto d = ov.get("driver").value_or("");
+      for (const char* bad : {"vfio", "vhost", "usb-host", "ivshmem", "pci-assign", "xen", "u2f-passthru",
+                              "virtio-9p", "vfio-user", "tpm-", "pr-manager"})
+        if (starts_with(d, bad))
+          refuse(what + " " + d, "devices that pass host devices, host memory or host files to the guest, or "
+                                 "need another process, are not allowed on a twin");
+      generic_keys(what + " " + d, ov, Use::Read);
+    } else if (o.name == "drive") {
+      OptValue ov(v, "", o.name);
+      static const std::set<std::string> ok = {"file", "if", "bus", "unit", "index", "media", "cache", "aio",
+                                               "format", "readonly", "rerror", "werror", "id", "node-name",
+                                               "discard", "detect-zeroes", "serial", "cache.direct",
+                                               "cache.no-flush", "copy-on-read"};
+      for (const auto& k : ov.keys())
+        if (!ok.count(k) && !starts_with(k, "throttling."))
+          refuse(fmt::format("{} {}=", what, k), "not an allowed -drive setting on a twin (no protocol or driver "
+                                                 "options: the twin opens local image files only)");
+      const bool ro = ov.get_bool("readonly") || ov.get("media").value_or("") == "cdrom";
+      auto fmt_ = ov.get("format");
+      if (auto f = ov.get("file")) {
+        path(what + " file=", *f, ro ? Use::DiskRead : Use::Disk);
+        if (!fmt_ || (*fmt_ != "raw" && (*fmt_ != "qcow2" || !ro)))
+          refuse(what + " " + *f, "a twin's disk needs an explicit format=raw (format=qcow2 for read-only "
+                                  "images): probing a guest-written image is unsafe");
+      }
+    } else if (o.name == "blockdev") {
+      OptValue ov(v, "driver", o.name);
+      if (auto* j = ov.json_object()) {
+        blockdev_json(what, *j, false);
+      } else {
+        const bool ro = ov.get_bool("read-only");
+        for (const auto& k : ov.keys()) {
+          auto val = ov.get(k).value_or("");
+          if (k == "driver" || (k.size() > 7 && k.compare(k.size() - 7, 7, ".driver") == 0)) {
+            if (val != "file" && val != "raw" && val != "qcow2")
+              refuse(fmt::format("{} {}={}", what, k, val), "only the file, raw and qcow2 block drivers are allowed "
+                                                            "on a twin");
+          } else if (k == "filename" || (k.size() > 9 && k.compare(k.size() - 9, 9, ".filename") == 0)) {
+            path(fmt::format("{} {}=", what, k), val, ro ? Use::DiskRead : Use::Disk);
+          }
+        }
+      }
+    } else if (o.name == "netdev" || o.name == "nic" || o.name == "net") {
+      OptValue ov(v, "type", o.name);
+      auto t = ov.get("type").value_or("");
+      if (t != "tap" && t != "user" && t != "hubport" && t != "none" && !(o.name == "net" && t == "nic"))
+        refuse(what + " " + t, "only tap, user and hubport network backends are allowed on a twin");
+      if (auto tf = ov.get("tftp")) path(what + " tftp=", *tf, Use::Read);
+      generic_keys(what + " " + t, ov, Use::Read);
+    } else if (o.name == "object") {
+      OptValue ov(v, "qom-type", o.name);
+      auto t = ov.get("qom-type").value_or("");
+      if (t == "rng-random") {
+        auto f = ov.get("filename").value_or("/dev/urandom");
+        if (f != "/dev/urandom" && f != "/dev/random" && f != "/dev/hwrng")
+          refuse(what + " rng-random filename=" + f, "only /dev/urandom, /dev/random or /dev/hwrng");
+        return;
+      }
+      static const std::set<std::string> ok = {"memory-backend-memfd", "rng-builtin", "iothread", "throttle-group"};
+      if (!ok.count(t)) {
+        refuse(what + " " + t, "only memory-backend-memfd, rng-builtin, rng-random, iothread and throttle-group "
+                               "objects are allowed on a twin");
+        return;
+      }
+      generic_keys(what + " " + t, ov, Use::Read);
+    } else if (o.name == "global") {
+      // driver.prop=value
+      auto eq = v.find('=');
+      auto key = v.substr(0, eq);
+      auto prop = key.substr(key.find_last_of('.') + 1);
+      auto val = eq == std::string::npos ? "" : v.substr(eq + 1);
+      if (prop == "romfile" || prop == "file" || prop == "filename" || prop == "kernel" || prop == "initrd") {
+        if (!(prop == "romfile" && val.empty())) path(what + " " + key, val, Use::Read);
+      }
+    } else if (o.name == "smbios" || o.name == "fw_cfg") {
+      OptValue ov(v, o.name == "smbios" ? "type" : "", o.name);
+      if (auto f = ov.get("file")) path(what + " file=", *f, Use::Read);
+    } else if (o.name == "acpitable") {
+      OptValue ov(v, "", o.name);
+      for (const char* k : {"file", "data"})
+        if (auto f = ov.get(k)) {
+          size_t start = 0;
+          for (;;) {
+            auto c = f->find(':', start);
+            path(fmt::format("{} {}=", what, k), f->substr(start, c - start), Use::Read);
+            if (c == std::string::npos) break;
+            start = c + 1;
+          }
+        }
+    } else if (o.name == "sandbox") {
+      auto items = split_keyval(v);
+      if (items.empty() || !qemu_bool(items[0]))
+        refuse(what + " " + v, "the twin may not run with the seccomp sandbox switched off");
+    } else if (o.name == "audiodev") {
+      if (OptValue(v, "driver", o.name).get("driver").value_or("") != "none")
+        refuse(what + " " + v, "only -audiodev none is allowed on a twin");
+    } else if (o.name == "qmp") {
+      if (!starts_with(v, "unix:")) {
+        refuse(what + " " + v, "only unix QMP sockets in the twin's run directory");
+        return;
+      }
+      auto items = split_keyval(v.substr(5));
+      path(what, items.empty() ? "" : items[0], Use::Create);
+    } else if (o.name == "incoming") {
+      if (v != "defer") refuse(what + " " + v, "the twin takes its state only from ftd (-incoming defer)");
+    } else if (o.name == "monitor") {
+      if (v != "none") refuse(what + " " + v, "the twin's only monitor is ftd's own QMP socket");
+    } else {
+      static const std::map<std::string, std::string> why = {
+          {"plugin", "loads a shared library into QEMU"},
+          {"add-fd", "passes file descriptors the standby does not have"},
+          {"readconfig", "reads a configuration file of the primary's choice"},
+          {"writeconfig", "writes a file of the primary's choice"},
+          {"runas", "changes the user QEMU runs as"},
+          {"run-with", "changes how QEMU runs (user, chroot, async teardown)"},
+          {"chroot", "changes QEMU's root directory"},
+          {"daemonize", "detaches QEMU from ftd"},
+          {"pidfile", "writes a file of the primary's choice"},
+          {"loadvm", "loads a snapshot instead of the replicated state"},
+          {"fsdev", "exports a host directory to the guest"},
+          {"virtfs", "exports a host directory to the guest"},
+          {"mem-path", "maps a host file as guest RAM"},
+          {"gdb", "opens a debugger port"},
+          {"qtest", "opens a test control channel"},
+          {"tpmdev", "passes a host TPM or starts an emulator"},
+          {"spice", "opens a remote display port"},
+          {"mon", "adds a monitor beyond ftd's own"},
+          {"semihosting-config", "lets the guest reach host files"},
+      };
+      auto it = why.find(o.name);
+      refuse(what, it != why.end() ? it->second + ": not allowed on a twin"
+                                   : std::string("not on the standby's allow-list of QEMU options for twins (see "
+                                                 "docs/ARCHITECTURE.md, \"Security\")"));
+    }
+  }
+};
+
+}  // namespace
+
+bool path_inside(const std::string& path, const std::vector<std::string>& dirs) {
+  if (path.empty() || path[0] != '/') return false;
+  for (size_t start = 1; start <= path.size();) {
+    size_t e = path.find('/', start);
+    if (e == std::string::npos) e = path.size();
+    std::string_view comp(path.data() + start, e - start);
+    if (comp == "." || comp == "..") return false;
+    start = e + 1;
+  }
+  std::error_code ec;
+  const std::string real = std::filesystem::weakly_canonical(path, ec).string();
+  if (ec) return false;
+  for (const auto& d : dirs) {
+    if (d.empty() || d[0] != '/') continue;
+    if (!lexically_inside(path, d)) continue;
+    std::error_code ec2;
+    const std::string rd = std::filesystem::weakly_canonical(d, ec2).string();
+    if (ec2) continue;
+    if (lexically_inside(real, rd)) return true;
+  }
+  return false;
+}
+
+std::string pick_qemu_binary(const std::string& requested, const std::vector<std::string>& allowed) {
+  if (allowed.empty())
+    fail("this standby allows no QEMU binary (start ftd with --qemu-binary PATH)");
+  if (requested.empty()) return allowed[0];
+  const std::string want = basename_of(requested);
+  for (const auto& a : allowed)
+    if (basename_of(a) == want) return a;
+  fail("the primary asks for QEMU binary '{}', but this standby runs only {} (ftd --qemu-binary); the standby never "
+       "executes a binary the primary names: install that QEMU on the standby and allow it with --qemu-binary",
+       requested, fmt::join(allowed, ", "));
+}
+
+std::vector<std::string> check_twin_cmdline(const std::vector<std::string>& argv, const TwinPolicy& policy) {
+  PolicyChecker c(policy);
+  c.check(argv);
+  return std::move(c.problems);
 }
 
 }  // namespace ftvm::vmm

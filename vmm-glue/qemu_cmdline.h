@@ -73,6 +73,38 @@ struct TwinOptions {
 std::vector<std::string> make_twin_cmdline(const std::vector<std::string>& argv,
                                            const TwinOptions& opts);
 
+// ---- what the standby will execute (issue 12) --------------------------------------------------
+//
+// The twin's command line comes from the primary, over the network: the standby must not run
+// whatever it names. Policy (docs/ARCHITECTURE.md, "Security"):
+//  * the binary is one of the standby's own (ftd --qemu-binary, an allow-list of absolute
+//    paths); the primary's argv[0] only picks among them by basename (pick_qemu_binary);
+//  * every option of the twin's final command line (after make_twin_cmdline) is on an
+//    allow-list, and each option value that names a file is inside a directory the standby
+//    allows for that use (check_twin_cmdline). Everything else is refused, nothing is started.
+struct TwinPolicy {
+  std::vector<std::string> qemu_binaries;  // absolute paths the standby may execute
+  std::string run_dir;   // the twin's run dir (RUN/vms/NAME): every file/socket QEMU creates
+  std::string disk_dir;  // the twin's replica dir (DISK_DIR/NAME): writable disks; "" = none
+  // --allow-path: kernels, initrds, firmware, ROMs, read-only images and CD-ROMs.
+  std::vector<std::string> read_dirs;
+};
+
+// The allowed binary whose basename equals the basename of `requested` (the primary's argv[0]
+// or libvirt <emulator>); an empty `requested` picks allowed[0]. Throws ftvm::Error naming the
+// requested binary and the allowed ones when none matches (or `allowed` is empty).
+std::string pick_qemu_binary(const std::string& requested, const std::vector<std::string>& allowed);
+
+// Problems with the twin's command line under `policy`, one sentence each naming the option,
+// the rule and what to do; empty = the standby may execute it. argv[0] must be one of
+// policy.qemu_binaries exactly. Never throws for bad input (a malformed value is a problem).
+std::vector<std::string> check_twin_cmdline(const std::vector<std::string>& argv, const TwinPolicy& policy);
+
+// True when `path` is absolute, has no "." or ".." component, and lies strictly inside one of
+// `dirs`, both as written and after resolving the symbolic links of its existing prefix (and of
+// the dirs). Empty entries of `dirs` are ignored.
+bool path_inside(const std::string& path, const std::vector<std::string>& dirs);
+
 // Helpers exposed for tests and for other vmm-glue code.
 
 // Splits a QEMU keyval string at single commas (",," is a literal comma, unescaped in the

@@ -266,6 +266,21 @@ class Env:
         return ser
 
     # ---- daemons -----------------------------------------------------------------------------
+    def twin_policy_args(self):
+        """What a standby ftd lets twins run (issue 12): the test QEMU and synthvm, and the files
+        of the test guest and of this scenario's directory."""
+        args = []
+        help_text = subprocess.run([os.path.join(BUILD, 'ftd'), '--help'], capture_output=True, text=True).stdout
+        if '--qemu-binary' not in help_text:  # an ftd from before issue 12
+            return args
+        for b in ('/usr/bin/qemu-system-x86_64', os.path.join(BUILD, 'tests', 'synthetic-vmm', 'synthvm')):
+            if os.path.exists(b):
+                args += ['--qemu-binary', b]
+        for d in (GUEST, self.dir):
+            if os.path.isdir(d):
+                args += ['--allow-path', os.path.realpath(d)]
+        return args
+
     def start_ftd(self, name, listen=True, extra=()):
         run = self.path(name)
         os.makedirs(run, exist_ok=True)
@@ -273,7 +288,7 @@ class Env:
         args = [os.path.join(BUILD, 'ftd'), '--run-dir', run, '--log', logf,
                 '--listen', '127.0.0.1:%d' % self.port if listen else '',
                 '--heartbeat-timeout-ms', str(self.hb_timeout_ms), '--enable-fault-injection', '--verify-activation',
-                '--stats-dir', self.dir] + list(extra)
+                '--stats-dir', self.dir] + self.twin_policy_args() + list(extra)
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=open(logf + '.out', 'w'), stderr=subprocess.STDOUT)
         self.procs.append(p)
         self.track(p.pid, 'ftd ' + name)

@@ -357,6 +357,20 @@ def test_prepare_with_protected_marker_refuses():
     check(rc == 0, f"after removing the marker: exit {rc}")
 
 
+def test_prepare_marker_unreadable_refuses():
+    # The marker cannot be checked (here: STATE_DIR/protected is a file, so lstat fails with
+    # ENOTDIR; an unreadable state dir fails alike): the start is refused, not allowed.
+    e = Env()
+    open(os.path.join(e.state, "protected"), "w").close()
+    rc, out, err, dt = e.run(["vm1", "prepare", "begin", "-"], domain_xml())
+    check(rc == 1, f"exit {rc}, expected 1 (fail closed)")
+    check(err.count("\n") == 1 and "cannot check" in err and e.state in err, f"stderr: {err!r}")
+    check("start refused" in e.logtext(), f"log: {e.logtext()!r}")
+    # Other phases are not affected.
+    rc, _, _, _ = e.run(["vm1", "stopped", "end", "-"], domain_xml())
+    check(rc == 0, f"stopped: exit {rc}")
+
+
 def test_prepare_without_marker():
     e = Env()
     rc, out, err, dt = e.run(["vm1", "prepare", "begin", "-"], domain_xml())

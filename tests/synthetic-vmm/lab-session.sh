@@ -60,7 +60,8 @@ wait_for() {
 start_ftd() {  # NAME LISTEN
   mkdir -p "$W/$1"
   "$LAB/ftd" --run-dir "$W/$1" --log "$W/$1.ftd.log" --listen "$2" --heartbeat-timeout-ms 1000 \
-    --enable-fault-injection --verify-activation --verify-every-commit --stats-dir "$W" > "$W/$1.ftd.out" 2>&1 &
+    --enable-fault-injection --verify-activation --verify-every-commit --stats-dir "$W" \
+    --qemu-binary "$LAB/synthvm" > "$W/$1.ftd.out" 2>&1 &
   eval "FTD_$1=$!"
   PIDS="$PIDS $!"
   wait_for 20 "ftd $1 control socket" test -S "$W/$1/ftd.sock"

@@ -550,3 +550,60 @@ TEST_CASE("randomized model: images always equal the primary's disks at the comm
     CHECK(open_files_in(dir.spill).empty());
   }
 }
+
+TEST_CASE("ops of epochs beyond the in-flight window are refused", "[disk-journal]") {
+  TempDir dir;
+  auto raw = RawImage::create(dir.file("d0"), 64 << 10);
+  DiskJournal j({raw.get()}, kNoLimit, dir.spill);
+  const Bytes data(512, std::byte{1});
+  // Before the first commit: epoch 1 (initial copy) and 2 (may start before Commit(1)).
+  j.add(1, 0, DiskOpKind::Write, 0, data.size(), data);
+  j.add(2, 0, DiskOpKind::Write, 0, data.size(), data);
+  CHECK_THROWS_AS(j.add(3, 0, DiskOpKind::Write, 0, data.size(), data), ProtocolError);
+  CHECK_THROWS_AS(j.add(UINT64_MAX, 0, DiskOpKind::Zero, 0, 512, {}), ProtocolError);
+  CHECK(j.stats().buffered_ops == 1);
+  DiskOpDigest d1;
+  d1.add(0, DiskOpKind::Write, 0, data.size(), data);
+  j.commit(1, 1, d1.value());
+  j.add(3, 0, DiskOpKind::Zero, 0, 512, {});  // committed 1: epochs 2 and 3 may be open
+  CHECK_THROWS_WITH(j.add(4, 0, DiskOpKind::Zero, 0, 512, {}), Catch::Contains("at most epoch 3"));
+  CHECK(j.stats().buffered_ops == 2);
+}
+
+TEST_CASE("the per-op index counts against the memory budget and is capped", "[disk-journal]") {
+  TempDir dir;
+  auto raw = RawImage::create(dir.file("d0"), 1 << 20);
+  constexpr uint64_t kLimit = 64 << 10;
+  DiskJournal j({raw.get()}, kLimit, dir.spill);
+  j.commit(1, 0, DiskOpDigest().value());
+  // 600 payload-free ops hold ~56 KiB of index: a 32 KiB payload no longer fits in RAM.
+  for (int i = 0; i < 600; i++) j.add(2, 0, DiskOpKind::Zero, 0, 4096, {});
+  const Bytes data(32 << 10, std::byte{7});
+  j.add(2, 0, DiskOpKind::Write, 0, data.size(), data);
+  auto st = j.stats();
+  CHECK(st.index_bytes == 601 * DiskJournal::kOpOverhead);
+  CHECK(st.memory_bytes + st.index_bytes <= kLimit);
+  CHECK(st.spilled_bytes == data.size());
+  // The index itself is capped (max(limit, 1 MiB)): a flood of tiny ops ends with an Error.
+  uint64_t added = 0;
+  CHECK_THROWS_WITH(
+      [&] {
+        for (;; added++) j.add(2, 0, DiskOpKind::Zero, 0, 512, {});
+      }(),
+      Catch::Contains("index budget"));
+  CHECK(j.stats().index_bytes <= DiskJournal::kMinIndexBudget);
+  CHECK(added > 0);
+}
+
+TEST_CASE("spilled bytes are capped: the op is refused and nothing recorded", "[disk-journal]") {
+  TempDir dir;
+  auto raw = RawImage::create(dir.file("d0"), 1 << 20);
+  DiskJournal j({raw.get()}, 0, dir.spill, 1, /*spill_limit=*/16 << 10);
+  j.commit(1, 0, DiskOpDigest().value());
+  const Bytes data(8 << 10, std::byte{3});
+  j.add(2, 0, DiskOpKind::Write, 0, data.size(), data);
+  j.add(2, 0, DiskOpKind::Write, 8192, data.size(), data);
+  CHECK_THROWS_WITH(j.add(2, 0, DiskOpKind::Write, 16384, data.size(), data), Catch::Contains("spill limit"));
+  CHECK(j.stats().spilled_bytes == 16 << 10);
+  CHECK(j.stats().buffered_ops == 2);
+}

@@ -87,6 +87,23 @@ int main(int argc, char** argv) {
                  "be reached before it runs on alone (at least twice the standby's heartbeat timeout)")
       ->capture_default_str()
       ->check(CLI::Range(0u, 3600000u));
+  std::vector<std::string> qemu_binaries;
+  app.add_option("--qemu-binary", qemu_binaries,
+                 "Standby: a QEMU binary twins may run (absolute path; repeatable; default "
+                 "/usr/bin/qemu-system-x86_64). The primary's binary name only picks one of these by basename; "
+                 "anything else is refused")
+      ->check(CLI::ExistingFile);
+  app.add_option("--allow-path", cfg.allow_paths,
+                 "Standby: a directory whose files twins may read (kernels, initrds, firmware, ROMs, read-only images "
+                 "and CD-ROMs named by the primary; repeatable). Twins may create files only in their run directory "
+                 "and write disks only in their replica directory")
+      ->check(CLI::ExistingDirectory);
+  unsigned disk_spill_max_mib = 4096;
+  app.add_option("--disk-spill-max-mib", disk_spill_max_mib,
+                 "Standby: disk writes of uncommitted epochs spilled to files under --disk-dir per VM before the "
+                 "session is ended (the primary resynchronizes) (MiB)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 1048576u));
   bool no_output_commit = false;
   app.add_flag("--no-output-commit", no_output_commit,
                "Primary: let the guest's network output leave at once instead of after its epoch is committed "
@@ -140,6 +157,18 @@ int main(int argc, char** argv) {
   cfg.output_cap_bytes = uint64_t{output_cap_mib} << 20;
   cfg.disk_buffer_bytes = uint64_t{disk_buffer_mib} << 20;
   cfg.disk_queue_bytes = uint64_t{disk_queue_mib} << 20;
+  cfg.disk_spill_max_bytes = uint64_t{disk_spill_max_mib} << 20;
+  if (!qemu_binaries.empty()) cfg.qemu_binaries = qemu_binaries;
+  for (const auto& b : cfg.qemu_binaries)
+    if (b.empty() || b[0] != '/') {
+      fmt::print(stderr, "ftd: --qemu-binary '{}': give an absolute path\n", b);
+      return 2;
+    }
+  for (const auto& d : cfg.allow_paths)
+    if (d.empty() || d[0] != '/' || d == "/") {
+      fmt::print(stderr, "ftd: --allow-path '{}': give an absolute directory other than /\n", d);
+      return 2;
+    }
   for (const auto& m : tap_map) {
     auto eq = m.find('=');
     if (eq == std::string::npos || eq == 0 || eq + 1 == m.size() || m.size() - eq - 1 >= 16 || eq >= 16) {

@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 #include <span>
@@ -53,6 +54,15 @@ struct DaemonConfig {
   // Without an arbiter: how long a primary whose standby cannot be reached keeps its guest
   // paused (output held) before it runs on alone (at least twice the standby's timeout).
   std::chrono::milliseconds alone_after{1000};
+  // standby: the QEMU binaries a twin may run (--qemu-binary, absolute paths). The primary's
+  // argv[0] / <emulator> only picks one of them by basename (vmm::pick_qemu_binary).
+  std::vector<std::string> qemu_binaries = {"/usr/bin/qemu-system-x86_64"};
+  // standby: directories whose files a twin may read (--allow-path: kernels, firmware, ROMs,
+  // read-only images); see vmm::TwinPolicy.
+  std::vector<std::string> allow_paths;
+  // standby: the most bytes of disk writes spilled to files per VM (--disk-spill-max-mib);
+  // beyond it the session ends (the primary resynchronizes) instead of filling the disk.
+  uint64_t disk_spill_max_bytes = uint64_t{4} << 30;
 };
 
 // What `ftctl enable` asks for.

@@ -75,7 +75,7 @@ pid_t spawn(const std::vector<std::string>& argv, const std::string& log_path) {
     ::dup2(logfd.get(), 1);
     ::dup2(logfd.get(), 2);
     ::syscall(SYS_close_range, 3, ~0U, 0);
-    ::execvp(cargv[0], cargv.data());
+    ::execv(cargv[0], cargv.data());  // an absolute path from --qemu-binary: no PATH search
     const char m[] = "ftvm: exec of the twin QEMU failed\n";
     ssize_t w = ::write(2, m, sizeof m - 1);
     (void)w;
@@ -345,6 +345,15 @@ void StandbySession::run() {
   finished_ = true;
 }
 
+vmm::TwinPolicy StandbySession::twin_policy() const {
+  vmm::TwinPolicy p;
+  p.qemu_binaries = cfg_.qemu_binaries;
+  p.run_dir = vm_dir_;
+  p.disk_dir = disk_dir_;
+  p.read_dirs = cfg_.allow_paths;
+  return p;
+}
+
 void StandbySession::open(const cp::OpenSession& o) {
   if (!safe_name(o.vm_name))
     throw ProtocolError(fmt::format("VM name '{}' is not usable as a file name ([A-Za-z0-9._-], up to 128)", o.vm_name));
@@ -380,13 +389,25 @@ void StandbySession::open(const cp::OpenSession& o) {
       log::info("standby", "{}: disk '{}' ({}, {} MiB) -> replica {}", o.vm_name, o.disks[i].id, o.disks[i].source,
                 o.disks[i].size >> 20, path);
     }
-    journal_ = std::make_unique<checkpoint::DiskJournal>(imgs, cfg_.disk_buffer_bytes, vm_dir_);
+    // Spill files go beside the replicas (--disk-dir, a real file system), not into the run
+    // dir (tmpfs /run: spilling there would eat RAM), and are capped (--disk-spill-max-mib).
+    journal_ = std::make_unique<checkpoint::DiskJournal>(imgs, cfg_.disk_buffer_bytes, disk_dir_, 1,
+                                                         cfg_.disk_spill_max_bytes);
     update_disk_status();
   }
   if (!o.libvirt_xml.empty()) {
     start_libvirt_twin(o, to.disk_files);
   } else {
-    auto argv = vmm::make_twin_cmdline(o.qemu_argv, to);
+    // What the standby executes is its own decision (issue 12): the binary is one of
+    // --qemu-binary, and every option and file of the final command line passes the twin policy.
+    if (o.qemu_argv.empty()) throw ProtocolError("OpenSession without a QEMU command line and without libvirt XML");
+    auto peer_argv = o.qemu_argv;
+    peer_argv[0] = vmm::pick_qemu_binary(peer_argv[0], cfg_.qemu_binaries);
+    auto argv = vmm::make_twin_cmdline(peer_argv, to);
+    if (auto problems = vmm::check_twin_cmdline(argv, twin_policy()); !problems.empty())
+      throw Error(fmt::format("refusing to start the twin: its command line breaks this standby's policy "
+                              "(docs/ARCHITECTURE.md, \"Security\"): {}",
+                              fmt::join(problems, "; ")));
     // The twin's taps stay admin-down until activation: frames queued on a paused twin's tap
     // would reach the guest stale when it resumes (and confuse its TCP).
     for (const auto& [p, tap] : cfg_.twin_tap_map)
@@ -415,6 +436,7 @@ void StandbySession::open(const cp::OpenSession& o) {
   twin_ram_ = std::make_unique<vmm::MappedRam>(twin_pid_, gr, vmm::MappedRam::Access::ReadWrite);
   replica_ = std::make_unique<cp::Replica>(as_span(*twin_ram_), uint64_t{8} << 20);
   conn_->register_region(cp::kRegionRam, as_span(*twin_ram_));
+  ram_region_open_ = true;
   conn_->register_region(cp::kRegionStaging, replica_->staging());
   set_state("syncing");
   send_msg(*conn_, cp::SessionReady{session_id_, replica_->staging().size(), twin_pid_,
@@ -499,6 +521,15 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
     case MsgType::Commit: {
       auto c = cp::decode<cp::Commit>(m.body);
       check_sid(c.session_id);
+      if (ram_region_open_) {
+        // The full sync is over (every region-1 write precedes the first Commit on the wire):
+        // from now on the twin's RAM changes only through verified epochs (Replica::apply), so
+        // the peer loses direct write access to it. A region-1 write after this is a
+        // ProtocolError and ends the session.
+        conn_->unregister_region(cp::kRegionRam);
+        ram_region_open_ = false;
+        log::info("standby", "{}: full sync done; twin RAM no longer writable by the primary", name());
+      }
       // The epoch's disk writes must be complete before its RAM is applied: RAM and disk move
       // to epoch N together. Missing or altered disk writes cannot be retransmitted: the
       // ProtocolError ends the session (the primary resynchronizes).
@@ -540,6 +571,17 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
     case MsgType::Activate: {
       auto a = cp::decode<cp::Activate>(m.body);
       check_sid(a.session_id);
+      if (!replica_ || !replica_->has_checkpoint()) {
+        // Nothing committed: the twin holds no state to resume. The primary still runs the
+        // guest; the twin goes.
+        const std::string why = "planned failover requested before any checkpoint was committed: the twin holds no "
+                                "state to resume (the primary keeps running the guest; wait for the first Commit)";
+        log::error("standby", "{}: refusing Activate: {}", name(), why);
+        send_msg(*conn_, cp::ActivateDone{session_id_, 0u, why});
+        conn_->flush();
+        destroy_twin("Activate before any committed checkpoint");
+        return false;
+      }
       activate("planned failover requested by the primary", wall_ms());
       bool ok = active_;
       std::string text;
@@ -577,24 +619,23 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
 // state exactly like a plain twin. After activation it is defined persistently (without the
 // -incoming argument): a normal domain of this host.
 void StandbySession::start_libvirt_twin(const cp::OpenSession& o, const std::map<std::string, std::string>& disks) {
-  if (cfg_.libvirt_uri.empty())
-    throw Error(fmt::format("the primary protects libvirt domain '{}' but this ftd runs without libvirt "
-                            "(--libvirt-uri ''); start the standby ftd with a libvirt URI", o.vm_name));
-  auto conn = vmm::lv::Connection::open(cfg_.libvirt_uri);
   vmm::TwinXmlOptions x;
   x.name = o.vm_name + cfg_.twin_name_suffix;
   x.uuid = cfg_.twin_name_suffix.empty() ? "" : "generate";
   x.disk_files = disks;
   x.socket_dir = vm_dir_;
-  // QEMU runs as libvirt's user: it must reach the sockets it creates in the VM's run dir.
-  for (std::filesystem::path d = vm_dir_; !d.empty() && d != d.root_path(); d = d.parent_path()) {
-    struct stat st {};
-    if (::stat(d.c_str(), &st) == 0 && (st.st_mode & 0111) != 0111) ::chmod(d.c_str(), (st.st_mode & 07777) | 0111);
-  }
+  const vmm::TwinPolicy policy = twin_policy();
+  x.policy = &policy;
   // As for a plain twin: the device state from xen-save-devices-state has no configuration
   // section, so the twin must not expect one.
   x.extra_qemu_args = {"-incoming", "defer", "-global", "migration.send-configuration=off"};
-  const auto xml = vmm::twin_xml(o.libvirt_xml, x);
+  const auto xml = vmm::twin_xml(o.libvirt_xml, x);  // checks the policy (throws): before libvirt sees it
+  if (cfg_.libvirt_uri.empty())
+    throw Error(fmt::format("the primary protects libvirt domain '{}' but this ftd runs without libvirt "
+                            "(--libvirt-uri ''); start the standby ftd with a libvirt URI", o.vm_name));
+  // QEMU runs as libvirt's user: it must reach the sockets it creates in the VM's run dir.
+  make_run_dir_reachable(vm_dir_, cfg_.run_dir);
+  auto conn = vmm::lv::Connection::open(cfg_.libvirt_uri);
   {
     UniqueFd f(::open((vm_dir_ + "/twin.xml").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
     if (f && ::write(f.get(), xml.data(), xml.size()) < 0) log::warn("standby", "writing twin.xml failed");
@@ -653,8 +694,10 @@ void StandbySession::primary_silent(const std::string& why) {
 
 void StandbySession::activate(const std::string& reason, double declared_wall_ms) {
   const auto t0 = Clock::now();
-  if (!replica_ || !replica_->has_checkpoint()) {
-    destroy_twin(reason + "; no committed checkpoint yet, nothing to resume");
+  if (!replica_ || !replica_->has_checkpoint()) {  // callers check; never resume a twin without state
+    log::error("standby", "{}: not activating ({}): no committed checkpoint", name(), reason);
+    destroy_twin("activation without a committed checkpoint");
+    set_state("activation-failed", "no committed checkpoint");
     return;
   }
   if (!settle(Fate::Activating)) {
@@ -883,6 +926,34 @@ nlohmann::json StandbySession::status() const {
           {"last_commit_age_ms", last_commit_wall_ms_ > 0 ? wall_ms() - last_commit_wall_ms_ : 0.0},
           {"activation", activation_},
           {"disk", disk_status_}};
+}
+
+void make_run_dir_reachable(const std::string& vm_dir, const std::string& run_dir) {
+  namespace fs = std::filesystem;
+  const fs::path run = fs::path(run_dir).lexically_normal();
+  const fs::path vm = fs::path(vm_dir).lexically_normal();
+  auto rel = vm.lexically_relative(run);
+  if (rel.empty() || *rel.begin() == "..")
+    fail("twin run directory {} is not inside ftd's run directory {} (caller bug)", vm_dir, run_dir);
+  // ftd's own directories: RUN_DIR and below.
+  for (fs::path d = vm;; d = d.parent_path()) {
+    struct stat st {};
+    check_sys(::stat(d.c_str(), &st), fmt::format("stat {}", d.string()));
+    if ((st.st_mode & 0111) != 0111)
+      check_sys(::chmod(d.c_str(), (st.st_mode & 07777) | 0111), fmt::format("chmod o+x {}", d.string()));
+    if (d == run || d == d.parent_path()) break;
+  }
+  // Above RUN_DIR: the operator's directories, never changed; check instead.
+  for (fs::path d = run.parent_path(); !d.empty(); d = d.parent_path()) {
+    struct stat st {};
+    check_sys(::stat(d.c_str(), &st), fmt::format("stat {}", d.string()));
+    if ((st.st_mode & 0001) == 0)
+      fail("QEMU of a libvirt twin runs as libvirt's user and cannot reach its sockets in {}: the directory {} above "
+           "ftd's --run-dir is not searchable by others (mode {:o}); ftd does not change directories it does not "
+           "own: choose a --run-dir whose parents are (e.g. /run/ftvm), or `chmod o+x {}` yourself",
+           vm_dir, d.string(), st.st_mode & 07777, d.string());
+    if (d == d.parent_path()) break;
+  }
 }
 
 }  // namespace ftvm::ftd

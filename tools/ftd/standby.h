@@ -37,9 +37,16 @@
 #include "vmm-glue/process.h"
 #include "vmm-glue/libvirt.h"
 #include "vmm-glue/libvirt_xml.h"
+#include "vmm-glue/qemu_cmdline.h"
 #include "vmm-glue/qmp.h"
 
 namespace ftvm::ftd {
+
+// Makes `vm_dir` (a directory inside `run_dir`, ftd's --run-dir) reachable for QEMU running as
+// another user (libvirt's): adds o+x to vm_dir and its parents up to run_dir, which ftd owns.
+// Directories above run_dir are the operator's and are never changed: if one is not searchable
+// by others, throws ftvm::Error naming it and the fix. Throws SysError when stat/chmod fail.
+void make_run_dir_reachable(const std::string& vm_dir, const std::string& run_dir);
 
 class StandbySession {
  public:
@@ -83,6 +90,7 @@ class StandbySession {
   bool arbiter_allows_activation(std::chrono::milliseconds silent_for);
   void run();
   void open(const checkpoint::OpenSession& o);
+  vmm::TwinPolicy twin_policy() const;  // what this session's twin may run and touch
   bool handle(const transport::ControlMessage& m);  // false = session over
   void primary_silent(const std::string& why);
   void activate(const std::string& reason, double declared_wall_ms);
@@ -124,6 +132,7 @@ class StandbySession {
   std::vector<std::unique_ptr<checkpoint::RawImage>> images_;
   std::unique_ptr<checkpoint::DiskJournal> journal_;
   void update_disk_status();  // session thread: refreshes disk_status_ (under mu_)
+  bool ram_region_open_ = false;  // region 1 (twin RAM) registered: only until the first Commit
   uint64_t begun_epoch_ = 0;  // last EpochBegin seen (diagnosis of torn epochs)
   std::string last_rejection_;
 

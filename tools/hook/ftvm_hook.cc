@@ -9,8 +9,9 @@
 // marker exists (ftd writes it when the domain failed over to the standby while this host was its
 // primary; starting it here would run two copies), or whose STATE_DIR/protected/UUID marker exists
 // (ftd keeps it while the domain is protected; left behind when ftd or the host died, after which
-// the standby resumed the twin). Then it prints the reason on stderr and exits 1, and libvirt
-// refuses the start with that message.
+// the standby resumed the twin), or whose marker cannot be checked (lstat fails other than with
+// ENOENT: fail closed). Then it prints the reason on stderr and exits 1, and libvirt refuses the
+// start with that message.
 //
 // For a domain whose XML carries
 //   <metadata><ftvm:protection xmlns:ftvm="https://ftvm.dev/xmlns/protection/1"
@@ -656,9 +657,20 @@ int run(int argc, char** argv) {
                                marker, clean(name)));
         return 1;
       }
-      if (stat_errno != ENOENT)
-        g_log.info(fmt::format("cannot check marker {} ({}); start allowed", marker, std::strerror(stat_errno)));
-      else if (dom->has_element)
+      if (stat_errno != ENOENT) {
+        // Fail closed: a marker that cannot be checked may exist, and a wrong "allowed" runs
+        // two copies of the VM, while a wrong refusal only delays a start until it is fixed.
+        std::string reason = fmt::format(
+            "ftvm: refusing to start domain '{}': cannot check the failover marker {} ({}), so it cannot be ruled "
+            "out that a copy already runs on the standby. Fix the state directory {} (ftd's --state-dir, hook.conf "
+            "state_dir=) so that the hook can read it, then start the domain again.",
+            clean(name), marker, std::strerror(stat_errno), cfg.state_dir);
+        std::fprintf(stderr, "%s\n", reason.c_str());
+        g_log.info(fmt::format("start refused (exit 1): cannot check marker {} ({})", marker,
+                               std::strerror(stat_errno)));
+        return 1;
+      }
+      if (dom->has_element)
         g_log.debug(fmt::format("no marker {}; start allowed", marker));
     }
     return 0;
