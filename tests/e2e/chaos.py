@@ -60,10 +60,19 @@ D=%(dir)s
 echo "$(date +%%s.%%N) $FTVM_FENCE_ACTION peer=$FTVM_PEER vm=$FTVM_VM" >> $D/fence.calls
 mkdir $D/fence.lock 2>/dev/null || { echo "fence device already fired"; exit 1; }
 echo "$FTVM_FENCE_ACTION" > $D/fence.lock/by
+# A power switch reports success once the host is off: kill the host's processes and wait
+# until they are gone.
 case "$FTVM_FENCE_ACTION" in
-  fence-standby) kill -9 $(cat $D/standby.ftd.pid) $(cat $D/standby/vms/%(vm)s/twin.pid 2>/dev/null) 2>/dev/null ;;
-  fence-primary) kill -9 $(cat $D/primary.ftd.pid) 2>/dev/null ;;
+  fence-standby) victims="$(cat $D/standby.ftd.pid) $(cat $D/standby/vms/%(vm)s/twin.pid 2>/dev/null)" ;;
+  fence-primary) victims="$(cat $D/primary.ftd.pid) $(cat $D/primary.qemu.pid)" ;;
 esac
+kill -9 $victims 2>/dev/null
+for i in $(seq 200); do
+  alive=0
+  for p in $victims; do [ -e /proc/$p ] && ! grep -q '^State:.*Z' /proc/$p/status 2>/dev/null && alive=1; done
+  [ $alive = 0 ] && break
+  sleep 0.01
+done
 echo fenced
 '''
 
@@ -224,6 +233,8 @@ class Chaos:
             wait_for(lambda: any('INIT: eth0' in l for _, l in g.serial.all()), 90, 'guest network up')
             g.serial.wait_ticks(2, 90)
             gone = watch_exit(g.pid)
+            with open(env.path('primary.qemu.pid'), 'w') as f:
+                f.write('%d\n' % g.pid)
             P = self.start_ftd(env, h, 'primary')
             S = self.start_ftd(env, h, 'standby')
             P.ctl('enable', '--qmp', g.qmp, '--peer', '%s:%d' % (h.sip, env.port), '--name', VM, '--timeout', '120')

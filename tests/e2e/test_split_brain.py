@@ -160,10 +160,18 @@ D=%(dir)s
 echo "$(date +%%s.%%N) $FTVM_FENCE_ACTION peer=$FTVM_PEER vm=$FTVM_VM" >> $D/fence.calls
 mkdir $D/fence.lock 2>/dev/null || { echo "fence device already fired"; exit 1; }
 echo "$FTVM_FENCE_ACTION" > $D/fence.lock/by
+# A power switch reports success once the host is off: kill its processes, wait until gone.
 case "$FTVM_FENCE_ACTION" in
-  fence-standby) kill -9 $(cat $D/standby.ftd.pid) $(cat $D/standby/vms/%(vm)s/twin.pid 2>/dev/null) ;;
-  fence-primary) kill -9 $(cat $D/primary.ftd.pid) ;;
+  fence-standby) victims="$(cat $D/standby.ftd.pid) $(cat $D/standby/vms/%(vm)s/twin.pid 2>/dev/null)" ;;
+  fence-primary) victims="$(cat $D/primary.ftd.pid) $(cat $D/primary.qemu.pid)" ;;
 esac
+kill -9 $victims 2>/dev/null
+for i in $(seq 200); do
+  alive=0
+  for p in $victims; do [ -e /proc/$p ] && ! grep -q '^State:.*Z' /proc/$p/status 2>/dev/null && alive=1; done
+  [ $alive = 0 ] && break
+  sleep 0.01
+done
 echo fenced
 '''
 
@@ -182,6 +190,8 @@ def partition(direction):
             for d in (P, S):
                 with open(env.path('%s.ftd.pid' % d.name), 'w') as f:
                     f.write('%d\n' % d.proc.pid)
+            with open(env.path('primary.qemu.pid'), 'w') as f:
+                f.write('%d\n' % g.pid)
             gone = watch_exit(g.pid)
             with Partition(env.port, direction):
                 wait_for(lambda: os.path.exists(env.path('fence.lock', 'by')), 30, 'a fence to fire')

@@ -558,6 +558,14 @@ bool PrimarySession::settle_broken_session(const std::string& why, bool activate
       return false;
     }
   }
+  // Paused, the guest cannot run by itself and only this thread resumes it, after settling: the
+  // watchdog has nothing to guard against now (and settling blocks in connects and handshakes).
+  // ftd's death still fences it (the guard stays armed).
+  try {
+    guard_->arm(std::chrono::milliseconds(0));
+  } catch (const std::exception& e) {
+    log::error("primary", "{}: {}", name_, e.what());
+  }
   const uint64_t sid = session_id_;
   conn_.reset();
   hb_.reset();
