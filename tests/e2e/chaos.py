@@ -39,8 +39,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from ftvm_e2e import (BUILD, Env, Failure, Ftd, check, check_continuity, log, pid_alive, wait_for,  # noqa: E402
-                      watch_exit)
+import threading  # noqa: E402
+
+from ftvm_e2e import (BUILD, Env, Failure, Ftd, Serial, check, check_continuity, log, pid_alive,  # noqa: E402
+                      wait_for, watch_exit)
 from test_output_commit import CLIENT  # noqa: E402
 
 VM = 'vm1'
@@ -216,10 +218,27 @@ class Chaos:
             check(not late, 'SPLIT BRAIN: primary ticks %s after a twin started at %.3f' % (late[:5], first))
 
     def attach_twin(self, env, S, twins):
-        """A reader on the current twin's serial console (each new session starts a new twin)."""
-        if twins and twins[-1].is_alive() and twins[-1].connected.is_set():
+        """A reader on the current twin's serial console (each new session starts a new twin;
+        QEMU drops console output while nobody reads, so a reader must be there before the twin
+        resumes: the watcher thread started in run() attaches one as soon as a twin appears)."""
+        if twins and twins[-1].is_alive():
             return
-        twins.append(env.twin_serial(S, VM))
+        sock = os.path.join(S.run_dir, 'vms', VM, 'serial.sock')
+        if not os.path.exists(sock):
+            return
+        ser = Serial(sock, env.path('twin-%s.%d.serial.log' % (VM, len(twins))))
+        ser.start()
+        env.serials.append(ser)
+        ser.connected.wait(5)
+        twins.append(ser)
+
+    def watch_twins(self, env, twins, stop):
+        while not stop.is_set():
+            try:
+                self.attach_twin(env, self.S, twins)
+            except Exception as e:  # keep watching; the checks report what matters
+                log('twin serial watcher: %s' % e)
+            time.sleep(0.02)
 
     def run(self):
         t0 = time.time()
@@ -239,7 +258,10 @@ class Chaos:
             S = self.start_ftd(env, h, 'standby')
             P.ctl('enable', '--qmp', g.qmp, '--peer', '%s:%d' % (h.sip, env.port), '--name', VM, '--timeout', '120')
             twins = []
-            self.attach_twin(env, S, twins)
+            self.S = S
+            stop_watch = threading.Event()
+            threading.Thread(target=self.watch_twins, args=(env, twins, stop_watch), daemon=True).start()
+            wait_for(lambda: twins, 30, 'a reader on the twin console')
             out, stopf = env.path('client.out'), env.path('client.stop')
             open(env.path('client.py'), 'w').write(CLIENT)
             cp = subprocess.Popen(['ip', 'netns', 'exec', h.nsC, sys.executable, env.path('client.py'), h.gip, '7001',
@@ -250,13 +272,13 @@ class Chaos:
             names = [n for n, w in FAULTS for _ in range(w)]
             for i in range(self.nfaults):
                 S = self.wait_protected(env, h, P, S, 'protection before fault %d' % i)
-                time.sleep(0.3)
-                self.attach_twin(env, S, twins)
-                time.sleep(self.rng.uniform(0.0, 1.2))
+                self.S = S
+                time.sleep(0.3 + self.rng.uniform(0.0, 1.2))
                 fault = self.rng.choice(names)
                 log('seed %d fault %d: %s' % (self.seed, i, fault))
                 ended = self.inject(fault, env, h, g, P, S)
                 S = ended.get('standby', S)
+                self.S = S
                 n_before = len(self.client_ok(out))
                 # Let it settle; then the invariants.
                 time.sleep(3.0)
@@ -282,6 +304,7 @@ class Chaos:
                     self.done.append((fault, 'standby fenced or down, rebooted'))
                 else:
                     self.done.append((fault, 'primary ran on'))
+            stop_watch.set()
             open(stopf, 'w').close()
             cp.wait(90)
             nums = self.client_ok(out)
@@ -314,7 +337,8 @@ class Chaos:
         except (OSError, ValueError):
             pass
         sh('rm', '-rf', env.path('fence.lock'))
-        return self.start_ftd(env, h, 'standby')
+        self.S = self.start_ftd(env, h, 'standby')
+        return self.S
 
     def inject(self, fault, env, h, g, P, S):
         r = {}

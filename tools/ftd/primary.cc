@@ -1208,8 +1208,10 @@ void PrimarySession::send_epoch(uint64_t epoch, bool final) {
   commit_sent_this_session_ = true;  // from here on the standby may hold a checkpoint
   if (epoch == 1 || state_ != "protected") {
     // The standby may take over from now on: the guard kills QEMU if ftd dies or stops pinging
-    // it for 0.6 x the standby's timeout (minus two heartbeat periods of slack).
-    const auto w = std::min(standby_timeout_ * 6 / 10, standby_timeout_ - 2 * cfg_.heartbeat_interval);
+    // it for 0.8 x the standby's timeout, at most T - 2 heartbeat periods: the standby acts no
+    // earlier than T after the last frame, which left at most one heartbeat period before the
+    // last ping, and resuming the twin takes tens of ms more.
+    const auto w = std::min(standby_timeout_ * 8 / 10, standby_timeout_ - 2 * cfg_.heartbeat_interval);
     guard_watchdog_ = std::max(w, std::chrono::milliseconds(20));
     guard_->arm(guard_watchdog_);
     last_guard_ping_ = Clock::now();

@@ -15,7 +15,7 @@
 // guest and keeps its output held ("settling") until it knows it is the only copy: the standby
 // answers a Resolve (protocol.h) with "dropped"/"unknown", or the arbiter says Yes. "active"
 // (or an arbiter's Fence) kills the guest here. The guard (guard.h) kills QEMU when ftd itself
-// stops pinging it for 0.6 x the standby's timeout (ftd hung, stopped or dead).
+// stops pinging it for 0.8 x the standby's timeout (ftd hung, stopped or dead).
 #pragma once
 
 #include <atomic>
