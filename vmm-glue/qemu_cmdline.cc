@@ -241,7 +241,7 @@ bool qemu_bool(const std::string& v) {
   return l == "on" || l == "yes" || l == "true" || l == "y";
 }
 
-std::vector<std::string> check_protectable(const std::vector<std::string>& argv) {
+std::vector<std::string> check_protectable(const std::vector<std::string>& argv, bool incoming_completed) {
   std::vector<std::string> problems;
   auto opts = parse_argv(argv);
 
@@ -288,7 +288,7 @@ std::vector<std::string> check_protectable(const std::vector<std::string>& argv)
           "-mem-path {}: guest RAM backed by a file is not supported (ftd finds and maps guest "
           "RAM through a shared memfd); remove -mem-path and {}",
           v, kMemfdHint));
-    } else if (o.is("incoming")) {
+    } else if (o.is("incoming") && !incoming_completed) {
       problems.push_back(fmt::format(
           "-incoming {}: this QEMU is a migration target waiting for its state, not a running "
           "guest; protect the VM after the migration completed (on the host it runs on)",

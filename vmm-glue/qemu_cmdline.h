@@ -32,8 +32,11 @@ namespace ftvm::vmm {
 //  * vhost-user devices and `-netdev vhost-user`: another process writes guest RAM.
 //  * vhost in the kernel (`-netdev tap,vhost=on|vhostforce=on|vhostfd=`, vhost-vsock, vhost-scsi)
 //    and vfio-pci: writes by vhost worker threads / device DMA are not verified to be tracked.
-//  * `-incoming`: the process is a migration target, not a running guest.
-std::vector<std::string> check_protectable(const std::vector<std::string>& argv);
+//  * `-incoming`: the process is a migration target, not a running guest — unless
+//    `incoming_completed` (the caller asked QEMU: its incoming migration completed and the guest
+//    runs: a twin that took over, which is an ordinary guest from then on and can be protected
+//    again; the standby's twin command line drops the old `-incoming`/`-S`).
+std::vector<std::string> check_protectable(const std::vector<std::string>& argv, bool incoming_completed = false);
 
 struct TwinOptions {
   std::string run_dir;      // directory for every file/socket the twin creates (must not be

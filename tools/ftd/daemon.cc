@@ -137,11 +137,6 @@ checkpoint::Resolution Daemon::resolve(const checkpoint::Resolve& r) {
     std::lock_guard<std::mutex> g(mu_);
     for (auto& s : standbys_)
       if (!s->transient() && s->session_id() == r.session_id) hit = s;
-    if (!hit)
-      for (auto& s : standbys_)
-        if (!s->transient() && s->active() && s->name() == r.vm_name)
-          return {r.session_id, Verdict::Active,
-                  fmt::format("VM '{}' failed over to this host and runs here (another session)", r.vm_name)};
   }
   if (hit) {
     std::string text;
@@ -243,8 +238,12 @@ void Daemon::listen_loop() {
     {
       std::lock_guard<std::mutex> g(mu_);
       // Forget sessions that ended without activating; keep active ones for status.
-      std::erase_if(standbys_, [](const auto& x) {
-        return x->finished() && !x->active() && (x.use_count() == 1 || x->transient());
+      // Forget sessions that ended without activating, and activated ones whose twin no longer
+      // runs (it died later, e.g. killed as the primary of the next failover).
+      std::erase_if(standbys_, [this](const auto& x) {
+        if (!x->finished()) return false;
+        if (x->active()) return x->twin_pid() <= 0 || adopted_twin(x->name()) != x->twin_pid();
+        return x.use_count() == 1 || x->transient();
       });
       standbys_.push_back(s);
     }
@@ -262,11 +261,11 @@ void Daemon::claim_standby(const std::string& name, StandbySession* self) {
     if (pid_t p = adopted_twin(name); p > 0)
       fail("VM '{}' already failed over to this host and runs here (twin pid {}); refusing to create another twin",
            name, p);
+    // (an activated twin that ran here and died since, e.g. killed as the primary of a later
+    // failover, no longer counts: adopted_twin() checks that it still runs)
     for (auto& s : standbys_) {
       if (s.get() == self || s->name() != name) continue;
-      if (s->active())
-        fail("VM '{}' already failed over to this host and runs here; refusing to create another twin", name);
-      if (!s->finished()) old.push_back(s);
+      if (!s->active() && !s->finished()) old.push_back(s);
     }
   }
   for (auto& s : old) {

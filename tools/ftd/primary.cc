@@ -116,7 +116,20 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req) : cfg
   argv_ = vmm::read_cmdline(qemu_pid_);
   if (name_.empty()) name_ = req_.name.empty() ? default_name(argv_, req_.qmp_socket) : req_.name;
 
-  if (problems.empty()) problems = vmm::check_protectable(argv_);
+  bool incoming_completed = false;
+  if (std::find(argv_.begin(), argv_.end(), "-incoming") != argv_.end()) {
+    // A twin that took over (here, from an earlier failover) still carries `-incoming defer`:
+    // once its incoming migration completed it is an ordinary guest and may be protected again.
+    try {
+      incoming_completed = qmp_->execute("query-migrate").value("status", "") == "completed";
+    } catch (const std::exception& e) {
+      log::warn("primary", "{}: query-migrate: {}", name_, e.what());
+    }
+  }
+  if (problems.empty()) problems = vmm::check_protectable(argv_, incoming_completed);
+  if (incoming_completed)
+    log::info("primary", "{}: QEMU pid {} was a migration target whose state arrived (a twin that took over): "
+              "protecting it like any running guest", name_, qemu_pid_);
   auto st = qmp_->execute("query-status");
   const std::string run_state = st.value("status", "");
   if (run_state != "running" && run_state != "paused")

@@ -369,6 +369,10 @@ void StandbySession::open(const cp::OpenSession& o) {
   sid_ = o.session_id;
   vm_dir_ = cfg_.run_dir + "/vms/" + o.vm_name;
   std::filesystem::create_directories(vm_dir_);
+  // The claim passed: no activated twin of this VM runs here. A marker left by one that ran
+  // here earlier (and died since, e.g. as the primary of a later failover) is stale.
+  if (::unlink((vm_dir_ + "/active").c_str()) == 0)
+    log::info("standby", "{}: removed the stale 'active' marker of an earlier twin", o.vm_name);
   const std::string qmp = vm_dir_ + "/twin-qmp.sock";
   ::unlink(qmp.c_str());
   vmm::TwinOptions to;

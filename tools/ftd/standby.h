@@ -75,6 +75,8 @@ class StandbySession {
   bool adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<transport::Connection>& conn);
   nlohmann::json status() const;
   uint64_t session_id() const { return sid_; }
+  // The twin's QEMU pid (-1 before it exists / after it was destroyed); stable once finished().
+  pid_t twin_pid() const { return twin_pid_; }
 
   // Thread-safe. Settles this session's fate for the primary's Resolve: a twin not yet being
   // resumed is dropped for good (the session ends and destroys it); returns the verdict.

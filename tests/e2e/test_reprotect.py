@@ -1,0 +1,91 @@
+#!/usr/bin/python3
+"""Protection after a failover (CTest label `reprotect`, issue 11 in part): the twin that took
+over is an ordinary guest and is protected again, towards the host it came from; one guest
+fails over back and forth between two ftd daemons, each the standby of the other.
+
+  back-and-forth: N cycles (FTVM_REPROTECT_CYCLES, default 10) of kill -9 of the current
+      primary QEMU at a random moment; every cycle the twin resumes from the committed
+      checkpoint (tick continuity, no reboot), is protected again with `ftctl enable --qmp
+      <the twin's QMP socket> --peer <the other ftd>`, and the next kill lands on it. Prints the
+      time from each failover to protected again.
+"""
+import os
+import random
+import signal
+import time
+
+from ftvm_e2e import (Env, Serial, check, check_continuity, free_port, log, main, wait_for, watch_exit)
+
+VM = 'vm1'
+
+
+def back_and_forth():
+    cycles = int(os.environ.get('FTVM_REPROTECT_CYCLES', '10'))
+    rng = random.Random(int(os.environ.get('FTVM_SEED', '11')))
+    with Env('reprotect') as env:
+        g = env.boot_guest(mem=256, dirty_kib_s=1024)
+        g.serial.wait_ticks(3, 90)
+        port_b = env.port
+        env.port = free_port()
+        A = env.start_ftd('a', listen=True)
+        port_a = env.port
+        env.port = port_b
+        B = env.start_ftd('b', listen=True)
+        hosts = {'a': (A, port_a), 'b': (B, port_b)}
+        primary, standby = 'a', 'b'
+        qmp_sock, pid, serial = g.qmp, g.pid, g.serial
+        times = []
+        for c in range(cycles):
+            P, _ = hosts[primary]
+            S, sport = hosts[standby]
+            t0 = time.time()
+            P.ctl('enable', '--qmp', qmp_sock, '--peer', '127.0.0.1:%d' % sport, '--name', VM, '--timeout', '120')
+            v = [x for x in P.status() if x['name'] == VM and x['role'] == 'primary'][0]
+            check(v['state'] == 'protected', 'cycle %d: not protected: %s' % (c, v))
+            if c:
+                times.append(t0_protect_wait(t_failover, time.time()))
+            twin_sock = os.path.join(S.run_dir, 'vms', VM, 'serial.sock')
+            twin = Serial(twin_sock, env.path('twin-%d.serial.log' % c))
+            twin.start()
+            env.serials.append(twin)
+            twin.connected.wait(20)
+            check(twin.connected.is_set(), 'cycle %d: twin console never appeared' % c)
+            time.sleep(rng.uniform(0.8, 2.0))
+            gone = watch_exit(pid)
+            log('cycle %d: kill -9 of the primary QEMU pid %d on %s' % (c, pid, primary))
+            t_failover = time.time()
+            os.kill(pid, signal.SIGKILL)
+            def activated():
+                for x in S.status():
+                    a = x.get('activation') or {}
+                    if x['name'] == VM and x['state'] == 'active' and a.get('cont_wall_ms', 0) > t_failover * 1000:
+                        return a
+                return None
+            a = wait_for(activated, 30, 'cycle %d: twin active' % c)
+            wait_for(gone, 10, 'primary QEMU exit')
+            check(gone() * 1000 < a['cont_wall_ms'], 'cycle %d: the primary QEMU exited after the twin resumed' % c)
+            recs = {r['epoch']: r for r in P.epochs(VM)}
+            cut = recs[a['epoch']]['wall_ms'] if a['epoch'] in recs else P.committed_cut_ms(VM, a['epoch'])
+            first, last = check_continuity(serial, twin, cut)
+            # The twin is the VM now: its QMP socket is free (the standby let go of it).
+            qmp_sock = os.path.join(S.run_dir, 'vms', VM, 'twin-qmp.sock')
+            pid = int(open(os.path.join(S.run_dir, 'vms', VM, 'twin.pid')).read())
+            serial = twin
+            env.track(pid, 'twin %d' % c)
+            primary, standby = standby, primary
+            # The epochs file is per VM name: start each cycle's record fresh.
+            try:
+                os.rename(os.path.join(env.dir, '%s.epochs.jsonl' % VM),
+                          os.path.join(env.dir, '%s.epochs.%d.jsonl' % (VM, c)))
+            except FileNotFoundError:
+                pass
+        log('%d failovers back and forth; failover -> protected again (s): %s; median %.2f' %
+            (cycles, ['%.2f' % t for t in times], sorted(times)[len(times) // 2] if times else 0))
+
+
+def t0_protect_wait(t_failover, t_protected):
+    return t_protected - t_failover
+
+
+if __name__ == '__main__':
+    main({'back-and-forth': back_and_forth})
