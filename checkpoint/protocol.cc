@@ -118,6 +118,7 @@ std::vector<std::byte> encode(const OpenSession& m) {
   }
   w.str(m.libvirt_xml, kMaxDomainXml);
   w.str(m.arbiter);
+  w.u32(m.reprotect_port);
   return std::move(w.out);
 }
 template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
@@ -148,7 +149,9 @@ template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
   }
   m.libvirt_xml = r.str(kMaxDomainXml);
   m.arbiter = r.str(64);
+  m.reprotect_port = r.u32();
   r.done();
+  if (m.reprotect_port > 65535) throw ProtocolError(fmt::format("OpenSession: reprotect port {} out of range", m.reprotect_port));
   if (m.arbiter.empty()) throw ProtocolError("OpenSession: empty arbiter kind");
   if (m.page_size != 4096) throw ProtocolError(fmt::format("OpenSession: page size {} unsupported (4096 only)", m.page_size));
   if (m.ram_size == 0 || m.ram_size % 4096 != 0)

@@ -137,6 +137,9 @@ struct OpenSession {
   // "fence-command", "corosync", ...). The standby refuses a session whose kind it does not
   // have configured: a VM arbitrated on one side only is not arbitrated.
   std::string arbiter = "none";
+  // reprotect=auto: the port this primary's ftd listens on for replication. When the twin takes
+  // over, the standby protects it again towards <this primary's address>:port (0 = manual).
+  uint32_t reprotect_port = 0;
 };
 inline constexpr size_t kMaxDomainXml = 1 << 20;
 inline constexpr size_t kMaxDisks = 64;

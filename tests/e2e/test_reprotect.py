@@ -3,6 +3,8 @@
 over is an ordinary guest and is protected again, towards the host it came from; one guest
 fails over back and forth between two ftd daemons, each the standby of the other.
 
+  auto: the same with reprotect=auto: only the first `ftctl enable`; after each failover the
+      standby that resumed the twin protects it again towards the old primary's host by itself.
   back-and-forth: N cycles (FTVM_REPROTECT_CYCLES, default 10) of kill -9 of the current
       primary QEMU at a random moment; every cycle the twin resumes from the committed
       checkpoint (tick continuity, no reboot), is protected again with `ftctl enable --qmp
@@ -19,7 +21,7 @@ from ftvm_e2e import (Env, Serial, check, check_continuity, free_port, log, main
 VM = 'vm1'
 
 
-def back_and_forth():
+def back_and_forth(auto=False):
     cycles = int(os.environ.get('FTVM_REPROTECT_CYCLES', '10'))
     rng = random.Random(int(os.environ.get('FTVM_SEED', '11')))
     with Env('reprotect') as env:
@@ -39,7 +41,15 @@ def back_and_forth():
             P, _ = hosts[primary]
             S, sport = hosts[standby]
             t0 = time.time()
-            P.ctl('enable', '--qmp', qmp_sock, '--peer', '127.0.0.1:%d' % sport, '--name', VM, '--timeout', '120')
+            if not auto or c == 0:
+                P.ctl('enable', '--qmp', qmp_sock, '--peer', '127.0.0.1:%d' % sport, '--name', VM, '--timeout', '120',
+                      '--reprotect', 'auto' if auto else 'manual')
+            else:
+                # reprotect=auto: nobody runs ftctl; the new primary's ftd protects the VM itself.
+                def protected():
+                    return [x for x in P.status() if x['name'] == VM and x['role'] == 'primary' and
+                            x['state'] == 'protected' and x['qemu_pid'] == pid]
+                wait_for(protected, 60, 'cycle %d: the VM protected again by itself (reprotect=auto)' % c)
             v = [x for x in P.status() if x['name'] == VM and x['role'] == 'primary'][0]
             check(v['state'] == 'protected', 'cycle %d: not protected: %s' % (c, v))
             if c:
@@ -79,8 +89,9 @@ def back_and_forth():
                           os.path.join(env.dir, '%s.epochs.%d.jsonl' % (VM, c)))
             except FileNotFoundError:
                 pass
-        log('%d failovers back and forth; failover -> protected again (s): %s; median %.2f' %
-            (cycles, ['%.2f' % t for t in times], sorted(times)[len(times) // 2] if times else 0))
+        log('%d failovers back and forth (%s); failover -> protected again (s): %s; median %.2f' %
+        (cycles, 'reprotect=auto' if auto else 'ftctl enable each time', ['%.2f' % t for t in times],
+         sorted(times)[len(times) // 2] if times else 0))
 
 
 def t0_protect_wait(t_failover, t_protected):
@@ -88,4 +99,4 @@ def t0_protect_wait(t_failover, t_protected):
 
 
 if __name__ == '__main__':
-    main({'back-and-forth': back_and_forth})
+    main({'back-and-forth': back_and_forth, 'auto': lambda: back_and_forth(auto=True)})

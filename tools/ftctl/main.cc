@@ -234,6 +234,12 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1u, 100u));
   std::string transport = "auto";
+  std::string reprotect = "auto";
+  en->add_option("--reprotect", reprotect,
+                 "After a failover: auto = the standby protects the VM again towards this host as soon as it can "
+                 "(needs this ftd to listen for replication); manual = only `ftctl enable` on the new host does")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "manual"}));
   en->add_option("--transport", transport, "rdma, tcp, or auto (RDMA when the peer is reachable over an RDMA device)")
       ->capture_default_str()
       ->check(CLI::IsMember({"rdma", "tcp", "auto"}));
@@ -320,7 +326,8 @@ int main(int argc, char** argv) {
         return kUsage;
       }
       nlohmann::json req = {{"cmd", "enable"}, {"peer", peer}, {"name", name}, {"epoch_ms", epoch_ms},
-                            {"max_sync_passes", passes}, {"transport", transport}, {"shared_disk", shared_disk}};
+                            {"max_sync_passes", passes}, {"transport", transport}, {"shared_disk", shared_disk},
+                            {"reprotect", reprotect}};
       if (!domain.empty()) {
         req["domain"] = domain;
         if (!uri.empty()) req["uri"] = uri;

@@ -235,6 +235,16 @@ void Daemon::listen_loop() {
           return false;
         },
         [this](const checkpoint::Resolve& r) { return resolve(r); }, cfg_.arbiter);
+    s->set_reprotect([this](const std::string& vm, const std::string& qmp, const std::string& peer) {
+      // reprotect=auto: the twin that took over is protected again, towards its old primary's
+      // host; while that host is down the new session stays degraded and keeps retrying.
+      auto r = handle({{"cmd", "enable"}, {"qmp", qmp}, {"peer", peer}, {"name", vm}, {"reprotect", "auto"}});
+      if (r.value("ok", false))
+        log::info("ftd", "{}: protected again after the failover: {}", vm, r.value("message", ""));
+      else
+        log::error("ftd", "{}: reprotect=auto failed: {}; protect it with `ftctl enable --qmp {} --peer {}`", vm,
+                   r.value("error", "?"), qmp, peer);
+    });
     {
       std::lock_guard<std::mutex> g(mu_);
       // Forget sessions that ended without activating; keep active ones for status.
@@ -312,6 +322,7 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
   r.max_sync_passes = opt_uint(req, "max_sync_passes", 8);
   r.transport = req.value("transport", "auto");
   r.shared_disk = req.value("shared_disk", false);
+  r.reprotect = req.value("reprotect", "auto");
   std::shared_ptr<PrimarySession> s;
   try {
     s = std::make_shared<PrimarySession>(cfg_, r);

@@ -139,6 +139,8 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req) : cfg
   why = vmm::tracker_unavailable(tracker_kind);
   if (!why.empty()) problems.push_back("dirty-page tracking unavailable: " + why);
   transport_kind_ = transport::parse_kind(req_.transport);
+  if (req_.reprotect != "auto" && req_.reprotect != "manual")
+    problems.push_back(fmt::format("reprotect '{}' is not one of auto, manual", req_.reprotect));
   if (req_.shared_disk)
     problems.push_back("--shared-disk is refused: with one disk seen by both hosts, the twin would resume checkpoint N "
                        "on a disk that already holds the primary's writes made after N (a filesystem can be "
@@ -682,6 +684,13 @@ void PrimarySession::connect_and_sync() {
   o.qemu_argv = argv_;
   o.libvirt_xml = domain_xml_;
   o.arbiter = cfg_.arbiter->kind();
+  if (req_.reprotect == "auto" && !cfg_.listen.empty()) {
+    try {
+      o.reprotect_port = transport::tcp::parse_host_port(cfg_.listen).port;
+    } catch (const std::exception& e) {
+      log::warn("primary", "{}: reprotect=auto but --listen '{}' does not parse ({}): manual", name_, cfg_.listen, e.what());
+    }
+  }
   if (disks_) o.disks = disks_->infos();
   send_msg(*conn_, o);
   auto deadline = Clock::now() + std::chrono::seconds(60);

@@ -77,6 +77,9 @@ struct EnableRequest {
   std::string transport = "auto";  // rdma | tcp | auto
   // Both hosts see the same disks (no replication). Refused: see PrimarySession's constructor.
   bool shared_disk = false;
+  // After a failover the twin, now the VM, is protected again towards this host by the standby
+  // ftd on its own ("auto", needs this ftd to listen), or only by `ftctl enable` ("manual").
+  std::string reprotect = "auto";
 };
 
 // Fault injection points for tests (only with --enable-fault-injection).

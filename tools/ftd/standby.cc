@@ -366,6 +366,7 @@ void StandbySession::open(const cp::OpenSession& o) {
          o.vm_name, o.arbiter, arbiter_->kind());
   claim_(o.vm_name, this);
   session_id_ = o.session_id;
+  reprotect_port_ = o.reprotect_port;
   sid_ = o.session_id;
   vm_dir_ = cfg_.run_dir + "/vms/" + o.vm_name;
   std::filesystem::create_directories(vm_dir_);
@@ -836,6 +837,17 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
   conn_->unregister_region(cp::kRegionRam);
   conn_->unregister_region(cp::kRegionStaging);
   twin_qmp_.reset();  // frees QEMU's single QMP connection for the operator
+  if (active_ && reprotect_port_ && reprotect_) {
+    if (!twin_uuid_.empty()) {
+      log::info("standby", "{}: reprotect=auto is not automatic for libvirt domains yet: protect it with `ftctl enable "
+                "{} --peer {}:{}`", name(), name(), peer_host_, reprotect_port_);
+    } else {
+      const auto peer = (peer_host_.find(':') != std::string::npos ? "[" + peer_host_ + "]" : peer_host_) + ":" +
+                        std::to_string(reprotect_port_);
+      log::info("standby", "{}: reprotect=auto: protecting the VM again towards {} (its old primary host)", name(), peer);
+      reprotect_(name(), vm_dir_ + "/twin-qmp.sock", peer);
+    }
+  }
 }
 
 // The twin could not be resumed. Its state is uncertain (it may even run): kill it, so that the

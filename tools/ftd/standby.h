@@ -57,6 +57,10 @@ class StandbySession {
   using Adopt = std::function<bool(uint64_t session_id, std::unique_ptr<transport::Connection>& conn)>;
   // Answers a Resolve (a fresh connection from a primary whose session broke); see protocol.h.
   using Resolver = std::function<checkpoint::Resolution(const checkpoint::Resolve&)>;
+  // Called on the session thread after the twin took over and the session let go of it, with
+  // the VM name, the twin's QMP socket and "host:port" to protect it towards (reprotect=auto).
+  using Reprotect = std::function<void(const std::string& vm, const std::string& qmp, const std::string& peer)>;
+  void set_reprotect(Reprotect r) { reprotect_ = std::move(r); }
   StandbySession(const DaemonConfig& cfg, std::unique_ptr<transport::Connection> conn, Claim claim, Adopt adopt,
                  Resolver resolver, std::shared_ptr<checkpoint::Arbiter> arbiter);
   ~StandbySession();
@@ -105,6 +109,8 @@ class StandbySession {
   Claim claim_;
   Adopt adopt_;
   Resolver resolver_;
+  Reprotect reprotect_;
+  uint32_t reprotect_port_ = 0;  // from OpenSession
   std::shared_ptr<checkpoint::Arbiter> arbiter_;
   std::string peer_host_;  // the primary's address (host part), for the arbiter
   bool suspect_sent_ = false;
