@@ -143,7 +143,9 @@ TEST_CASE("protocol messages round-trip and malformed bodies are rejected", "[ch
   }
   SECTION("the arbiter kind travels in OpenSession") {
     o.arbiter = "fence-command";
+    o.reprotect_port = 7410;
     REQUIRE(decode<OpenSession>(encode(o)).arbiter == "fence-command");
+    REQUIRE(decode<OpenSession>(encode(o)).reprotect_port == 7410);
     o.arbiter = "";
     auto e = encode(o);
     REQUIRE_THROWS_WITH(decode<OpenSession>(e), Catch::Contains("arbiter"));
