@@ -168,7 +168,13 @@ esac
 kill -9 $victims 2>/dev/null
 for i in $(seq 200); do
   alive=0
-  for p in $victims; do [ -e /proc/$p ] && ! grep -q '^State:.*Z' /proc/$p/status 2>/dev/null && alive=1; done
+  # gone = no thread of it left that is not a zombie (a dying process's leader turns zombie
+  # before its other threads have exited)
+  for p in $victims; do
+    for t in /proc/$p/task/*/status; do
+      [ -e "$t" ] && ! grep -q '^State:.*[ZX]' "$t" 2>/dev/null && alive=1
+    done
+  done
   [ $alive = 0 ] && break
   sleep 0.01
 done
