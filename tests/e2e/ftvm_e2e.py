@@ -289,6 +289,8 @@ class Env:
                 '--listen', '127.0.0.1:%d' % self.port if listen else '',
                 '--heartbeat-timeout-ms', str(self.hb_timeout_ms), '--enable-fault-injection', '--verify-activation',
                 '--stats-dir', self.dir] + self.twin_policy_args() + list(extra)
+        if '--state-dir' not in extra:  # never the machine's /var/lib/ftvm: records are per scenario
+            args += ['--state-dir', self.path('%s-state' % name)]
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=open(logf + '.out', 'w'), stderr=subprocess.STDOUT)
         self.procs.append(p)
         self.track(p.pid, 'ftd ' + name)

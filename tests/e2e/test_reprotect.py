@@ -94,9 +94,44 @@ def back_and_forth(auto=False):
          sorted(times)[len(times) // 2] if times else 0))
 
 
+def primary_restart():
+    """The primary ftd is restarted (SIGTERM, as for an upgrade; then kill -9 and start): the
+    guest never dies, and the new ftd protects it again by itself (a new full sync), each time."""
+    with Env('reprotect-primary-restart') as env:
+        g = env.boot_guest(mem=256, dirty_kib_s=1024)
+        g.serial.wait_ticks(3, 90)
+        P = env.start_ftd('primary', listen=False)
+        S = env.start_ftd('standby')
+        P.ctl('enable', '--qmp', g.qmp, '--peer', '127.0.0.1:%d' % env.port, '--name', VM, '--timeout', '120')
+        for how in ('SIGTERM', 'SIGKILL-with-guard-disarmed'):
+            time.sleep(1)
+            if how == 'SIGTERM':
+                P.proc.terminate()
+                P.proc.wait(30)
+            else:
+                # A crash while not protected (degraded): the guard is disarmed, the guest runs on.
+                env.port_saved = env.port
+                S.kill9()
+                wait_for(lambda: (P.vm(VM, 'primary') or {}).get('state') == 'degraded', 30, 'degraded')
+                P.kill9()
+                S = env.start_ftd('standby')
+            check(g.serial.ticks() and os.path.exists('/proc/%d' % g.pid), 'the guest died with ftd (%s)' % how)
+            t0 = time.time()
+            P = env.start_ftd('primary', listen=False)
+            wait_for(lambda: (P.vm(VM, 'primary') or {}).get('state') == 'protected', 90,
+                     'the restarted primary ftd to protect the VM again (%s)' % how)
+            log('%s: protected again %.2f s after the new ftd started' % (how, time.time() - t0))
+            check('protected again after this ftd restarted' in P.log_text(), 'no re-attach logged')
+        ticks = [n for _, n in g.serial.ticks()]
+        check(all(b == a + 1 for a, b in zip(ticks, ticks[1:])), 'the guest rebooted or lost ticks')
+        P.ctl('disable', VM)
+        check(not os.listdir(os.path.join(env.dir, 'primary-state', 'protect')), 'disable left the record behind')
+
+
 def t0_protect_wait(t_failover, t_protected):
     return t_protected - t_failover
 
 
 if __name__ == '__main__':
-    main({'back-and-forth': back_and_forth, 'auto': lambda: back_and_forth(auto=True)})
+    main({'back-and-forth': back_and_forth, 'auto': lambda: back_and_forth(auto=True),
+          'primary-restart': primary_restart})

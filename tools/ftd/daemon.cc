@@ -165,6 +165,10 @@ int Daemon::run() {
     std::lock_guard<std::mutex> g(mu_);
     workers_.emplace_back([this] { scan_libvirt(); });
   }
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    workers_.emplace_back([this] { reattach_recorded(); });
+  }
 
   for (;;) {
     pollfd p[2] = {{ctl.get(), POLLIN, 0}, {sfd.get(), POLLIN, 0}};
@@ -309,6 +313,64 @@ nlohmann::json Daemon::handle(const nlohmann::json& req) {
   }
 }
 
+void Daemon::record_protection(const std::string& name, const nlohmann::json& req) {
+  const auto dir = cfg_.state_dir + "/protect";
+  const auto path = dir + "/" + name + ".json";
+  try {
+    std::filesystem::create_directories(dir);
+    auto rec = req;
+    rec.erase("cmd");
+    rec["name"] = name;
+    const auto tmp = path + ".tmp";
+    {
+      std::ofstream f(tmp, std::ios::trunc);
+      f << rec.dump() << "\n";
+      if (!f) throw Error("write " + tmp + " failed");
+    }
+    std::filesystem::rename(tmp, path);
+  } catch (const std::exception& e) {
+    log::error("ftd", "{}: recording the protection in {} failed ({}); a restarted ftd will not protect it again by "
+               "itself", name, path, e.what());
+  }
+}
+
+void Daemon::forget_protection(const std::string& name) {
+  std::error_code ec;
+  std::filesystem::remove(cfg_.state_dir + "/protect/" + name + ".json", ec);
+}
+
+// At start: the plain-QEMU VMs this host protected before ftd stopped (or was restarted) are
+// protected again (a new full sync) if their QEMU still runs; records of VMs that are gone are
+// dropped. libvirt domains come back through the start-up scan (their XML declares them).
+void Daemon::reattach_recorded() {
+  const auto dir = cfg_.state_dir + "/protect";
+  std::error_code ec;
+  std::vector<std::filesystem::path> files;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
+    if (e.path().extension() == ".json") files.push_back(e.path());
+  for (const auto& p : files) {
+    nlohmann::json req;
+    try {
+      std::ifstream f(p);
+      req = nlohmann::json::parse(f);
+    } catch (const std::exception& e) {
+      log::error("ftd", "ignoring the unreadable protection record {}: {}", p.string(), e.what());
+      continue;
+    }
+    const std::string name = req.value("name", p.stem().string());
+    if (primary(name)) continue;  // enabled meanwhile
+    req["cmd"] = "enable";
+    auto r = handle(req);
+    if (r.value("ok", false)) {
+      log::info("ftd", "{}: protected again after this ftd restarted: {}", name, r.value("message", ""));
+    } else {
+      log::warn("ftd", "{}: not protected again after this ftd restarted ({}); record {} dropped", name,
+                r.value("error", "?"), p.string());
+      std::filesystem::remove(p, ec);
+    }
+  }
+}
+
 nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
   EnableRequest r;
   if (req.contains("domain")) {
@@ -331,6 +393,11 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
   } catch (const std::exception& e) {
     return err("refused", e.what());
   }
+  if (req.contains("expect_qemu_pid") && s->status()["qemu_pid"] != req["expect_qemu_pid"])
+    return err("refused", fmt::format("the QEMU behind {} is pid {}, not pid {} that was protected: it was started "
+                                      "anew since (the VM may run elsewhere after a failover); protect it explicitly "
+                                      "if that is intended", r.qmp_socket, s->status()["qemu_pid"].dump(),
+                                      req["expect_qemu_pid"].dump()));
   if (!r.domain.empty()) {
     // The declaration in the domain XML (live and persistent): the hook protects the domain
     // again whenever it starts, and a reader of the XML sees it is protected and where to.
@@ -351,6 +418,11 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
       return err("refused", fmt::format("VM '{}' is already protected (state {}); disable it first", s->name(),
                                         it->second->status()["state"].get<std::string>()));
     primaries_[s->name()] = s;
+  }
+  if (r.domain.empty()) {
+    auto rec = req;
+    rec["expect_qemu_pid"] = s->status()["qemu_pid"];  // a QEMU started anew later is not this VM's copy
+    record_protection(s->name(), rec);
   }
   s->start();
   return {{"ok", true}, {"name", s->name()}, {"message", fmt::format("protecting VM '{}': syncing to {}", s->name(), r.peer)}};
@@ -403,6 +475,7 @@ nlohmann::json Daemon::cmd_disable(const nlohmann::json& req) {
   }
   std::lock_guard<std::mutex> g(mu_);
   primaries_.erase(name);
+  forget_protection(name);
   return {{"ok", true}, {"message", msg}};
 }
 

@@ -49,6 +49,11 @@ class Daemon {
   // is still starting it and must not wait for us).
   void protect_domain_async(const std::string& uuid, const std::string& name, EnableRequest r, std::string origin);
   void scan_libvirt();
+  // Plain-QEMU VMs protected from here are recorded in STATE_DIR/protect/<name>.json (the enable
+  // request) until `ftctl disable`, so that an ftd that restarts protects them again.
+  void record_protection(const std::string& name, const nlohmann::json& req);
+  void forget_protection(const std::string& name);
+  void reattach_recorded();
   bool is_own_listener(const std::string& peer) const;
   std::vector<std::thread> workers_;  // joined at shutdown
   std::shared_ptr<PrimarySession> primary(const std::string& name);
