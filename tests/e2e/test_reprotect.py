@@ -117,6 +117,10 @@ def primary_restart():
                 S = env.start_ftd('standby')
             check(g.serial.ticks() and os.path.exists('/proc/%d' % g.pid), 'the guest died with ftd (%s)' % how)
             t0 = time.time()
+            try:
+                os.unlink(P.control)  # left behind by kill -9: start_ftd waits for a fresh one
+            except FileNotFoundError:
+                pass
             P = env.start_ftd('primary', listen=False)
             wait_for(lambda: (P.vm(VM, 'primary') or {}).get('state') == 'protected', 90,
                      'the restarted primary ftd to protect the VM again (%s)' % how)
