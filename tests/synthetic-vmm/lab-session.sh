@@ -57,9 +57,29 @@ wait_for() {
   done
 }
 
+# Replication key (issue 12). RDMA connections are not authenticated yet: with --transport rdma
+# both ftd run --insecure (the lab's fabric is a private Soft-RoCE link). Over TCP both use a key:
+# single mode generates one; the two-host variant needs the same key on both lab guests, taken
+# from $LAB/lab-peer.key (copy one made with `ftd --generate-key` next to ftd), else --insecure.
+security_args() {  # TRANSPORT
+  if [ "$1" = rdma ]; then echo "--insecure"; return; fi
+  if [ -f "$LAB/lab-peer.key" ]; then
+    cp "$LAB/lab-peer.key" "$W/peer.key" && chmod 600 "$W/peer.key"
+  elif [ "$mode" = single ]; then
+    [ -f "$W/peer.key" ] || "$LAB/ftd" --generate-key "$W/peer.key" >/dev/null || die "ftd --generate-key failed"
+  else
+    say "no $LAB/lab-peer.key for the two-host variant: running --insecure"
+    echo "--insecure"; return
+  fi
+  echo "--key-file $W/peer.key"
+}
+
 start_ftd() {  # NAME LISTEN
   mkdir -p "$W/$1"
-  "$LAB/ftd" --run-dir "$W/$1" --log "$W/$1.ftd.log" --listen "$2" --heartbeat-timeout-ms 1000 \
+  listen=""
+  [ -n "$2" ] && listen="--listen $2"
+  # shellcheck disable=SC2046,SC2086
+  "$LAB/ftd" --run-dir "$W/$1" --log "$W/$1.ftd.log" $listen --heartbeat-timeout-ms 1000 $(security_args "$tr") \
     --enable-fault-injection --verify-activation --verify-every-commit --stats-dir "$W" > "$W/$1.ftd.out" 2>&1 &
   eval "FTD_$1=$!"
   PIDS="$PIDS $!"
@@ -160,7 +180,7 @@ case $mode in
     ;;
   standby)
     [ $# -eq 3 ] || { sed -n '2,20p' "$0"; exit 2; }
-    scen=$2
+    scen=$2 tr=$3
     start_ftd standby "$LAB_IP:$PORT"
     twin_console
     say "standby listening on $LAB_IP:$PORT"

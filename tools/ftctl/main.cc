@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/digest.h"
+#include "transport/auth.h"
 #include "common/error.h"
 #include "tools/ftd/control.h"
 #include "vmm-glue/libvirt.h"
@@ -270,6 +271,11 @@ int main(int argc, char** argv) {
   fa->add_option("VM", fa_name)->required();
   fa->add_option("KIND", fa_kind, "crash-mid-epoch | corrupt-then-crash | corrupt-once | nbd-drop")->required();
 
+  auto* kg = app.add_subcommand("keygen", "Create a replication key FILE (32 random bytes, mode 0600) for a host pair: "
+                                          "copy it to both hosts and start both ftd with --key-file FILE");
+  std::string kg_file;
+  kg->add_option("FILE", kg_file, "Key file to create (never overwritten)")->required();
+
   auto* dg = app.add_subcommand("digest", "Print the XXH3-64 digest of files (compare a disk replica with its source; "
                                           "`status --json` shows the standby's digests at activation)");
   std::vector<std::string> dg_files;
@@ -287,6 +293,18 @@ int main(int argc, char** argv) {
     return code_for(r);
   };
 
+  if (*kg) {
+    try {
+      ftvm::transport::auth::generate_key(kg_file);
+      fmt::print("wrote a new replication key to {} (mode 0600, key id {}); copy it to the peer host over a secure "
+                 "channel and start both ftd with --key-file {}\n",
+                 kg_file, ftvm::transport::auth::load_key(kg_file)->id_hex(), kg_file);
+      return kOk;
+    } catch (const std::exception& e) {
+      fmt::print(stderr, "ftctl: keygen: {}\n", e.what());
+      return kFailed;
+    }
+  }
   if (*dg) {
     int rc = kOk;
     for (const auto& f : dg_files) {
@@ -358,10 +376,15 @@ int main(int argc, char** argv) {
       if (!st_name.empty()) req["name"] = st_name;
       auto r = ctl.call(req);
       if (!r.value("ok", false)) return fail_with(r);
-      if (json)
+      if (r.value("insecure", false))
+        fmt::print(stderr, "ftctl: WARNING: this ftd runs with --insecure: replication connections are NOT "
+                           "authenticated (start it with --key-file)\n");
+      if (json) {
         fmt::print("{}\n", r["vms"].dump(2));
-      else
+      } else {
+        fmt::print("replication: {}\n", r.value("security", "?"));
         print_human(r["vms"]);
+      }
       return kOk;
     }
     if (*fo || *di || *fa) {

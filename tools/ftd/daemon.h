@@ -32,6 +32,9 @@ class Daemon {
 
  private:
   void listen_loop();
+  // Runs one accepted client's handshake (its own thread) and, if it succeeds, its session.
+  void handshake_and_serve(transport::MultiListener::Pending p);
+  bool peer_allowed(const std::string& host) const;
   void claim_standby(const std::string& name, StandbySession* self);
   void kill_stale_twins();
   nlohmann::json cmd_enable(const nlohmann::json& req);
@@ -56,6 +59,17 @@ class Daemon {
   std::atomic<bool> stop_{false};
   std::unique_ptr<transport::MultiListener> listener_;
   std::string listen_address_;
+  std::string security_;  // "authenticated (key ID, FILE)" / "INSECURE ..." for status and logs
+  // Handshakes in progress (listen_loop): per client address, and their threads (joined when
+  // done and at shutdown).
+  std::mutex hs_mu_;
+  std::map<std::string, unsigned> handshaking_;
+  unsigned handshaking_total_ = 0;
+  struct HandshakeThread {
+    std::thread t;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::vector<HandshakeThread> hs_threads_;  // listen_loop only
 };
 
 }  // namespace ftvm::ftd

@@ -466,12 +466,15 @@ void PrimarySession::connect_and_sync() {
   set_state(state_ == "degraded" ? "degraded" : "connecting", reason_);
   transport::Options opts;
   opts.heartbeat_interval = cfg_.heartbeat_interval;
+  opts.key = cfg_.key;  // both paths authenticate with the host pair's key (issue 12)
+  opts.encrypt = cfg_.encrypt;
   std::string chosen;
   pending_.clear();
   pending_hb_.clear();
   link_error_.clear();
   conn_ = transport::connect(host_, port_, transport_kind_, opts, {}, &chosen);
-  log::info("primary", "{}: connected to the standby {} over {}", name_, conn_->peer(), chosen);
+  log::info("primary", "{}: connected to the standby {} over {}, {}{}", name_, conn_->peer(), chosen,
+            conn_->security(), conn_->key_id().empty() ? " (--insecure: NOT AUTHENTICATED)" : " (key " + conn_->key_id() + ")");
   {
     std::lock_guard<std::mutex> g(mu_);
     link_peer_ = conn_->peer();

@@ -1,5 +1,6 @@
 #include "tools/ftd/standby.h"
 
+
 #include <fcntl.h>
 #include <signal.h>
 #include <net/if.h>
@@ -18,6 +19,7 @@
 #include "checkpoint/digest.h"
 #include "common/error.h"
 #include "common/log.h"
+#include "transport/tcp/tcp_transport.h"
 #include "vmm-glue/qemu_cmdline.h"
 
 namespace ftvm::ftd {
@@ -88,10 +90,26 @@ pid_t spawn(const std::vector<std::string>& argv, const std::string& log_path) {
 
 StandbySession::StandbySession(const DaemonConfig& cfg, std::unique_ptr<transport::Connection> conn, Claim claim,
                                Adopt adopt)
-    : cfg_(cfg), conn_(std::move(conn)), claim_(std::move(claim)), adopt_(std::move(adopt)) {}
+    : cfg_(cfg),
+      conn_(std::move(conn)),
+      claim_(std::move(claim)),
+      adopt_(std::move(adopt)),
+      peer_(conn_->peer()),
+      peer_host_(transport::tcp::peer_host(peer_)),
+      key_id_(conn_->key_id()) {}
 
 bool StandbySession::adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<transport::Connection>& conn) {
   if (session_id == 0 || session_id != sid_ || finished_) return false;
+  // The second path must come from the host the data connection came from, with the same key:
+  // another peer (even one holding the key) must not keep a session alive or end it.
+  const auto host = transport::tcp::peer_host(conn->peer());
+  if (host != peer_host_ || conn->key_id() != key_id_) {
+    log::warn("standby", "{}: refused a second path from {} (key {}) for session {:016x}: the session's data "
+              "connection comes from {} (key {}); a second path must come from the same host with the same key",
+              name(), conn->peer(), conn->key_id().empty() ? "none" : conn->key_id(), session_id, peer_,
+              key_id_.empty() ? "none" : key_id_);
+    return false;
+  }
   std::lock_guard<std::mutex> g(mu_);
   pending_hb_ = std::move(conn);
   return true;
@@ -247,11 +265,12 @@ void StandbySession::run() {
 void StandbySession::open(const cp::OpenSession& o) {
   if (!safe_name(o.vm_name))
     throw ProtocolError(fmt::format("VM name '{}' is not usable as a file name ([A-Za-z0-9._-], up to 128)", o.vm_name));
+  // Claim before taking the name: a refused session must not show up as that VM's session.
+  claim_(o.vm_name, this);
   {
     std::lock_guard<std::mutex> g(mu_);
     name_ = o.vm_name;
   }
-  claim_(o.vm_name, this);
   session_id_ = o.session_id;
   sid_ = o.session_id;
   vm_dir_ = cfg_.run_dir + "/vms/" + o.vm_name;
@@ -725,6 +744,8 @@ nlohmann::json StandbySession::status() const {
   return {{"name", name_},
           {"role", active_ ? "active (failed over here)" : "standby"},
           {"state", state_},
+          {"peer", peer_},
+          {"security", key_id_.empty() ? "insecure" : "authenticated (key " + key_id_ + ")"},
           {"reason", reason_},
           {"epoch", committed_},
           {"twin_pid", twin_pid_},

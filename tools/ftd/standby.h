@@ -54,7 +54,18 @@ class StandbySession {
   bool active() const { return active_; }
   // A connection that only delivered a second path to another session (not a VM session).
   bool transient() const { return transient_; }
-  // Thread-safe: takes `conn` as this session's second path if `session_id` is ours.
+  // Who the session's data connection came from ("addr:port", the address alone) and the id
+  // of the key it authenticated with ("" = insecure). Fixed at construction.
+  const std::string& peer() const { return peer_; }
+  const std::string& peer_host() const { return peer_host_; }
+  const std::string& key_id() const { return key_id_; }
+  // Whether a checkpoint was ever committed (the twin holds a usable replica).
+  bool committed_any() const {
+    std::lock_guard<std::mutex> g(mu_);
+    return committed_ > 0;
+  }
+  // Thread-safe: takes `conn` as this session's second path if `session_id` is ours and `conn`
+  // comes from the data connection's host with the same key (else logs why and returns false).
   bool adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<transport::Connection>& conn);
   nlohmann::json status() const;
 
@@ -75,6 +86,7 @@ class StandbySession {
   std::unique_ptr<transport::Connection> pending_hb_;  // under mu_
   std::atomic<uint64_t> sid_{0};
   std::atomic<bool> transient_{false};
+  const std::string peer_, peer_host_, key_id_;
   std::chrono::milliseconds silence() const;
   bool poll_second_path();  // false = session over
 
