@@ -745,6 +745,7 @@ nlohmann::json StandbySession::status() const {
           {"role", active_ ? "active (failed over here)" : "standby"},
           {"state", state_},
           {"peer", peer_},
+          {"session_id", fmt::format("{:016x}", sid_.load())},
           {"security", key_id_.empty() ? "insecure" : "authenticated (key " + key_id_ + ")"},
           {"reason", reason_},
           {"epoch", committed_},
