@@ -26,8 +26,10 @@
 //    updated with each payload chunk wherever it lands, so zero-copy receive stays). A Write's
 //    bytes reach the region before its tag is checked: a bad tag fails the connection before
 //    any later control message is delivered, and region contents are only trusted up to the
-//    last control message (transport.h). With encryption the sender encrypts each payload into
-//    a buffer of its own (one copy) and the receiver decrypts in place after the tag checks.
+//    last control message (transport.h). The sender copies each payload into a buffer of its
+//    own while computing the tag (pre-copy writes live guest RAM that may change before the
+//    kernel reads it: the tag must cover exactly the bytes sent); with encryption that copy is
+//    the encryption. The receiver decrypts in place after the tag checks.
 #pragma once
 
 #include <sys/uio.h>
@@ -191,7 +193,9 @@ class TcpConnection final : public Connection {
   size_t tx_queued_bytes_ = 0;
   std::deque<std::array<std::byte, kFrameHeaderSize>> tx_hdrs_;
   std::deque<std::array<std::byte, kFrameTagSize>> tx_tags_;
-  std::deque<std::vector<std::byte>> tx_cipher_;  // encrypted payloads (encryption only)
+  // Authenticated connections: payloads copied (or encrypted) at queue time, and spare buffers.
+  std::deque<std::vector<std::byte>> tx_copy_;
+  std::vector<std::vector<std::byte>> tx_spare_;
   Clock::time_point tx_last_;  // last time the kernel took bytes from us
   auth::Direction tx_, rx_;     // frame tags (and encryption) per direction; off when unauthenticated
   std::string key_id_;

@@ -67,13 +67,22 @@ void TcpConnection::queue_frame(const FrameHeader& h, std::span<const std::byte>
   tx_.begin();
   tx_.update(slot.data(), slot.size());
   if (!payload.empty()) {
-    if (tx_.encrypt()) {
-      auto& c = tx_cipher_.emplace_back(payload.size());
-      tx_.crypt(c.data(), payload.data(), payload.size());
-      payload = c;
+    // The tag must cover exactly the bytes the kernel sends. Pre-copy writes live guest RAM,
+    // which may change between now and sendmsg(), so the payload is copied (or encrypted) into
+    // a buffer of ours first, in the same pass that feeds the tag.
+    std::vector<std::byte>* c;
+    if (!tx_spare_.empty()) {
+      tx_copy_.push_back(std::move(tx_spare_.back()));
+      tx_spare_.pop_back();
+      c = &tx_copy_.back();
+    } else {
+      c = &tx_copy_.emplace_back();
     }
-    tx_.update(payload.data(), payload.size());
-    queue_data(payload.data(), payload.size());
+    c->resize(payload.size());
+    if (tx_.encrypt()) tx_.crypt(c->data(), payload.data(), payload.size());
+    else std::memcpy(c->data(), payload.data(), payload.size());
+    tx_.update(c->data(), c->size());
+    queue_data(c->data(), c->size());
   }
   auto& tag = tx_tags_.emplace_back(tx_.finish());
   queue_data(tag.data(), tag.size());
@@ -113,7 +122,10 @@ bool TcpConnection::try_send() {
   tx_pos_ = 0;
   tx_hdrs_.clear();
   tx_tags_.clear();
-  tx_cipher_.clear();
+  // Keep a few payload buffers for the next frames (bounded: kFlushBytes of them at most).
+  for (auto& b : tx_copy_)
+    if (tx_spare_.size() < 8) tx_spare_.push_back(std::move(b));
+  tx_copy_.clear();
   tx_queued_bytes_ = 0;
   return true;
 }
