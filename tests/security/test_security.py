@@ -225,6 +225,17 @@ def expect_log(S, since, *needles, timeout=10):
     log('standby logged: %s' % line[:400])
 
 
+def run_step(failures, fn):
+    """Runs one hostile attempt; a failed check is recorded and the next attempt still runs
+    (so that each attempt's outcome is visible on its own)."""
+    try:
+        fn()
+        log('   -> refused as expected')
+    except Failure as e:
+        log('   -> FAILED: %s' % e)
+        failures.append('%s: %s' % (fn.__name__, e))
+
+
 # ---- scenarios ----------------------------------------------------------------------------------
 
 def rogue():
@@ -237,56 +248,79 @@ def rogue():
         check(v['security'].startswith('authenticated'), 'session not authenticated: %s' % v)
         mark = len(S.log_text())
 
+        failures = []
+
         log('1. a peer without a key')
-        got = raw_peer(env.port, hello())
-        check(b'FTVM' not in got[64:], 'the standby sent more than its handshake to a keyless peer: %r' % got[:200])
-        expect_log(S, mark, 'did not authenticate', 'from 127.0.0.1:')
+        def step1():
+            got = raw_peer(env.port, hello())
+            check(b'FTVM' not in got[64:], 'the standby sent more than its handshake to a keyless peer: %r' % got[:200])
+            expect_log(S, mark, 'did not authenticate', 'from 127.0.0.1:')
+        run_step(failures, step1)
 
         log('2. a Hello announcing max_write_payload 1')
-        m = len(S.log_text())
-        raw_peer(env.port, hello(max_write=1))
-        expect_log(S, m, 'max_write_payload 1, below the minimum', 'from 127.0.0.1:')
+        def step2():
+            m = len(S.log_text())
+            raw_peer(env.port, hello(max_write=1))
+            expect_log(S, m, 'max_write_payload 1, below the minimum', 'from 127.0.0.1:')
+        run_step(failures, step2)
 
         log('3. a forged key id with a made-up proof')
-        m = len(S.log_text())
-        raw_peer(env.port, hello(caps=1, key_id=key_id(env.key)) + frame(6, os.urandom(32)))
-        expect_log(S, m, 'proof does not match', 'from 127.0.0.1:')
+        def step3():
+            m = len(S.log_text())
+            raw_peer(env.port, hello(caps=1, key_id=key_id(env.key)) + frame(6, os.urandom(32)))
+            expect_log(S, m, 'proof does not match', 'from 127.0.0.1:')
+        run_step(failures, step3)
 
         log('4. another key (another host pair)')
-        other = make_key(env.path('other.key'))
-        m = len(S.log_text())
-        out = peer_tool(env, 'open', VM, key=other)
-        check(out.startswith('REFUSED') and 'different key files' in out, 'other key not refused: %s' % out)
-        expect_log(S, m, 'different key files', 'from 127.0.0.2:')
+        def step4():
+            other = make_key(env.path('other.key'))
+            m = len(S.log_text())
+            out = peer_tool(env, 'open', VM, key=other)
+            check(out.startswith('REFUSED') and 'different key files' in out, 'other key not refused: %s' % out)
+            expect_log(S, m, 'different key files', 'from 127.0.0.2:')
+        run_step(failures, step4)
 
         log('5. replaying the recorded authenticated session (%d bytes)' % len(relay.recorded))
-        check(len(relay.recorded) > 100000, 'too little recorded: %d bytes' % len(relay.recorded))
-        m = len(S.log_text())
-        raw_peer(env.port, bytes(relay.recorded[:4 << 20]), wait=3)
-        expect_log(S, m, 'proof does not match', 'from 127.0.0.1:')
+        def step5():
+            check(len(relay.recorded) > 100000, 'too little recorded: %d bytes' % len(relay.recorded))
+            m = len(S.log_text())
+            raw_peer(env.port, bytes(relay.recorded[:4 << 20]), wait=3)
+            expect_log(S, m, 'proof does not match', 'from 127.0.0.1:')
+        run_step(failures, step5)
 
         log('6. an authenticated peer on another host: OpenSession for the protected VM')
-        m = len(S.log_text())
-        out = peer_tool(env, 'open', VM, key=env.key)
-        check(out.startswith('REPLY Error') and 'already protected by a session from 127.0.0.1' in out,
-              'OpenSession from another peer not refused: %s' % out)
-        expect_log(S, m, 'refusing session from 127.0.0.2:', 'leaving that session untouched')
+        def step6():
+            m = len(S.log_text())
+            out = peer_tool(env, 'open', VM, key=env.key)
+            check(out.startswith('REPLY Error') and 'already protected by a session from 127.0.0.1' in out,
+                  'OpenSession from another peer not refused: %s' % out)
+            expect_log(S, m, 'refusing session from 127.0.0.2:', 'leaving that session untouched')
+        run_step(failures, step6)
 
         log('7. HeartbeatLink for the session from another host (with the key) and without a key')
-        m = len(S.log_text())
-        out = peer_tool(env, 'heartbeat-link', sid, key=env.key)
-        check(out.startswith('REPLY Error'), 'HeartbeatLink from another peer not refused: %s' % out)
-        expect_log(S, m, 'refused a second path from 127.0.0.2:')
-        out = peer_tool(env, 'heartbeat-link', sid, key=None, source='127.0.0.1')
-        check(out.startswith('REFUSED') or out.startswith('CLOSED'), 'keyless HeartbeatLink not refused: %s' % out)
-        expect_log(S, m, 'did not authenticate')
+        def step7():
+            m = len(S.log_text())
+            out = peer_tool(env, 'heartbeat-link', sid, key=env.key)
+            check(out.startswith('REPLY Error'), 'HeartbeatLink from another peer not refused: %s' % out)
+            expect_log(S, m, 'refused a second path from 127.0.0.2:')
+            out = peer_tool(env, 'heartbeat-link', sid, key=None, source='127.0.0.1')
+            check(out.startswith('REFUSED') or out.startswith('CLOSED'), 'keyless HeartbeatLink not refused: %s' % out)
+            expect_log(S, m, 'did not authenticate')
+        run_step(failures, step7)
 
         log('8. Disable for the session as the first message of another authenticated connection')
-        out = peer_tool(env, 'disable', sid, key=env.key)
-        check('REPLY' not in out or 'Error' in out or 'none' in out, 'unexpected answer to a foreign Disable: %s' % out)
+        def step8():
+            out = peer_tool(env, 'disable', sid, key=env.key)
+            check('REPLY' not in out or 'Error' in out or 'none' in out, 'unexpected answer to a foreign Disable: %s' % out)
+        run_step(failures, step8)
 
-        standby_untouched(env, S, twin_pid, epoch0, mark)
-        check(P.vm(VM, 'primary')['state'] == 'protected', 'primary: %s' % P.vm(VM, 'primary'))
+        log('9. afterwards: the standby is unchanged')
+
+        def untouched():
+            standby_untouched(env, S, twin_pid, epoch0, mark)
+            check(P.vm(VM, 'primary')['state'] == 'protected', 'primary: %s' % P.vm(VM, 'primary'))
+        run_step(failures, untouched)
+        check(not failures, '%d of 9 checks failed: %s' % (len(failures), failures))
 
 
 def tamper():
