@@ -320,7 +320,17 @@ def rogue():
             standby_untouched(env, S, twin_pid, epoch0, mark)
             check(P.vm(VM, 'primary')['state'] == 'protected', 'primary: %s' % P.vm(VM, 'primary'))
         run_step(failures, untouched)
-        check(not failures, '%d of 9 checks failed: %s' % (len(failures), failures))
+
+        log('10. the same primary host (127.0.0.1, the key) opening the VM again replaces its paused twin')
+
+        def same_host():
+            m = len(S.log_text())
+            out = peer_tool(env, 'open', VM, key=env.key, source='127.0.0.1')
+            expect_log(S, m, 'a new session from the same primary (127.0.0.1:', 'replaces the previous one')
+            check('already protected' not in out, 'the same host was refused: %s' % out)
+            check('ACTIVATED' not in S.log_text()[m:], 'the replaced twin was activated')
+        run_step(failures, same_host)
+        check(not failures, '%d of 10 checks failed: %s' % (len(failures), failures))
 
 
 def tamper():

@@ -242,7 +242,7 @@ void Daemon::handshake_and_serve(transport::MultiListener::Pending p) {
   try {
     c = p.handshake();
   } catch (const std::exception& e) {
-    log::warn("ftd", "rejected replication connection from {}: {}", p.peer, e.what());
+    log::warn("ftd", "rejected an incoming replication connection from {}: {}", p.peer, e.what());
   }
   {
     std::lock_guard<std::mutex> g(hs_mu_);
