@@ -285,6 +285,8 @@ class Env:
         logf = self.path('%s.ftd.log' % name)
         if key is True:
             key = self.key
+        if key and os.environ.get('FTVM_E2E_ENCRYPT') == '1':  # run a scenario with encrypted replication
+            extra = ['--encrypt'] + list(extra)
         args = [os.path.join(BUILD, 'ftd'), '--run-dir', run, '--log', logf,
                 '--listen', ('127.0.0.1:%d' % self.port if listen is True else listen) if listen else '',
                 '--heartbeat-timeout-ms', str(self.hb_timeout_ms), '--enable-fault-injection', '--verify-activation',
