@@ -96,7 +96,8 @@ StandbySession::StandbySession(const DaemonConfig& cfg, std::unique_ptr<transpor
       adopt_(std::move(adopt)),
       peer_(conn_->peer()),
       peer_host_(transport::tcp::peer_host(peer_)),
-      key_id_(conn_->key_id()) {}
+      key_id_(conn_->key_id()),
+      security_(conn_->security()) {}
 
 bool StandbySession::adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<transport::Connection>& conn) {
   if (session_id == 0 || session_id != sid_ || finished_) return false;
@@ -746,7 +747,7 @@ nlohmann::json StandbySession::status() const {
           {"state", state_},
           {"peer", peer_},
           {"session_id", fmt::format("{:016x}", sid_.load())},
-          {"security", key_id_.empty() ? "insecure" : "authenticated (key " + key_id_ + ")"},
+          {"security", key_id_.empty() ? security_ : security_ + " (key " + key_id_ + ")"},
           {"reason", reason_},
           {"epoch", committed_},
           {"twin_pid", twin_pid_},

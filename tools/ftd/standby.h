@@ -86,7 +86,7 @@ class StandbySession {
   std::unique_ptr<transport::Connection> pending_hb_;  // under mu_
   std::atomic<uint64_t> sid_{0};
   std::atomic<bool> transient_{false};
-  const std::string peer_, peer_host_, key_id_;
+  const std::string peer_, peer_host_, key_id_, security_;
   std::chrono::milliseconds silence() const;
   bool poll_second_path();  // false = session over
 
