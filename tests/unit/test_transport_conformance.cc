@@ -38,6 +38,7 @@
 #include "transport/auth.h"
 #include "transport/fake/fake_transport.h"
 #include "transport/frame.h"
+#include "transport/select.h"
 #include "transport/tcp/tcp_transport.h"
 #ifdef FTVM_HAVE_RDMA
 #include "transport/rdma/rdma_transport.h"
@@ -1174,4 +1175,23 @@ TEST_CASE("auth: key files are checked (size, mode) and generated 0600", "[trans
   CHECK_THROWS_WITH(auth::load_key(path), Catch::Contains("expected exactly 32"));
   ::unlink(path.c_str());
   ::rmdir(dir);
+}
+
+TEST_CASE("auth: with a key, RDMA (not authenticated yet) is refused and auto means TCP", "[transport][security]") {
+  Options o = test_options();
+  o.key = test_key();
+  try {
+    connect("127.0.0.1", 1, Kind::Rdma, o);
+    FAIL("connected over RDMA with a key");
+  } catch (const ftvm::Error& e) {
+    CHECK_THAT(e.what(), Catch::Contains("not authenticated yet") && Catch::Contains("--transport tcp"));
+  }
+  tcp::Listener l("127.0.0.1", 0, o);
+  auto acc = std::async(std::launch::async, [&] { return l.accept(5s); });
+  std::string chosen;
+  auto c = connect("127.0.0.1", l.bound_port(), Kind::Auto, o, {}, &chosen);
+  CHECK(std::string(c->backend()) == "tcp");
+  CHECK_THAT(chosen, Catch::Contains("not authenticated yet"));
+  CHECK(c->key_id() == test_key()->id_hex());
+  CHECK(acc.get() != nullptr);
 }
