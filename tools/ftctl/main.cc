@@ -62,9 +62,9 @@ void print_human(const nlohmann::json& vms) {
                  v["dirty_pages"].value("last", 0.0), v["dirty_pages"].value("mean", 0.0),
                  v["checkpoint_bytes"].value("mean", 0.0) / 1024, v.value("throughput_mib_s", 0.0),
                  fmt_ms(v["standby_lag_ms"]));
-      fmt::print("  link {} via {}  {}  idle {} ms   tracker {}  QEMU pid {}  RAM {} MiB\n", l.value("peer", "?"),
-                 l.value("transport", "?"), l.value("healthy", false) ? "healthy" : "DOWN", fmt_ms(l["idle_ms"]),
-                 v.value("tracker", "?"), v.value("qemu_pid", 0), v.value("ram_mib", 0));
+      fmt::print("  link {} via {} ({})  {}  idle {} ms   tracker {}  QEMU pid {}  RAM {} MiB\n", l.value("peer", "?"),
+                 l.value("transport", "?"), l.value("security", "?"), l.value("healthy", false) ? "healthy" : "DOWN",
+                 fmt_ms(l["idle_ms"]), v.value("tracker", "?"), v.value("qemu_pid", 0), v.value("ram_mib", 0));
       if (v.contains("disk") && v["disk"].is_object()) {
         const auto& d = v["disk"];
         for (const auto& x : d["disks"])
@@ -79,6 +79,8 @@ void print_human(const nlohmann::json& vms) {
     } else {
       fmt::print("  committed epoch {}  twin pid {}  last commit {} ms ago\n", v.value("epoch", 0),
                  v.value("twin_pid", 0), fmt_ms(v["last_commit_age_ms"]));
+      if (v.contains("peer"))
+        fmt::print("  primary {} ({})\n", v.value("peer", "?"), v.value("security", "?"));
       if (v.contains("disk") && v["disk"].is_object()) {
         const auto& d = v["disk"];
         for (const auto& img : d["images"]) fmt::print("  disk replica {}\n", img.get<std::string>());

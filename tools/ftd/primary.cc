@@ -479,6 +479,7 @@ void PrimarySession::connect_and_sync() {
     std::lock_guard<std::mutex> g(mu_);
     link_peer_ = conn_->peer();
     link_backend_ = conn_->backend();
+    link_security_ = conn_->key_id().empty() ? conn_->security() : conn_->security() + " (key " + conn_->key_id() + ")";
   }
   std::random_device rd;
   session_id_ = (uint64_t{rd()} << 32) | rd();
@@ -1170,6 +1171,7 @@ nlohmann::json PrimarySession::status() const {
       {"link",
        {{"peer", link_peer_.empty() ? req_.peer : link_peer_},
         {"transport", link_backend_.empty() ? "tcp" : link_backend_},
+        {"security", link_security_},
         {"idle_ms", link_idle_ms_},
         {"healthy", state_ == "protected" || state_ == "syncing"}}},
   };
