@@ -67,6 +67,10 @@ std::shared_ptr<const Key> load_key(const std::string& path) {
     throw Error(fmt::format("key file {} has mode {:04o}: group or others may read it; run `chmod 600 {}` (and "
                             "consider the key exposed: generate a new one with `ftd --generate-key`)",
                             path, sb.st_mode & 07777, path));
+  if (sb.st_uid != 0 && sb.st_uid != ::geteuid())
+    throw Error(fmt::format("key file {} is owned by uid {}, neither root nor this process (uid {}): another user "
+                            "could replace it; run `chown root {}`",
+                            path, sb.st_uid, ::geteuid(), path));
   if (sb.st_size != static_cast<off_t>(kKeySize))
     throw Error(fmt::format("key file {} holds {} bytes, expected exactly {} (create one with `ftd --generate-key "
                             "FILE`)",

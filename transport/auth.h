@@ -63,7 +63,7 @@ struct Key {
 };
 
 // Reads a key file: a regular file of exactly 32 bytes with no group or other permission
-// bits (0600 or 0400). Throws ftvm::Error naming the file, what is wrong with it and the fix
+// bits (0600 or 0400), owned by root or by this process's user. Throws ftvm::Error naming the file, what is wrong with it and the fix
 // (`chmod 600 FILE`, `ftd --generate-key FILE`).
 std::shared_ptr<const Key> load_key(const std::string& path);
 

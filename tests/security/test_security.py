@@ -230,7 +230,7 @@ def run_step(failures, fn):
     (so that each attempt's outcome is visible on its own)."""
     try:
         fn()
-        log('   -> refused as expected')
+        log('   -> as expected')
     except Failure as e:
         log('   -> FAILED: %s' % e)
         failures.append('%s: %s' % (fn.__name__, e))

@@ -59,16 +59,17 @@ wait_for() {
 
 # Replication key (issue 12). RDMA connections are not authenticated yet: with --transport rdma
 # both ftd run --insecure (the lab's fabric is a private Soft-RoCE link). Over TCP both use a key:
-# single mode generates one; the two-host variant needs the same key on both lab guests, taken
-# from $LAB/lab-peer.key (copy one made with `ftd --generate-key` next to ftd), else --insecure.
+# $LAB/lab-peer.key when it was copied in (the two-host tests do: the same file on both guests,
+# made at build time with `ftd --generate-key`), else single mode generates one. Prints ftd's
+# arguments on stdout (messages go to stderr).
 security_args() {  # TRANSPORT
   if [ "$1" = rdma ]; then echo "--insecure"; return; fi
   if [ -f "$LAB/lab-peer.key" ]; then
-    cp "$LAB/lab-peer.key" "$W/peer.key" && chmod 600 "$W/peer.key"
+    cp "$LAB/lab-peer.key" "$W/peer.key" && chmod 600 "$W/peer.key" || { say "copying lab-peer.key failed" >&2; echo "--insecure"; return; }
   elif [ "$mode" = single ]; then
-    [ -f "$W/peer.key" ] || "$LAB/ftd" --generate-key "$W/peer.key" >/dev/null || die "ftd --generate-key failed"
+    [ -f "$W/peer.key" ] || "$LAB/ftd" --generate-key "$W/peer.key" >/dev/null || say "ftd --generate-key failed" >&2
   else
-    say "no $LAB/lab-peer.key for the two-host variant: running --insecure"
+    say "no $LAB/lab-peer.key for the two-host variant: running --insecure" >&2
     echo "--insecure"; return
   fi
   echo "--key-file $W/peer.key"
