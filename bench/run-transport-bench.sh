@@ -9,7 +9,8 @@
 #                and TCP over the same IP, same guest, same run. The lab returns only the guest
 #                console, so the JSON is taken from between the @@TRANSPORT_BENCH_JSON_*@@ markers
 #                in the console log.
-#   --host-tcp   runs only the TCP half directly on this host over 127.0.0.1 (no lab).
+#   --host-tcp   runs only the TCP half directly on this host over 127.0.0.1 (no lab): plain,
+#                authenticated and encrypted TCP in the same run.
 #   BENCH_ARGS   passed to the benchmark (--batches, --layouts, --seconds, --dirty, --fixed-us...;
 #                ftvm_transport_bench --help).
 # Output in DIR (default bench/results, git-ignored): transport-bench-<where>-<date>.{json,txt,log}
@@ -63,7 +64,7 @@ if ((HOST_TCP)); then
   where=host-tcp
   log=$OUT/transport-bench-$where-$stamp.log
   rc=0
-  "$BIN/ftvm_transport_bench" --backend tcp --addr 127.0.0.1 "$@" > "$log" 2>&1 || rc=$?
+  "$BIN/ftvm_transport_bench" --backend tcp,tcp+auth,tcp+encrypt --addr 127.0.0.1 "$@" > "$log" 2>&1 || rc=$?
 else
   where=lab
   log=$OUT/transport-bench-$where-$stamp.log

@@ -50,11 +50,12 @@ with h.Env('demo', hb_timeout_ms=400) as env:
     g.serial.wait_ticks(3, 120)
     print('   guest up, QEMU pid %d, serial console says: %s' % (g.pid, g.serial.ticks()[-1]))
 
-    say('starting the primary ftd and the standby ftd (standby listens on 127.0.0.1:%d)' % env.port)
+    say('starting the primary ftd and the standby ftd (standby listens on 127.0.0.1:%d); both hold the '
+        'replication key %s (ftd --generate-key)' % (env.port, env.key))
     P = env.start_ftd('primary', listen=False)
     S = env.start_ftd('standby', extra=['--disk-dir', env.path('replicas')])
-    print('   ftd --run-dir %s --listen ""           (log %s)' % (P.run_dir, P.logf))
-    print('   ftd --run-dir %s --listen 127.0.0.1:%d (log %s)' % (S.run_dir, env.port, S.logf))
+    print('   ftd --run-dir %s --key-file %s                      (log %s)' % (P.run_dir, env.key, P.logf))
+    print('   ftd --run-dir %s --key-file %s --listen 127.0.0.1:%d (log %s)' % (S.run_dir, env.key, env.port, S.logf))
 
     say('ftctl enable --qmp %s --peer 127.0.0.1:%d --name demo --epoch-ms %d' % (g.qmp, env.port, a.epoch_ms))
     t0 = time.time()

@@ -11,6 +11,8 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config g++
   # libraries
   libfmt-dev nlohmann-json3-dev libcli11-dev catch2 libxxhash-dev
+  # replication authentication and encryption (transport/auth.h)
+  libsodium-dev
   # QEMU and the Linux test guest (tests/guest/build-guest.sh)
   qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd gzip
   # RDMA transport (transport/rdma/) and its Soft-RoCE test lab (tests/rdma-lab/)

@@ -20,6 +20,7 @@ const char* kind_name(FrameKind k) {
     case FrameKind::Control: return "Control";
     case FrameKind::Heartbeat: return "Heartbeat";
     case FrameKind::Goodbye: return "Goodbye";
+    case FrameKind::Auth: return "Auth";
   }
   return "unknown";
 }
@@ -27,6 +28,7 @@ const char* kind_name(FrameKind k) {
 uint32_t max_payload(FrameKind kind) {
   switch (kind) {
     case FrameKind::Hello: return kHelloBodySize;
+    case FrameKind::Auth: return kAuthBodySize;
     case FrameKind::Write: return kMaxWritePayload;
     case FrameKind::Control: return static_cast<uint32_t>(kMaxControlBody);
     case FrameKind::Heartbeat:
@@ -86,8 +88,8 @@ FrameHeader decode_header(std::span<const std::byte, kFrameHeaderSize> in) {
   h.length = static_cast<uint32_t>(get_le(p + 12, 4));
   h.offset = get_le(p + 16, 8);
   uint32_t reserved = static_cast<uint32_t>(get_le(p + 24, 4));
-  if (kind == 0 || kind > static_cast<uint8_t>(FrameKind::Goodbye))
-    bad(fmt::format("bad kind {} (valid kinds are 1..5)", kind));
+  if (kind == 0 || kind > static_cast<uint8_t>(FrameKind::Auth))
+    bad(fmt::format("bad kind {} (valid kinds are 1..6)", kind));
   if (h.flags != 0) bad(fmt::format("{} frame has flags {:#04x}, expected 0", kind_name(h.kind), h.flags));
   if (reserved != 0) bad(fmt::format("{} frame has reserved field {:#x}, expected 0", kind_name(h.kind), reserved));
   if (h.length > max_payload(h.kind))
@@ -107,6 +109,11 @@ FrameHeader decode_header(std::span<const std::byte, kFrameHeaderSize> in) {
     case FrameKind::Hello:
       if (h.length != kHelloBodySize)
         bad(fmt::format("Hello frame length {}, expected {}", h.length, kHelloBodySize));
+      if (h.field != 0 || h.offset != 0)
+        bad(fmt::format("{} frame has field {} offset {}, expected 0 and 0", kind_name(h.kind), h.field, h.offset));
+      break;
+    case FrameKind::Auth:
+      if (h.length != kAuthBodySize) bad(fmt::format("Auth frame length {}, expected {}", h.length, kAuthBodySize));
       [[fallthrough]];
     default:
       if (h.field != 0 || h.offset != 0)
@@ -116,13 +123,14 @@ FrameHeader decode_header(std::span<const std::byte, kFrameHeaderSize> in) {
   return h;
 }
 
-// HelloBody layout (16 bytes LE): version u16, reserved u16 (0), capabilities u32,
-// max_write_payload u32, reserved u32 (0).
+// HelloBody layout: see frame.h.
 std::array<std::byte, kHelloBodySize> encode_hello(const HelloBody& h) {
   std::array<std::byte, kHelloBodySize> a{};
   put_le(a.data() + 0, h.version, 2);
   put_le(a.data() + 4, h.capabilities, 4);
   put_le(a.data() + 8, h.max_write_payload, 4);
+  std::memcpy(a.data() + 16, h.nonce.data(), h.nonce.size());
+  std::memcpy(a.data() + 48, h.key_id.data(), h.key_id.size());
   return a;
 }
 
@@ -135,10 +143,15 @@ HelloBody decode_hello(std::span<const std::byte> in) {
         "ftvm wire version mismatch in Hello: peer speaks version {}, this build speaks version {} "
         "(run the same ftvm release on both hosts)",
         h.version, kWireVersion));
-  if (get_le(in.data() + 2, 2) != 0 || get_le(in.data() + 12, 4) != 0) bad("Hello body has nonzero reserved bytes");
+  if (get_le(in.data() + 2, 2) != 0 || get_le(in.data() + 12, 4) != 0 || get_le(in.data() + 56, 8) != 0)
+    bad("Hello body has nonzero reserved bytes");
   h.capabilities = static_cast<uint32_t>(get_le(in.data() + 4, 4));
   h.max_write_payload = static_cast<uint32_t>(get_le(in.data() + 8, 4));
-  if (h.max_write_payload == 0) bad("Hello announces max_write_payload 0");
+  if (h.max_write_payload < kMinWritePayload)
+    bad(fmt::format("Hello announces max_write_payload {}, below the minimum of {} bytes", h.max_write_payload,
+                    kMinWritePayload));
+  std::memcpy(h.nonce.data(), in.data() + 16, h.nonce.size());
+  std::memcpy(h.key_id.data(), in.data() + 48, h.key_id.size());
   return h;
 }
 

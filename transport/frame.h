@@ -5,7 +5,7 @@
 //
 //   offset size field
 //        0    4 magic     'F' 'T' 'V' 'M' (reads as 0x4D565446 little-endian)
-//        4    2 version   wire version, currently kWireVersion (1)
+//        4    2 version   wire version, currently kWireVersion (2)
 //        6    1 kind      FrameKind; 0 is Invalid and never sent
 //        7    1 flags     must be 0 (no flags defined in version 1)
 //        8    4 field     Write: region id (nonzero); Control: message type (1..65535);
@@ -16,7 +16,18 @@
 //       28    4 checksum  XXH32(seed 0) over bytes 0..27
 //
 // Payloads: Write = raw bytes for the region; Control = the message body (opaque to the
-// transport); Hello = HelloBody (16 bytes, below); Heartbeat and Goodbye = empty.
+// transport); Hello = HelloBody (64 bytes, below); Auth = the 32-byte handshake proof
+// (transport/auth.h); Heartbeat and Goodbye = empty.
+//
+// Authenticated connections (both Hellos announce kCapAuth; transport/auth.h): after the two
+// Hello and the two Auth frames, EVERY frame in each direction is followed by a 16-byte tag
+// (Poly1305 over header || payload under a per-frame key from the direction's sequence
+// number). `length` does not count the tag. Unauthenticated connections (both sides run
+// --insecure) carry no Auth frames and no tags. A side with a key refuses a peer without one
+// and vice versa.
+//
+// Version history: 1 = 16-byte Hello, no authentication; 2 = 64-byte Hello with nonce and
+// key id, Auth frames, per-frame tags, minimum max_write_payload.
 //
 // Versioning rule: magic and version stay at offsets 0 and 4 forever. Any change that an
 // older receiver would misread (header layout, kind numbering, payload encodings, meaning of
@@ -26,10 +37,11 @@
 // bits in the Hello body, exchanged at connect time, and never change the version.
 //
 // Integrity: the header carries its own checksum, so a corrupted or misaligned header is
-// caught before its length or offset is trusted. Payloads carry no checksum: TCP checksums
-// every segment, and the replication layer puts a digest of the epoch's content in its commit
-// record, which catches payload corruption end to end (including bugs on either host) and is
-// what decides whether a checkpoint is applied.
+// caught before its length or offset is trusted. Against accidents, payloads need no checksum:
+// TCP checksums every segment, and the replication layer puts a digest of the epoch's content
+// in its commit record, which catches payload corruption end to end (including bugs on either
+// host) and is what decides whether a checkpoint is applied. Against an attacker on the
+// network, the per-frame tags of an authenticated connection (above) are what counts.
 #pragma once
 
 #include <array>
@@ -45,11 +57,19 @@
 namespace ftvm::transport {
 
 inline constexpr uint32_t kFrameMagic = 0x4D565446;  // bytes "FTVM"
-inline constexpr uint16_t kWireVersion = 1;
+inline constexpr uint16_t kWireVersion = 2;
 inline constexpr size_t kFrameHeaderSize = 32;
 // Largest Write payload a receiver accepts; senders split larger writes.
 inline constexpr uint32_t kMaxWritePayload = 16u << 20;
-inline constexpr size_t kHelloBodySize = 16;
+// Smallest max_write_payload a Hello may announce: a peer that announced 1 byte would make the
+// sender split every page into thousands of frames (a cheap denial of service).
+inline constexpr uint32_t kMinWritePayload = 4096;
+inline constexpr size_t kHelloBodySize = 64;
+inline constexpr size_t kAuthBodySize = 32;
+inline constexpr size_t kFrameTagSize = 16;
+// Hello capability bits.
+inline constexpr uint32_t kCapAuth = 1u << 0;     // this side has a key and requires the handshake proofs
+inline constexpr uint32_t kCapEncrypt = 1u << 1;  // this side asks for encrypted payloads (needs kCapAuth)
 
 // Frame kinds. Zero is reserved as Invalid in this and every other enum on the wire.
 enum class FrameKind : uint8_t {
@@ -59,6 +79,7 @@ enum class FrameKind : uint8_t {
   Control = 3,    // control message of type `field`; payload = body
   Heartbeat = 4,  // proof of life, empty
   Goodbye = 5,    // the sender closes the connection on purpose, empty
+  Auth = 6,       // handshake proof (authenticated connections), kAuthBodySize bytes
 };
 
 const char* kind_name(FrameKind k);
@@ -89,15 +110,19 @@ std::array<std::byte, kFrameHeaderSize> encode_header(const FrameHeader& h);
 // the precise message.
 FrameHeader decode_header(std::span<const std::byte, kFrameHeaderSize> in);
 
-// Hello payload: what each side announces at connect time.
+// Hello payload: what each side announces at connect time. Layout (64 bytes LE): version u16,
+// reserved u16 (0), capabilities u32, max_write_payload u32, reserved u32 (0), nonce[32],
+// key_id[8], reserved[8] (0).
 struct HelloBody {
   uint16_t version = kWireVersion;  // must equal the header's version
-  uint32_t capabilities = 0;        // optional-feature bits; none defined yet (ignore unknown)
+  uint32_t capabilities = 0;        // kCap* bits (unknown bits are ignored)
   uint32_t max_write_payload = kMaxWritePayload;  // largest Write payload this side accepts
+  std::array<unsigned char, 32> nonce{};          // fresh random bytes (authenticated connections)
+  std::array<unsigned char, 8> key_id{};          // id of this side's key (auth::Key::id), zero without one
 };
 std::array<std::byte, kHelloBodySize> encode_hello(const HelloBody& h);
 // Throws ProtocolError on a wrong size, a version differing from kWireVersion (naming both),
-// nonzero reserved bytes, or max_write_payload == 0.
+// nonzero reserved bytes, or max_write_payload below kMinWritePayload.
 HelloBody decode_hello(std::span<const std::byte> in);
 
 struct Frame {

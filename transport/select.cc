@@ -40,6 +40,13 @@ std::unique_ptr<Connection> connect(const std::string& host, uint16_t port, Kind
   auto say = [&](const std::string& s) {
     if (chosen) *chosen = s;
   };
+  if (opts.key && kind == Kind::Rdma)
+    fail("--transport rdma: RDMA connections are not authenticated yet and this ftd has a key (--key-file); use "
+         "--transport tcp (or auto), or run both ftd with --insecure on a trusted, isolated fabric");
+  if (opts.key && kind == Kind::Auto) {
+    say("tcp (auto: RDMA connections are not authenticated yet, and this ftd has a key)");
+    return tcp::connect_tcp(host, port, opts);
+  }
 #ifdef FTVM_HAVE_RDMA
   std::string dev;
   if (kind != Kind::Tcp && rdma::rdma_reachable(host, &dev)) {
@@ -73,7 +80,10 @@ MultiListener::MultiListener(const std::string& host, uint16_t port, Options opt
 #ifdef FTVM_HAVE_RDMA
   std::string dev;
   const std::string probe = host.empty() || host == "*" || host == "::" || host == "0.0.0.0" ? "" : host;
-  if (!probe.empty() && rdma::rdma_reachable(probe, &dev)) {
+  if (!probe.empty() && opts.key && rdma::rdma_reachable(probe, &dev)) {
+    log::warn("transport", "not listening for RDMA on {} ({}): RDMA connections are not authenticated yet and this "
+              "ftd has a key; primaries connect over TCP (run both ftd with --insecure to allow RDMA)", host, dev);
+  } else if (!probe.empty() && rdma::rdma_reachable(probe, &dev)) {
     try {
       impl_->rdma = std::make_unique<rdma::RdmaListener>(host, impl_->tcp->bound_port(), opts);
       describe_ += fmt::format(", rdma {} ({})", impl_->rdma->local_address(), dev);
@@ -98,6 +108,36 @@ std::unique_ptr<Connection> MultiListener::accept(std::chrono::milliseconds time
   }
 #endif
   return impl_->tcp->accept(timeout);
+}
+
+std::optional<MultiListener::Pending> MultiListener::accept_pending(std::chrono::milliseconds timeout) {
+  auto wrap_tcp = [this](std::chrono::milliseconds t) -> std::optional<Pending> {
+    auto a = impl_->tcp->accept_socket(t);
+    if (!a) return std::nullopt;
+    Pending p{a->peer, a->peer_host, {}};
+    auto shared = std::make_shared<tcp::Listener::Accepted>(std::move(*a));
+    tcp::Listener* l = impl_->tcp.get();
+    p.handshake = [l, shared] { return l->handshake_accepted(std::move(*shared)); };
+    return p;
+  };
+#ifdef FTVM_HAVE_RDMA
+  if (impl_->rdma) {
+    pollfd p[2] = {{impl_->tcp->fd(), POLLIN, 0}, {impl_->rdma->fd(), POLLIN, 0}};
+    int r = ::poll(p, 2, static_cast<int>(timeout.count()));
+    if (r < 0 && errno != EINTR) throw SysError(errno, "poll replication listeners");
+    if (r <= 0) return std::nullopt;
+    if (p[1].revents) {
+      auto c = impl_->rdma->accept(std::chrono::milliseconds(0));
+      if (!c) return std::nullopt;
+      Pending pd{c->peer(), tcp::peer_host(c->peer()), {}};
+      auto holder = std::make_shared<std::unique_ptr<Connection>>(std::move(c));
+      pd.handshake = [holder] { return std::move(*holder); };
+      return pd;
+    }
+    return wrap_tcp(std::chrono::milliseconds(0));
+  }
+#endif
+  return wrap_tcp(timeout);
 }
 
 }  // namespace ftvm::transport

@@ -6,7 +6,9 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,11 +26,13 @@ bool rdma_built();
 
 // Connects to host:port over the chosen fabric. `chosen` (if given) receives a sentence for
 // the log saying which fabric and why. Throws like connect_tcp/connect_rdma; an explicit
-// "rdma" without an RDMA route throws ftvm::Error saying so.
+// "rdma" without an RDMA route throws ftvm::Error saying so. RDMA connections are not
+// authenticated yet: with a key (opts.key) "auto" means TCP and "rdma" is refused.
 std::unique_ptr<Connection> connect(const std::string& host, uint16_t port, Kind kind, Options opts,
                                     const std::string& rdma_dev = {}, std::string* chosen = nullptr);
 
-// Listens on host:port over TCP and, where an RDMA device serves that address, over RDMA too.
+// Listens on host:port over TCP and, where an RDMA device serves that address and no key is
+// configured (RDMA is not authenticated yet), over RDMA too.
 class MultiListener {
  public:
   MultiListener(const std::string& host, uint16_t port, Options opts);
@@ -36,6 +40,16 @@ class MultiListener {
   // Waits up to `timeout` for a client on any fabric (nullptr on timeout). Throws like the
   // backends' accept(); the listener stays usable.
   std::unique_ptr<Connection> accept(std::chrono::milliseconds timeout);
+
+  // A client accepted but not handshaken yet: its address, known before any byte is read
+  // from it (allow-lists, per-address limits), and the handshake to run, on any thread,
+  // bounded by Options::connect_timeout; it throws like accept(). (RDMA clients are
+  // handshaken inside rdma_cm's accept already; their `handshake` just hands them over.)
+  struct Pending {
+    std::string peer, peer_host;
+    std::function<std::unique_ptr<Connection>()> handshake;
+  };
+  std::optional<Pending> accept_pending(std::chrono::milliseconds timeout);
   // "tcp 127.0.0.1:7410, rdma 10.0.0.1:7410 (rxe0)" for logs and status.
   std::string describe() const { return describe_; }
 

@@ -32,6 +32,10 @@
 
 namespace ftvm::transport {
 
+namespace auth {
+struct Key;
+}
+
 inline constexpr size_t kMaxControlBody = 1 << 20;
 
 struct ControlMessage {
@@ -108,6 +112,12 @@ class Connection {
   // Bytes sent/received over the connection's lifetime (payload + framing).
   virtual uint64_t bytes_sent() const = 0;
   virtual uint64_t bytes_received() const = 0;
+
+  // The id (hex) of the pre-shared key both sides proved knowledge of during the handshake,
+  // "" for an unauthenticated connection (both sides --insecure). Sessions bind to it.
+  virtual std::string key_id() const { return {}; }
+  // "insecure", "authenticated" or "authenticated+encrypted", for logs and status.
+  virtual std::string security() const { return key_id().empty() ? "insecure" : "authenticated"; }
 };
 
 // After a Connection method throws LinkDown or ProtocolError, every later call (except the
@@ -122,6 +132,15 @@ struct Options {
   // A blocked send that makes no progress while nothing arrives from the peer for this long
   // throws LinkDown (the peer is alive at the TCP level but not reading).
   std::chrono::milliseconds stall_timeout{10000};
+  // Pre-shared key (transport/auth.h). With a key, the handshake proves both sides hold it and
+  // every later frame is tagged; a peer without the same key is refused. Without one
+  // (ftd --insecure) the connection is unauthenticated and a peer that has a key refuses it.
+  // Fabrics that cannot authenticate yet (RDMA) refuse to connect or listen with a key.
+  std::shared_ptr<const auth::Key> key;
+  // Ask for encrypted payloads (needs `key`; TCP). Either side asking turns it on.
+  bool encrypt = false;
+  // Connecting side: bind the socket to this local address first ("" = the kernel picks).
+  std::string source_address;
 };
 
 }  // namespace ftvm::transport

@@ -184,7 +184,8 @@ class Chaos:
                 '--listen', ('%s:%d' % (h.sip, env.port)) if role == 'standby' else '',
                 '--heartbeat-timeout-ms', str(HB_MS), '--enable-fault-injection', '--stats-dir', env.dir,
                 '--libvirt-uri', '', '--arbiter', 'fence-command', '--fence-command', fence,
-                '--fence-timeout-ms', '5000', '--state-dir', env.path('%s-state' % role)] + env.twin_policy_args()
+                '--fence-timeout-ms', '5000', '--state-dir', env.path('%s-state' % role),
+                '--key-file', env.key] + env.twin_policy_args()
         if role == 'standby':
             args += ['--twin-tap-map', '%s=%s' % (h.ptap, h.ttap), '--disk-dir', env.path('disks')]
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=open(logf + '.out', 'a'), stderr=subprocess.STDOUT)

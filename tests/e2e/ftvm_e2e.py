@@ -42,6 +42,14 @@ def free_port():
     return p
 
 
+def make_key(path):
+    """Creates a replication key file (mode 0600) with `ftd --generate-key`."""
+    r = subprocess.run([os.path.join(BUILD, 'ftd'), '--generate-key', path], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise Failure('ftd --generate-key %s failed: %s' % (path, r.stderr))
+    return path
+
+
 def wait_for(pred, timeout, what, interval=0.05):
     t0 = time.time()
     while True:
@@ -180,6 +188,9 @@ class Env:
         self.port = free_port()
         self.keep = keep or os.environ.get('FTVM_KEEP_TMP') == '1'
         log('scenario %s in %s' % (name, self.dir))
+        # The host pair's replication key (issue 12): every ftd of the scenario gets it.
+        self.key = self.path('peer.key')
+        make_key(self.key)
 
     def __enter__(self):
         return self
@@ -281,14 +292,21 @@ class Env:
                 args += ['--allow-path', os.path.realpath(d)]
         return args
 
-    def start_ftd(self, name, listen=True, extra=()):
+    def start_ftd(self, name, listen=True, extra=(), key=True):
+        """Starts an ftd. `key`: True = the scenario's key (self.key), a path = that key file,
+        False/None = --insecure (tests of the refusal only)."""
         run = self.path(name)
         os.makedirs(run, exist_ok=True)
         logf = self.path('%s.ftd.log' % name)
+        if key is True:
+            key = self.key
+        if key and os.environ.get('FTVM_E2E_ENCRYPT') == '1':  # run a scenario with encrypted replication
+            extra = ['--encrypt'] + list(extra)
         args = [os.path.join(BUILD, 'ftd'), '--run-dir', run, '--log', logf,
-                '--listen', '127.0.0.1:%d' % self.port if listen else '',
+                '--listen', ('127.0.0.1:%d' % self.port if listen is True else listen) if listen else '',
                 '--heartbeat-timeout-ms', str(self.hb_timeout_ms), '--enable-fault-injection', '--verify-activation',
-                '--stats-dir', self.dir] + self.twin_policy_args() + list(extra)
+                '--stats-dir', self.dir] + (['--key-file', key] if key else ['--insecure']) + \
+            self.twin_policy_args() + list(extra)
         if '--state-dir' not in extra:  # never the machine's /var/lib/ftvm: records are per scenario
             args += ['--state-dir', self.path('%s-state' % name)]
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=open(logf + '.out', 'w'), stderr=subprocess.STDOUT)

@@ -93,7 +93,7 @@ TEST_CASE("hello body round trip and validation", "[transport][frame]") {
     decode_hello(bad);
     FAIL("accepted another version");
   } catch (const ProtocolError& e) {
-    CHECK_THAT(e.what(), Catch::Contains("version 9") && Catch::Contains("version 1"));
+    CHECK_THAT(e.what(), Catch::Contains("version 9") && Catch::Contains("version 2"));
   }
   bad = b;
   bad[14] = std::byte{1};
@@ -102,6 +102,22 @@ TEST_CASE("hello body round trip and validation", "[transport][frame]") {
   bad = b;
   put_le(bad.data() + 8, 0, 4);
   CHECK_THROWS_AS(decode_hello(bad), ProtocolError);
+}
+
+// Issue 12: a peer announcing a tiny write limit would make the sender split every page into
+// thousands of frames. Below kMinWritePayload the Hello is refused, naming the value.
+TEST_CASE("hello with max_write_payload below the minimum is refused", "[transport][frame][security]") {
+  for (uint32_t v : {1u, 512u, kMinWritePayload - 1}) {
+    auto b = encode_hello(HelloBody{.max_write_payload = v});
+    try {
+      decode_hello(b);
+      FAIL("accepted max_write_payload " << v);
+    } catch (const ProtocolError& e) {
+      CHECK_THAT(e.what(), Catch::Contains(std::to_string(v)) && Catch::Contains("minimum"));
+    }
+  }
+  CHECK(decode_hello(encode_hello(HelloBody{.max_write_payload = kMinWritePayload})).max_write_payload ==
+        kMinWritePayload);
 }
 
 TEST_CASE("every malformed header field is rejected with a precise message", "[transport][frame]") {
@@ -115,10 +131,10 @@ TEST_CASE("every malformed header field is rejected with a precise message", "[t
   }
   SECTION("other version: both versions named, even with a valid checksum") {
     auto b = good;
-    put_le(b.data() + 4, 2, 2);
+    put_le(b.data() + 4, 1, 2);  // a peer of the release before authentication
     reseal(b);
     std::string e = decode_error(b);
-    CHECK_THAT(e, Catch::Contains("version 2") && Catch::Contains("version 1"));
+    CHECK_THAT(e, Catch::Contains("version 1") && Catch::Contains("version 2"));
   }
   SECTION("checksum mismatch (any flipped bit in bytes 0..31 outside magic/version)") {
     for (size_t byte = 6; byte < 32; ++byte) {
@@ -131,7 +147,7 @@ TEST_CASE("every malformed header field is rejected with a precise message", "[t
     CHECK_THAT(decode_error(b), Catch::Contains("checksum"));
   }
   SECTION("kind 0 (Invalid) and unknown kinds") {
-    for (int k : {0, 6, 200, 255}) {
+    for (int k : {0, 7, 200, 255}) {
       auto b = good;
       b[6] = static_cast<std::byte>(k);
       reseal(b);

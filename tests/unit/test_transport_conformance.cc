@@ -10,7 +10,9 @@
 
 #include <netinet/in.h>
 #include <signal.h>
+#include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -33,8 +35,10 @@
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "transport/auth.h"
 #include "transport/fake/fake_transport.h"
 #include "transport/frame.h"
+#include "transport/select.h"
 #include "transport/tcp/tcp_transport.h"
 #ifdef FTVM_HAVE_RDMA
 #include "transport/rdma/rdma_transport.h"
@@ -110,6 +114,21 @@ UniqueFd raw_connect(uint16_t port) {
   return fd;
 }
 
+// A key file for the authenticated TCP rigs, created once per test process (mode 0600).
+std::shared_ptr<const auth::Key> test_key() {
+  static std::shared_ptr<const auth::Key> k = [] {
+    char dir[] = "/tmp/ftvm-test-key.XXXXXX";
+    if (!::mkdtemp(dir)) throw ftvm::SysError(errno, "mkdtemp for the test key");
+    std::string path = std::string(dir) + "/peer.key";
+    auth::generate_key(path);
+    auto key = auth::load_key(path);
+    ::unlink(path.c_str());
+    ::rmdir(dir);
+    return key;
+  }();
+  return k;
+}
+
 class TcpRig : public Rig {
  public:
   explicit TcpRig(Options o) : opts_(o), listener_("127.0.0.1", 0, o) {}
@@ -121,6 +140,7 @@ class TcpRig : public Rig {
     return p;
   }
   std::optional<RawPeer> raw() override {
+    if (opts_.key) return std::nullopt;  // a raw peer cannot authenticate
     RawPeer r;
     r.raw = raw_connect(listener_.bound_port());
     send_raw(r.raw.get(), hello_bytes());
@@ -128,6 +148,7 @@ class TcpRig : public Rig {
     return r;
   }
   std::optional<Killable> killable() override {
+    if (opts_.key) return std::nullopt;
     UniqueFd fd = raw_connect(listener_.bound_port());
     send_raw(fd.get(), hello_bytes());
     pid_t pid = fork();
@@ -242,12 +263,28 @@ class RdmaRig : public Rig {
 struct Backend {
   std::string name;
   std::function<std::unique_ptr<Rig>(Options)> make_rig;
+  std::string fabric;  // what Connection::backend() says ("" = name)
 };
 
+// tcp+auth and tcp+encrypt: the same suite over authenticated (and encrypted) connections
+// (issue 12): tags and encryption must not change any transport semantics.
 std::vector<Backend> backends() {
   return {
-      {"tcp", [](Options o) { return std::make_unique<TcpRig>(o); }},
-      {"fake", [](Options o) { return std::make_unique<FakeRig>(o); }},
+      {"tcp", [](Options o) { return std::make_unique<TcpRig>(o); }, "tcp"},
+      {"tcp+auth",
+       [](Options o) {
+         o.key = test_key();
+         return std::make_unique<TcpRig>(o);
+       },
+       "tcp"},
+      {"tcp+encrypt",
+       [](Options o) {
+         o.key = test_key();
+         o.encrypt = true;
+         return std::make_unique<TcpRig>(o);
+       },
+       "tcp"},
+      {"fake", [](Options o) { return std::make_unique<FakeRig>(o); }, "fake"},
   };
 }
 
@@ -293,7 +330,7 @@ void run_rdma(const char* name, void (*fn)(const Backend&)) {
   if (!t) FAIL("no address resolves through an RDMA device here (run in the RDMA lab: ctest -L rdma)");
   std::printf("[rdma] %s: device %s, address %s\n", name, t->dev.c_str(), t->addr.c_str());
   std::fflush(stdout);
-  Backend be{"rdma", [t](Options o) { return std::make_unique<RdmaRig>(o, *t); }};
+  Backend be{"rdma", [t](Options o) { return std::make_unique<RdmaRig>(o, *t); }, "rdma"};
   fn(be);
 }
 #define FTVM_RDMA_CASE(NAME, FN) \
@@ -323,8 +360,8 @@ CONFORMANCE_CASE("connect, identify, exchange control messages", conf_control_ex
   auto pr = rig->pair();
   auto& a = pr.a;
   auto& b = pr.b;
-  CHECK(std::string(a->backend()) == be.name);
-  CHECK(std::string(b->backend()) == be.name);
+  CHECK(std::string(a->backend()) == be.fabric);
+  CHECK(std::string(b->backend()) == be.fabric);
   CHECK_FALSE(a->peer().empty());
   CHECK_FALSE(b->peer().empty());
   a->send_control(1, as_bytes("ping"));
@@ -681,7 +718,7 @@ TEST_CASE("tcp: Hello with another wire version is rejected naming both versions
       l.accept(5s);
       FAIL("accepted a peer of another version");
     } catch (const ProtocolError& e) {
-      CHECK_THAT(e.what(), Catch::Contains("version 3") && Catch::Contains("version 1"));
+      CHECK_THAT(e.what(), Catch::Contains("version 3") && Catch::Contains("version 2"));
     }
     // The listener survives a bad client.
     auto acc = std::async(std::launch::async, [&] { return l.accept(5s); });
@@ -696,7 +733,7 @@ TEST_CASE("tcp: Hello with another wire version is rejected naming both versions
         std::this_thread::sleep_for(10ms);
         s.reset(::accept4(l.fd(), nullptr, nullptr, SOCK_CLOEXEC));
       }
-      if (s) send_raw(s.get(), hello_bytes(2));
+      if (s) send_raw(s.get(), hello_bytes(1));
       std::this_thread::sleep_for(300ms);
       return s.valid();
     });
@@ -704,7 +741,7 @@ TEST_CASE("tcp: Hello with another wire version is rejected naming both versions
       tcp::connect_tcp("127.0.0.1", l.bound_port(), o);
       FAIL("connected to a peer of another version");
     } catch (const ProtocolError& e) {
-      CHECK_THAT(e.what(), Catch::Contains("version 2") && Catch::Contains("version 1"));
+      CHECK_THAT(e.what(), Catch::Contains("version 1") && Catch::Contains("version 2"));
     }
     CHECK(server.get());
   }
@@ -953,3 +990,208 @@ TEST_CASE("rdma: malformed control messages are ProtocolErrors", "[.][rdma]") {
   CHECK_THROWS_AS(pr.b->poll(0ms), LinkDown);
 }
 #endif
+
+// ---- authentication (issue 12) ------------------------------------------------------------
+
+namespace {
+std::shared_ptr<const auth::Key> other_key() {
+  static std::shared_ptr<const auth::Key> k = [] {
+    char dir[] = "/tmp/ftvm-test-key.XXXXXX";
+    if (!::mkdtemp(dir)) throw ftvm::SysError(errno, "mkdtemp for the test key");
+    std::string path = std::string(dir) + "/other.key";
+    auth::generate_key(path);
+    auto key = auth::load_key(path);
+    ::unlink(path.c_str());
+    ::rmdir(dir);
+    return key;
+  }();
+  return k;
+}
+
+// Connects with `client` options to a listener with `server` options; returns what each side
+// threw ("" = it connected).
+std::pair<std::string, std::string> try_handshake(Options server, Options client) {
+  tcp::Listener l("127.0.0.1", 0, server);
+  auto acc = std::async(std::launch::async, [&]() -> std::string {
+    try {
+      auto c = l.accept(5s);
+      if (!c) return "nothing accepted";
+      return "";
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+  });
+  std::string cerr;
+  try {
+    auto c = tcp::connect_tcp("127.0.0.1", l.bound_port(), client);
+  } catch (const std::exception& e) {
+    cerr = e.what();
+  }
+  return {acc.get(), cerr};
+}
+
+// A TCP relay between a client and a listener that flips one byte of the client->server
+// stream at `flip_at` (counted from the first byte the client sends).
+class FlipProxy {
+ public:
+  FlipProxy(uint16_t target, size_t flip_at) : l_("127.0.0.1", 0, test_options()), target_(target), flip_at_(flip_at) {
+    th_ = std::thread([this] { run(); });
+  }
+  ~FlipProxy() {
+    stop_ = true;
+    th_.join();
+  }
+  uint16_t port() const { return l_.bound_port(); }
+
+ private:
+  void run() {
+    UniqueFd c;
+    while (!stop_ && !c) {
+      c.reset(::accept4(l_.fd(), nullptr, nullptr, SOCK_CLOEXEC));
+      if (!c) std::this_thread::sleep_for(5ms);
+    }
+    if (!c) return;
+    UniqueFd s = raw_connect(target_);
+    size_t seen = 0;
+    std::vector<std::byte> buf(65536);
+    while (!stop_) {
+      pollfd p[2] = {{c.get(), POLLIN, 0}, {s.get(), POLLIN, 0}};
+      if (::poll(p, 2, 20) <= 0) continue;
+      for (int i = 0; i < 2; ++i) {
+        if (!(p[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+        ssize_t n = ::recv(p[i].fd, buf.data(), buf.size(), 0);
+        if (n <= 0) return;
+        if (i == 0 && flip_at_ >= seen && flip_at_ < seen + static_cast<size_t>(n)) buf[flip_at_ - seen] ^= std::byte{1};
+        if (i == 0) seen += static_cast<size_t>(n);
+        if (::send(p[1 - i].fd, buf.data(), static_cast<size_t>(n), MSG_NOSIGNAL) != n) return;
+      }
+    }
+  }
+  tcp::Listener l_;
+  uint16_t target_;
+  size_t flip_at_;
+  std::atomic<bool> stop_{false};
+  std::thread th_;
+};
+}  // namespace
+
+TEST_CASE("auth: peers without the key or with another key are refused on both sides", "[transport][tcp][security]") {
+  Options with = test_options();
+  with.key = test_key();
+  Options other = test_options();
+  other.key = other_key();
+  Options none = test_options();
+  SECTION("client without a key") {
+    auto [s, c] = try_handshake(with, none);
+    CHECK_THAT(s, Catch::Contains("did not authenticate") && Catch::Contains("127.0.0.1"));
+    CHECK_THAT(c, Catch::Contains("requires authentication"));
+  }
+  SECTION("server without a key") {
+    auto [s, c] = try_handshake(none, with);
+    CHECK_THAT(s, Catch::Contains("requires authentication"));
+    CHECK_THAT(c, Catch::Contains("did not authenticate"));
+  }
+  SECTION("another key") {
+    auto [s, c] = try_handshake(with, other);
+    CHECK_THAT(s, Catch::Contains("different key files") && Catch::Contains(test_key()->id_hex()));
+    CHECK_THAT(c, Catch::Contains("different key files"));
+  }
+  SECTION("same key") {
+    auto [s, c] = try_handshake(with, with);
+    CHECK(s == "");
+    CHECK(c == "");
+  }
+}
+
+TEST_CASE("auth: a peer claiming our key id without the key fails the proof", "[transport][tcp][security]") {
+  // A forged key with the real key's id: the Hello passes, the Auth proof cannot.
+  auto forged = std::make_shared<auth::Key>();
+  forged->id = test_key()->id;
+  forged->path = "(forged)";
+  Options with = test_options();
+  with.key = test_key();
+  Options rogue = test_options();
+  rogue.key = forged;
+  auto [s, c] = try_handshake(with, rogue);
+  CHECK_THAT(s, Catch::Contains("authentication of peer") && Catch::Contains("proof does not match"));
+  CHECK_THAT(c, Catch::Contains("proof does not match"));
+}
+
+TEST_CASE("auth: one flipped byte in any frame after the handshake is detected, never delivered",
+          "[transport][tcp][security]") {
+  Options o = test_options();
+  o.key = test_key();
+  const size_t handshake = 2 * kFrameHeaderSize + kHelloBodySize + kAuthBodySize;  // client's Hello + Auth
+  // Frames after the handshake: Write(16 bytes)+tag, then Control("commit")+tag.
+  const size_t write_frame = kFrameHeaderSize + 16 + kFrameTagSize;
+  for (size_t at : {handshake + 3,                                   // Write header
+                    handshake + kFrameHeaderSize + 5,                // Write payload
+                    handshake + kFrameHeaderSize + 16 + 2,           // Write tag
+                    handshake + write_frame + kFrameHeaderSize + 1,  // Control body
+                    handshake + write_frame + kFrameHeaderSize + 6 + 15}) {  // Control tag
+    DYNAMIC_SECTION("flip at byte " << at) {
+      tcp::Listener l("127.0.0.1", 0, o);
+      FlipProxy proxy(l.bound_port(), at);
+      auto acc = std::async(std::launch::async, [&] { return l.accept(5s); });
+      auto a = tcp::connect_tcp("127.0.0.1", proxy.port(), o);
+      auto b = acc.get();
+      REQUIRE(b);
+      std::vector<std::byte> region(64);
+      b->register_region(1, region);
+      std::vector<std::byte> data(16, std::byte{0x5a});
+      a->write(1, 0, data);
+      a->send_control(7, as_bytes("commit"));
+      std::string err;
+      std::optional<ControlMessage> got;
+      try {
+        auto deadline = Clock::now() + 5s;
+        while (!got && Clock::now() < deadline) got = b->poll(50ms);
+      } catch (const ProtocolError& e) {
+        err = e.what();
+      }
+      CHECK_FALSE(got.has_value());
+      // A flipped header byte fails the header checksum first; any other byte fails the tag.
+      CHECK_THAT(err, Catch::Contains("failed authentication") || Catch::Contains("checksum") ||
+                          Catch::Contains("malformed"));
+    }
+  }
+}
+
+TEST_CASE("auth: key files are checked (size, mode) and generated 0600", "[transport][security]") {
+  char dir[] = "/tmp/ftvm-test-key.XXXXXX";
+  REQUIRE(::mkdtemp(dir));
+  std::string path = std::string(dir) + "/k";
+  auth::generate_key(path);
+  struct stat sb {};
+  REQUIRE(::stat(path.c_str(), &sb) == 0);
+  CHECK((sb.st_mode & 0777) == 0600);
+  CHECK(sb.st_size == 32);
+  CHECK_THROWS_AS(auth::generate_key(path), ftvm::SysError);  // never overwrites
+  CHECK(auth::load_key(path)->id_hex().size() == 16);
+  ::chmod(path.c_str(), 0644);
+  CHECK_THROWS_WITH(auth::load_key(path), Catch::Contains("chmod 600"));
+  ::chmod(path.c_str(), 0600);
+  ::truncate(path.c_str(), 16);
+  CHECK_THROWS_WITH(auth::load_key(path), Catch::Contains("expected exactly 32"));
+  ::unlink(path.c_str());
+  ::rmdir(dir);
+}
+
+TEST_CASE("auth: with a key, RDMA (not authenticated yet) is refused and auto means TCP", "[transport][security]") {
+  Options o = test_options();
+  o.key = test_key();
+  try {
+    connect("127.0.0.1", 1, Kind::Rdma, o);
+    FAIL("connected over RDMA with a key");
+  } catch (const ftvm::Error& e) {
+    CHECK_THAT(e.what(), Catch::Contains("not authenticated yet") && Catch::Contains("--transport tcp"));
+  }
+  tcp::Listener l("127.0.0.1", 0, o);
+  auto acc = std::async(std::launch::async, [&] { return l.accept(5s); });
+  std::string chosen;
+  auto c = connect("127.0.0.1", l.bound_port(), Kind::Auto, o, {}, &chosen);
+  CHECK(std::string(c->backend()) == "tcp");
+  CHECK_THAT(chosen, Catch::Contains("not authenticated yet"));
+  CHECK(c->key_id() == test_key()->id_hex());
+  CHECK(acc.get() != nullptr);
+}

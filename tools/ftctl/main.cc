@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/digest.h"
+#include "transport/auth.h"
 #include "common/error.h"
 #include "tools/ftd/control.h"
 #include "vmm-glue/libvirt.h"
@@ -61,9 +62,9 @@ void print_human(const nlohmann::json& vms) {
                  v["dirty_pages"].value("last", 0.0), v["dirty_pages"].value("mean", 0.0),
                  v["checkpoint_bytes"].value("mean", 0.0) / 1024, v.value("throughput_mib_s", 0.0),
                  fmt_ms(v["standby_lag_ms"]));
-      fmt::print("  link {} via {}  {}  idle {} ms   tracker {}  QEMU pid {}  RAM {} MiB\n", l.value("peer", "?"),
-                 l.value("transport", "?"), l.value("healthy", false) ? "healthy" : "DOWN", fmt_ms(l["idle_ms"]),
-                 v.value("tracker", "?"), v.value("qemu_pid", 0), v.value("ram_mib", 0));
+      fmt::print("  link {} via {} ({})  {}  idle {} ms   tracker {}  QEMU pid {}  RAM {} MiB\n", l.value("peer", "?"),
+                 l.value("transport", "?"), l.value("security", "?"), l.value("healthy", false) ? "healthy" : "DOWN",
+                 fmt_ms(l["idle_ms"]), v.value("tracker", "?"), v.value("qemu_pid", 0), v.value("ram_mib", 0));
       if (v.contains("arbiter") && v["arbiter"].is_object()) {
         const auto& a = v["arbiter"];
         const double at = a.value("last_confirmed_wall_ms", 0.0);
@@ -87,6 +88,8 @@ void print_human(const nlohmann::json& vms) {
     } else {
       fmt::print("  committed epoch {}  twin pid {}  last commit {} ms ago\n", v.value("epoch", 0),
                  v.value("twin_pid", 0), fmt_ms(v["last_commit_age_ms"]));
+      if (v.contains("peer"))
+        fmt::print("  primary {} ({})\n", v.value("peer", "?"), v.value("security", "?"));
       if (v.contains("disk") && v["disk"].is_object()) {
         const auto& d = v["disk"];
         for (const auto& img : d["images"]) fmt::print("  disk replica {}\n", img.get<std::string>());
@@ -285,6 +288,11 @@ int main(int argc, char** argv) {
   fa->add_option("VM", fa_name)->required();
   fa->add_option("KIND", fa_kind, "crash-mid-epoch | corrupt-then-crash | corrupt-once | nbd-drop | lose-activate-done")->required();
 
+  auto* kg = app.add_subcommand("keygen", "Create a replication key FILE (32 random bytes, mode 0600) for a host pair: "
+                                          "copy it to both hosts and start both ftd with --key-file FILE");
+  std::string kg_file;
+  kg->add_option("FILE", kg_file, "Key file to create (never overwritten)")->required();
+
   auto* dg = app.add_subcommand("digest", "Print the XXH3-64 digest of files (compare a disk replica with its source; "
                                           "`status --json` shows the standby's digests at activation)");
   std::vector<std::string> dg_files;
@@ -302,6 +310,18 @@ int main(int argc, char** argv) {
     return code_for(r);
   };
 
+  if (*kg) {
+    try {
+      ftvm::transport::auth::generate_key(kg_file);
+      fmt::print("wrote a new replication key to {} (mode 0600, key id {}); copy it to the peer host over a secure "
+                 "channel and start both ftd with --key-file {}\n",
+                 kg_file, ftvm::transport::auth::load_key(kg_file)->id_hex(), kg_file);
+      return kOk;
+    } catch (const std::exception& e) {
+      fmt::print(stderr, "ftctl: keygen: {}\n", e.what());
+      return kFailed;
+    }
+  }
   if (*dg) {
     int rc = kOk;
     for (const auto& f : dg_files) {
@@ -379,10 +399,15 @@ int main(int argc, char** argv) {
       if (!st_name.empty()) req["name"] = st_name;
       auto r = ctl.call(req);
       if (!r.value("ok", false)) return fail_with(r);
-      if (json)
+      if (r.value("insecure", false))
+        fmt::print(stderr, "ftctl: WARNING: this ftd runs with --insecure: replication connections are NOT "
+                           "authenticated (start it with --key-file)\n");
+      if (json) {
         fmt::print("{}\n", r["vms"].dump(2));
-      else
+      } else {
+        fmt::print("replication: {}\n", r.value("security", "?"));
         print_human(r["vms"]);
+      }
       return kOk;
     }
     if (*fo || *di || *fa) {

@@ -8,9 +8,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <thread>
+
+#include <fmt/ranges.h>
 
 #include "common/error.h"
 #include "common/log.h"
@@ -73,10 +76,24 @@ Daemon::Daemon(DaemonConfig cfg) : cfg_(std::move(cfg)) {
   // them below it (nbd/, output commit); the control socket has its own mode.
   ::chmod(cfg_.run_dir.c_str(), 0711);
   kill_stale_twins();
+  if (cfg_.key) {
+    security_ = fmt::format("authenticated (key {}, {}){}", cfg_.key->id_hex(), cfg_.key_file,
+                            cfg_.encrypt ? ", encryption requested" : "");
+  } else {
+    if (!cfg_.insecure)
+      throw Error("no replication key: start ftd with --key-file FILE (create one with `ftd --generate-key FILE` and "
+                  "copy it to the peer host), or with --insecure on a trusted, isolated network only");
+    security_ = "INSECURE: replication connections are not authenticated (--insecure)";
+    log::warn("ftd", "*** --insecure: replication connections are NOT authenticated; anyone who can reach {} can "
+              "open sessions, inject checkpoints and make this host run a guest. Use --key-file. ***",
+              cfg_.listen.empty() ? "this host's primaries' peers" : cfg_.listen);
+  }
   if (!cfg_.listen.empty()) {
     auto hp = transport::tcp::parse_host_port(cfg_.listen);
     transport::Options o;
     o.heartbeat_interval = cfg_.heartbeat_interval;
+    o.key = cfg_.key;
+    o.encrypt = cfg_.encrypt;
     listener_ = std::make_unique<transport::MultiListener>(hp.host, hp.port, o);
     listen_address_ = listener_->describe();
   }
@@ -130,7 +147,7 @@ pid_t Daemon::adopted_twin(const std::string& vm) const {
   return pid > 0 && twin_alive(pid, vmdir) ? pid : -1;
 }
 
-checkpoint::Resolution Daemon::resolve(const checkpoint::Resolve& r) {
+checkpoint::Resolution Daemon::resolve(const checkpoint::Resolve& r, const StandbySession& from) {
   using checkpoint::Verdict;
   std::shared_ptr<StandbySession> hit;
   {
@@ -138,6 +155,10 @@ checkpoint::Resolution Daemon::resolve(const checkpoint::Resolve& r) {
     for (auto& s : standbys_)
       if (!s->transient() && s->session_id() == r.session_id) hit = s;
   }
+  if (hit && (hit->peer_host() != from.peer_host() || hit->key_id() != from.key_id()))
+    fail("Resolve for session {:016x} of '{}' from {} (key {}), but that session belongs to {} (key {}): refused, the "
+         "session is untouched", r.session_id, r.vm_name, from.peer(), from.key_id().empty() ? "none" : from.key_id(),
+         hit->peer(), hit->key_id().empty() ? "none" : hit->key_id());
   if (hit) {
     std::string text;
     auto v = hit->resolve(text);
@@ -157,8 +178,9 @@ int Daemon::run() {
   sigaddset(&set, SIGINT);
   UniqueFd sfd(check_sys(::signalfd(-1, &set, SFD_CLOEXEC), "signalfd"));
   UniqueFd ctl = listen_control(cfg_.control_socket);
-  log::info("ftd", "ftd ready: control {}, replication {}", cfg_.control_socket,
-            listen_address_.empty() ? "(not listening)" : listen_address_);
+  log::info("ftd", "ftd ready: control {}, replication {}, {}{}", cfg_.control_socket,
+            listen_address_.empty() ? "(not listening)" : listen_address_, security_,
+            cfg_.allow_peers.empty() ? "" : ", peers allowed: " + fmt::format("{}", fmt::join(cfg_.allow_peers, " ")));
   std::thread lt;
   if (listener_) lt = std::thread([this] { listen_loop(); });
   if (!cfg_.libvirt_uri.empty()) {
@@ -219,52 +241,122 @@ int Daemon::run() {
   return 0;
 }
 
-void Daemon::listen_loop() {
-  while (!stop_) {
-    std::unique_ptr<transport::Connection> c;
-    try {
-      c = listener_->accept(std::chrono::milliseconds(200));
-    } catch (const std::exception& e) {
-      log::warn("ftd", "rejected an incoming replication connection: {}", e.what());
-      continue;
-    }
-    if (!c) continue;
-    log::info("ftd", "replication connection from {}", c->peer());
-    auto s = std::make_shared<StandbySession>(
-        cfg_, std::move(c), [this](const std::string& n, StandbySession* self) { claim_standby(n, self); },
-        [this](uint64_t sid, std::unique_ptr<transport::Connection>& conn) {
-          std::lock_guard<std::mutex> g(mu_);
-          for (auto& s : standbys_)
-            if (s->adopt_heartbeat_link(sid, conn)) return true;
-          return false;
-        },
-        [this](const checkpoint::Resolve& r) { return resolve(r); }, cfg_.arbiter);
-    s->set_reprotect([this](const std::string& vm, const std::string& qmp, const std::string& peer) {
-      // reprotect=auto: the twin that took over is protected again, towards its old primary's
-      // host; while that host is down the new session stays degraded and keeps retrying.
-      auto r = handle({{"cmd", "enable"}, {"qmp", qmp}, {"peer", peer}, {"name", vm}, {"reprotect", "auto"}});
-      if (r.value("ok", false))
-        log::info("ftd", "{}: protected again after the failover: {}", vm, r.value("message", ""));
-      else
-        log::error("ftd", "{}: reprotect=auto failed: {}; protect it with `ftctl enable --qmp {} --peer {}`", vm,
-                   r.value("error", "?"), qmp, peer);
-    });
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      // Forget sessions that ended without activating; keep active ones for status.
-      // Forget sessions that ended without activating, and activated ones whose twin no longer
-      // runs (it died later, e.g. killed as the primary of the next failover).
-      std::erase_if(standbys_, [this](const auto& x) {
-        if (!x->finished()) return false;
-        if (x->active()) return x->twin_pid() <= 0 || adopted_twin(x->name()) != x->twin_pid();
-        return x.use_count() == 1 || x->transient();
-      });
-      standbys_.push_back(s);
-    }
-    s->start();
-  }
+namespace {
+// Unauthenticated connections (handshake in progress) allowed at once, per client address and
+// in all. A client over the limit is closed at once (and logged): a flood of silent
+// connections cannot exhaust threads, and one silent client never delays another.
+constexpr unsigned kMaxHandshakesPerHost = 4;
+constexpr unsigned kMaxHandshakes = 64;
+}  // namespace
+
+bool Daemon::peer_allowed(const std::string& host) const {
+  if (cfg_.allow_peers.empty()) return true;
+  return std::find(cfg_.allow_peers.begin(), cfg_.allow_peers.end(), host) != cfg_.allow_peers.end();
 }
 
+// Accepts replication clients. The loop never reads from a client: it filters by address
+// (--allow-peer), caps the handshakes in progress, and hands each client to a thread of its own
+// that runs the handshake (bounded by the connect timeout) and then the session.
+void Daemon::listen_loop() {
+  while (!stop_) {
+    std::erase_if(hs_threads_, [](HandshakeThread& h) {
+      if (!*h.done) return false;
+      h.t.join();
+      return true;
+    });
+    std::optional<transport::MultiListener::Pending> p;
+    try {
+      p = listener_->accept_pending(std::chrono::milliseconds(200));
+    } catch (const std::exception& e) {
+      log::warn("ftd", "rejected an incoming replication connection: {}", e.what());
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      continue;
+    }
+    if (!p) continue;
+    if (!peer_allowed(p->peer_host)) {
+      log::warn("ftd", "refused replication connection from {}: {} is not an allowed peer (--allow-peer {}); closed "
+                "before the handshake", p->peer, p->peer_host, fmt::join(cfg_.allow_peers, ", "));
+      continue;  // destroying p closes the socket
+    }
+    {
+      std::lock_guard<std::mutex> g(hs_mu_);
+      unsigned& n = handshaking_[p->peer_host];
+      if (n >= kMaxHandshakesPerHost || handshaking_total_ >= kMaxHandshakes) {
+        log::warn("ftd", "refused replication connection from {}: {} unauthenticated connections from {} ({} in all) "
+                  "are already in their handshake (limit {} per address, {} in all); closed",
+                  p->peer, n, p->peer_host, handshaking_total_, kMaxHandshakesPerHost, kMaxHandshakes);
+        if (n == 0) handshaking_.erase(p->peer_host);
+        continue;
+      }
+      ++n;
+      ++handshaking_total_;
+    }
+    auto done = std::make_shared<std::atomic<bool>>(false);
+    hs_threads_.push_back(HandshakeThread{std::thread([this, p = std::move(*p), done]() mutable {
+                                            handshake_and_serve(std::move(p));
+                                            *done = true;
+                                          }),
+                                          done});
+  }
+  for (auto& h : hs_threads_) h.t.join();
+  hs_threads_.clear();
+}
+
+void Daemon::handshake_and_serve(transport::MultiListener::Pending p) {
+  std::unique_ptr<transport::Connection> c;
+  try {
+    c = p.handshake();
+  } catch (const std::exception& e) {
+    log::warn("ftd", "rejected an incoming replication connection from {}: {}", p.peer, e.what());
+  }
+  {
+    std::lock_guard<std::mutex> g(hs_mu_);
+    if (--handshaking_[p.peer_host] == 0) handshaking_.erase(p.peer_host);
+    --handshaking_total_;
+  }
+  if (!c || stop_) return;
+  log::info("ftd", "replication connection from {} ({}{})", c->peer(), c->security(),
+            c->key_id().empty() ? "" : ", key " + c->key_id());
+  auto s = std::make_shared<StandbySession>(
+      cfg_, std::move(c), [this](const std::string& n, StandbySession* self) { claim_standby(n, self); },
+      [this](uint64_t sid, std::unique_ptr<transport::Connection>& conn) {
+        std::lock_guard<std::mutex> g(mu_);
+        for (auto& s : standbys_)
+          if (s->adopt_heartbeat_link(sid, conn)) return true;
+        return false;
+      },
+      [this](const checkpoint::Resolve& r, const StandbySession& from) { return resolve(r, from); }, cfg_.arbiter);
+  s->set_reprotect([this](const std::string& vm, const std::string& qmp, const std::string& peer) {
+    // reprotect=auto: the twin that took over is protected again, towards its old primary's
+    // host; while that host is down the new session stays degraded and keeps retrying.
+    auto r = handle({{"cmd", "enable"}, {"qmp", qmp}, {"peer", peer}, {"name", vm}, {"reprotect", "auto"}});
+    if (r.value("ok", false))
+      log::info("ftd", "{}: protected again after the failover: {}", vm, r.value("message", ""));
+    else
+      log::error("ftd", "{}: reprotect=auto failed: {}; protect it with `ftctl enable --qmp {} --peer {}`", vm,
+                 r.value("error", "?"), qmp, peer);
+  });
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (stop_) return;
+    // Forget sessions that ended without activating, and activated ones whose twin no longer
+    // runs (it died later, e.g. killed as the primary of the next failover).
+    std::erase_if(standbys_, [this](const auto& x) {
+      if (!x->finished()) return false;
+      if (x->active()) return x->twin_pid() <= 0 || adopted_twin(x->name()) != x->twin_pid();
+      return x.use_count() == 1 || x->transient();
+    });
+    standbys_.push_back(s);
+  }
+  s->start();
+}
+
+// A new session for VM `name` from `self`'s peer. Refused (the existing session untouched)
+// when the VM failed over to this host, or when a live session of it came from another peer
+// host or with another key: only the primary that owns a session may replace it. The same
+// primary reconnecting after a link failure either disabled its old session first (then that
+// one is finished) or its old session is still alive here (the primary gave up on it): that
+// session's twin is paused and never ran, so it is replaced.
 void Daemon::claim_standby(const std::string& name, StandbySession* self) {
   std::vector<std::shared_ptr<StandbySession>> old;
   {
@@ -279,12 +371,19 @@ void Daemon::claim_standby(const std::string& name, StandbySession* self) {
     // failover, no longer counts: adopted_twin() checks that it still runs)
     for (auto& s : standbys_) {
       if (s.get() == self || s->name() != name) continue;
-      if (!s->active() && !s->finished()) old.push_back(s);
+      if (s->active() || s->finished()) continue;  // a running twin was checked above (adopted_twin)
+      if (s->peer_host() != self->peer_host() || s->key_id() != self->key_id())
+        fail("VM '{}' is already protected by a session from {} (key {}); refusing this session from {} (key {}) "
+             "and leaving that session untouched: disable protection on that primary first (`ftctl disable {}`)",
+             name, s->peer(), s->key_id().empty() ? "none" : s->key_id(), self->peer(),
+             self->key_id().empty() ? "none" : self->key_id(), name);
+      old.push_back(s);
     }
   }
   for (auto& s : old) {
-    log::info("ftd", "{}: a new session from the primary replaces the previous one", name);
-    s->abort("replaced by a new session from the primary");
+    log::info("ftd", "{}: a new session from the same primary ({}) replaces the previous one from {} (twin paused, "
+              "never activated)", name, self->peer(), s->peer());
+    s->abort("replaced by a new session from the same primary");
     s->join();
   }
 }
@@ -298,7 +397,8 @@ std::shared_ptr<PrimarySession> Daemon::primary(const std::string& name) {
 nlohmann::json Daemon::handle(const nlohmann::json& req) {
   std::string cmd = req.value("cmd", "");
   try {
-    if (cmd == "ping") return {{"ok", true}, {"version", FTVM_VERSION}, {"listen", listen_address_}};
+    if (cmd == "ping")
+      return {{"ok", true}, {"version", FTVM_VERSION}, {"listen", listen_address_}, {"security", security_}};
     if (cmd == "enable") return cmd_enable(req);
     if (cmd == "status") return cmd_status(req);
     if (cmd == "failover") return cmd_failover(req);
@@ -437,7 +537,8 @@ nlohmann::json Daemon::cmd_status(const nlohmann::json& req) {
   for (auto& s : standbys_)
     if (!s->transient() && (want.empty() || s->name() == want)) vms.push_back(s->status());
   if (!want.empty() && vms.empty()) return err("not_found", fmt::format("no VM named '{}' on this host", want));
-  return {{"ok", true}, {"vms", vms}, {"listen", listen_address_}};
+  return {{"ok", true}, {"vms", vms}, {"listen", listen_address_}, {"security", security_},
+          {"insecure", !cfg_.key}};
 }
 
 nlohmann::json Daemon::cmd_failover(const nlohmann::json& req) {

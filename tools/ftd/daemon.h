@@ -32,9 +32,12 @@ class Daemon {
 
  private:
   void listen_loop();
+  // Runs one accepted client's handshake (its own thread) and, if it succeeds, its session.
+  void handshake_and_serve(transport::MultiListener::Pending p);
+  bool peer_allowed(const std::string& host) const;
   void claim_standby(const std::string& name, StandbySession* self);
   // Answers a primary's Resolve (checkpoint/protocol.h): settles the named session's fate.
-  checkpoint::Resolution resolve(const checkpoint::Resolve& r);
+  checkpoint::Resolution resolve(const checkpoint::Resolve& r, const StandbySession& from);
   // The pid of an activated twin of `vm` left running by an earlier ftd (RUN/vms/VM/active), or -1.
   pid_t adopted_twin(const std::string& vm) const;
   void kill_stale_twins();
@@ -65,6 +68,17 @@ class Daemon {
   std::atomic<bool> stop_{false};
   std::unique_ptr<transport::MultiListener> listener_;
   std::string listen_address_;
+  std::string security_;  // "authenticated (key ID, FILE)" / "INSECURE ..." for status and logs
+  // Handshakes in progress (listen_loop): per client address, and their threads (joined when
+  // done and at shutdown).
+  std::mutex hs_mu_;
+  std::map<std::string, unsigned> handshaking_;
+  unsigned handshaking_total_ = 0;
+  struct HandshakeThread {
+    std::thread t;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::vector<HandshakeThread> hs_threads_;  // listen_loop only
 };
 
 }  // namespace ftvm::ftd

@@ -2,6 +2,7 @@
 #include <signal.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include <CLI/CLI.hpp>
@@ -10,6 +11,9 @@
 #include "common/log.h"
 #include "tools/ftd/arbiter/fence_command.h"
 #include "tools/ftd/daemon.h"
+#include "transport/address.h"
+#include "transport/auth.h"
+#include "transport/tcp/tcp_transport.h"
 
 int main(int argc, char** argv) {
   ftvm::ftd::DaemonConfig cfg;
@@ -23,8 +27,25 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--control", cfg.control_socket, "Control socket path (default: RUN_DIR/ftd.sock)");
   app.add_option("--listen", cfg.listen,
-                 "Address for replication connections from primaries, HOST:PORT ('' to not act as a standby)")
-      ->capture_default_str();
+                 "Standby: address for replication connections from primaries, HOST:PORT (e.g. 10.0.0.2:7410); "
+                 "not given or '' = this ftd is not a standby");
+  std::string generate_key;
+  app.add_option("--generate-key", generate_key,
+                 "Write a new random replication key (32 bytes, mode 0600) to FILE and exit; copy it to the peer host "
+                 "and pass it to both ftd with --key-file");
+  app.add_option("--key-file", cfg.key_file,
+                 "Pre-shared replication key of this host pair (mode 0600); every replication connection proves it "
+                 "and every frame is authenticated")
+      ->check(CLI::ExistingFile);
+  app.add_flag("--insecure", cfg.insecure,
+               "Run without a key: replication connections are NOT authenticated (trusted, isolated networks and "
+               "RDMA only; logged loudly and shown by `ftctl status`)");
+  app.add_flag("--encrypt", cfg.encrypt,
+               "Also encrypt replication payloads (ChaCha20; needs --key-file; the peer follows when either side asks)");
+  std::vector<std::string> allow_peers;
+  app.add_option("--allow-peer", allow_peers,
+                 "Standby: only this address (or name, resolved at start) may connect for replication (repeatable; "
+                 "default: any address that holds the key); others are closed before the handshake and logged");
   app.add_option("--heartbeat-timeout-ms", hb_ms, "Standby: primary silence before the twin takes over")
       ->capture_default_str()
       ->check(CLI::Range(50u, 60000u));
@@ -131,6 +152,47 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::IsMember({"debug", "info", "warn", "error"}));
   CLI11_PARSE(app, argc, argv);
+  if (!generate_key.empty()) {
+    try {
+      ftvm::transport::auth::generate_key(generate_key);
+      fmt::print("ftd: wrote a new replication key to {} (mode 0600, key id {}); copy it to the peer host over a "
+                 "secure channel and start both ftd with --key-file {}\n",
+                 generate_key, ftvm::transport::auth::load_key(generate_key)->id_hex(), generate_key);
+      return 0;
+    } catch (const std::exception& e) {
+      fmt::print(stderr, "ftd: --generate-key: {}\n", e.what());
+      return 1;
+    }
+  }
+  if (cfg.insecure && !cfg.key_file.empty()) {
+    fmt::print(stderr, "ftd: --insecure and --key-file contradict each other: pick one\n");
+    return 2;
+  }
+  if (!cfg.insecure && cfg.key_file.empty()) {
+    fmt::print(stderr,
+               "ftd: no replication key: pass --key-file FILE (create one with `ftd --generate-key FILE`, copy it to "
+               "the peer host, mode 0600), or --insecure on a trusted, isolated network only\n");
+    return 2;
+  }
+  if (cfg.encrypt && cfg.key_file.empty()) {
+    fmt::print(stderr, "ftd: --encrypt needs --key-file\n");
+    return 2;
+  }
+  try {
+    if (!cfg.key_file.empty()) cfg.key = ftvm::transport::auth::load_key(cfg.key_file);
+    for (const auto& a : allow_peers) {
+      ftvm::transport::AddrInfo res;
+      ftvm::transport::resolve(a, 0, false, res, false);
+      for (addrinfo* i = res.ai; i; i = i->ai_next) {
+        auto h = ftvm::transport::tcp::peer_host(ftvm::transport::format_addr(i->ai_addr));
+        if (std::find(cfg.allow_peers.begin(), cfg.allow_peers.end(), h) == cfg.allow_peers.end())
+          cfg.allow_peers.push_back(h);
+      }
+    }
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "ftd: {}\n", e.what());
+    return 2;
+  }
   if (hb_interval_ms * 2 > hb_ms) {
     fmt::print(stderr, "ftd: --heartbeat-interval-ms ({}) must be at most half of --heartbeat-timeout-ms ({})\n",
                hb_interval_ms, hb_ms);

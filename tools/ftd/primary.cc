@@ -530,6 +530,8 @@ void PrimarySession::fence_self(const std::string& why) {
 std::optional<cp::Resolution> PrimarySession::try_resolve(uint64_t sid) {
   transport::Options o;
   o.heartbeat_interval = cfg_.heartbeat_interval;
+  o.key = cfg_.key;  // Resolve is honoured only from the authenticated peer (issue 12)
+  o.encrypt = cfg_.encrypt;
   // connect() blocks without pinging the guard: stay well inside its watchdog.
   o.connect_timeout = std::max(std::chrono::milliseconds(30), std::min(standby_timeout_ / 2, guard_watchdog_ / 3));
   try {
@@ -662,6 +664,8 @@ void PrimarySession::connect_and_sync() {
   // A send that makes no progress for half the (standby's) heartbeat timeout is a lost link:
   // the guest must be paused before the standby may resume the twin.
   opts.stall_timeout = std::max(std::chrono::milliseconds(100), cfg_.heartbeat_timeout / 2);
+  opts.key = cfg_.key;  // both paths authenticate with the host pair's key (issue 12)
+  opts.encrypt = cfg_.encrypt;
   std::string chosen;
   commit_sent_this_session_ = false;
   activate_sent_ = false;
@@ -669,11 +673,13 @@ void PrimarySession::connect_and_sync() {
   pending_hb_.clear();
   link_error_.clear();
   conn_ = transport::connect(host_, port_, transport_kind_, opts, {}, &chosen);
-  log::info("primary", "{}: connected to the standby {} over {}", name_, conn_->peer(), chosen);
+  log::info("primary", "{}: connected to the standby {} over {}, {}{}", name_, conn_->peer(), chosen,
+            conn_->security(), conn_->key_id().empty() ? " (--insecure: NOT AUTHENTICATED)" : " (key " + conn_->key_id() + ")");
   {
     std::lock_guard<std::mutex> g(mu_);
     link_peer_ = conn_->peer();
     link_backend_ = conn_->backend();
+    link_security_ = conn_->key_id().empty() ? conn_->security() : conn_->security() + " (key " + conn_->key_id() + ")";
   }
   std::random_device rd;
   session_id_ = (uint64_t{rd()} << 32) | rd();
@@ -1417,6 +1423,7 @@ nlohmann::json PrimarySession::status() const {
       {"link",
        {{"peer", link_peer_.empty() ? req_.peer : link_peer_},
         {"transport", link_backend_.empty() ? "tcp" : link_backend_},
+        {"security", link_security_},
         {"idle_ms", link_idle_ms_},
         {"healthy", state_ == "protected" || state_ == "syncing"}}},
   };

@@ -191,7 +191,7 @@ class PrimarySession {
   uint64_t sync_pages_ = 0;
   unsigned sync_passes_ = 0;
   uint64_t last_ram_digest_ = 0;
-  std::string link_peer_, link_backend_;
+  std::string link_peer_, link_backend_, link_security_;
   double link_idle_ms_ = 0;
   uint64_t bytes_sent_total_ = 0;
   std::deque<std::pair<std::chrono::steady_clock::time_point, uint64_t>> tput_;

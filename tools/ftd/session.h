@@ -12,6 +12,7 @@
 #include <span>
 
 #include "checkpoint/arbiter.h"
+#include "transport/auth.h"
 #include "vmm-glue/process.h"
 
 namespace ftvm::ftd {
@@ -19,7 +20,17 @@ namespace ftvm::ftd {
 struct DaemonConfig {
   std::string run_dir = "/run/ftvm";          // control socket, twins' run dirs, logs
   std::string control_socket;                 // default: run_dir/ftd.sock
-  std::string listen = "[::]:7410";           // replication listener ("" = primary-only host)
+  std::string listen;                         // replication listener HOST:PORT ("" = primary-only host)
+  // Replication security (issue 12; docs/ARCHITECTURE.md "Security"). Every replication
+  // connection, both directions, proves knowledge of `key` (loaded from key_file) and tags
+  // every frame; without a key ftd runs only with `insecure` (loud warnings, status shows it).
+  std::string key_file;
+  std::shared_ptr<const transport::auth::Key> key;
+  bool insecure = false;
+  bool encrypt = false;                       // ask for encrypted replication payloads
+  // standby: addresses (numeric, as the peer's address reads) that may connect for
+  // replication; empty = any. Others are closed before the handshake and logged.
+  std::vector<std::string> allow_peers;
   std::chrono::milliseconds heartbeat_interval{50};
   std::chrono::milliseconds heartbeat_timeout{400};  // standby: silence before takeover
   std::chrono::milliseconds ack_timeout{3000};        // primary: no ack this long -> degraded

@@ -1,5 +1,6 @@
 #include "tools/ftd/standby.h"
 
+
 #include <fcntl.h>
 #include <signal.h>
 #include <net/if.h>
@@ -18,6 +19,7 @@
 #include "checkpoint/digest.h"
 #include "common/error.h"
 #include "common/log.h"
+#include "transport/tcp/tcp_transport.h"
 #include "vmm-glue/qemu_cmdline.h"
 
 namespace ftvm::ftd {
@@ -93,13 +95,12 @@ StandbySession::StandbySession(const DaemonConfig& cfg, std::unique_ptr<transpor
       claim_(std::move(claim)),
       adopt_(std::move(adopt)),
       resolver_(std::move(resolver)),
-      arbiter_(std::move(arbiter)) {
+      arbiter_(std::move(arbiter)),
+      peer_(conn_->peer()),
+      peer_host_(transport::tcp::peer_host(peer_)),
+      key_id_(conn_->key_id()),
+      security_(conn_->security()) {
   if (!arbiter_) arbiter_ = cp::make_no_arbiter(cfg_.heartbeat_timeout * 2);
-  // "host:port" or "[v6]:port" -> host
-  peer_host_ = conn_->peer();
-  if (auto c = peer_host_.rfind(':'); c != std::string::npos) peer_host_.resize(c);
-  if (peer_host_.size() >= 2 && peer_host_.front() == '[' && peer_host_.back() == ']')
-    peer_host_ = peer_host_.substr(1, peer_host_.size() - 2);
 }
 
 bool StandbySession::settle(Fate f) {
@@ -175,6 +176,16 @@ bool StandbySession::arbiter_allows_activation(std::chrono::milliseconds silent_
 
 bool StandbySession::adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<transport::Connection>& conn) {
   if (session_id == 0 || session_id != sid_ || finished_) return false;
+  // The second path must come from the host the data connection came from, with the same key:
+  // another peer (even one holding the key) must not keep a session alive or end it.
+  const auto host = transport::tcp::peer_host(conn->peer());
+  if (host != peer_host_ || conn->key_id() != key_id_) {
+    log::warn("standby", "{}: refused a second path from {} (key {}) for session {:016x}: the session's data "
+              "connection comes from {} (key {}); a second path must come from the same host with the same key",
+              name(), conn->peer(), conn->key_id().empty() ? "none" : conn->key_id(), session_id, peer_,
+              key_id_.empty() ? "none" : key_id_);
+    return false;
+  }
   std::lock_guard<std::mutex> g(mu_);
   pending_hb_ = std::move(conn);
   return true;
@@ -357,14 +368,15 @@ vmm::TwinPolicy StandbySession::twin_policy() const {
 void StandbySession::open(const cp::OpenSession& o) {
   if (!safe_name(o.vm_name))
     throw ProtocolError(fmt::format("VM name '{}' is not usable as a file name ([A-Za-z0-9._-], up to 128)", o.vm_name));
+  if (o.arbiter != arbiter_->kind())
+    fail("VM '{}' asks for arbiter '{}' but this ftd arbitrates with '{}'; configure both hosts alike (ftd --arbiter)",
+         o.vm_name, o.arbiter, arbiter_->kind());
+  // Claim before taking the name: a refused session must not show up as that VM's session.
+  claim_(o.vm_name, this);
   {
     std::lock_guard<std::mutex> g(mu_);
     name_ = o.vm_name;
   }
-  if (o.arbiter != arbiter_->kind())
-    fail("VM '{}' asks for arbiter '{}' but this ftd arbitrates with '{}'; configure both hosts alike (ftd --arbiter)",
-         o.vm_name, o.arbiter, arbiter_->kind());
-  claim_(o.vm_name, this);
   session_id_ = o.session_id;
   reprotect_port_ = o.reprotect_port;
   sid_ = o.session_id;
@@ -492,7 +504,16 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
       auto r = cp::decode<cp::Resolve>(m.body);
       transient_ = true;
       cp::Resolution res{r.session_id, cp::Verdict::Unknown, "no resolver"};
-      if (resolver_) res = resolver_(r);
+      if (resolver_) {
+        try {
+          res = resolver_(r, *this);
+        } catch (const Error& e) {  // not this peer's session: refused, nothing changed
+          log::warn("standby", "refusing Resolve from {}: {}", conn_->peer(), e.what());
+          send_msg(*conn_, cp::ErrorMsg{e.what()});
+          conn_->flush();
+          return false;
+        }
+      }
       log::warn("standby", "Resolve from {} for session {:016x} of '{}': {} ({})", conn_->peer(), r.session_id,
                 r.vm_name, cp::to_string(res.verdict), res.text);
       send_msg(*conn_, res);
@@ -935,6 +956,9 @@ nlohmann::json StandbySession::status() const {
   return {{"name", name_},
           {"role", active_ ? "active (failed over here)" : "standby"},
           {"state", state_},
+          {"peer", peer_},
+          {"session_id", fmt::format("{:016x}", sid_.load())},
+          {"security", key_id_.empty() ? security_ : security_ + " (key " + key_id_ + ")"},
           {"reason", reason_},
           {"epoch", committed_},
           {"twin_pid", twin_pid_},

@@ -56,7 +56,7 @@ class StandbySession {
   // Hands a second-path connection to the session with that id; false if there is none.
   using Adopt = std::function<bool(uint64_t session_id, std::unique_ptr<transport::Connection>& conn)>;
   // Answers a Resolve (a fresh connection from a primary whose session broke); see protocol.h.
-  using Resolver = std::function<checkpoint::Resolution(const checkpoint::Resolve&)>;
+  using Resolver = std::function<checkpoint::Resolution(const checkpoint::Resolve&, const StandbySession& from)>;
   // Called on the session thread after the twin took over and the session let go of it, with
   // the VM name, the twin's QMP socket and "host:port" to protect it towards (reprotect=auto).
   using Reprotect = std::function<void(const std::string& vm, const std::string& qmp, const std::string& peer)>;
@@ -75,7 +75,18 @@ class StandbySession {
   bool active() const { return active_; }
   // A connection that only delivered a second path to another session (not a VM session).
   bool transient() const { return transient_; }
-  // Thread-safe: takes `conn` as this session's second path if `session_id` is ours.
+  // Who the session's data connection came from ("addr:port", the address alone) and the id
+  // of the key it authenticated with ("" = insecure). Fixed at construction.
+  const std::string& peer() const { return peer_; }
+  const std::string& peer_host() const { return peer_host_; }
+  const std::string& key_id() const { return key_id_; }
+  // Whether a checkpoint was ever committed (the twin holds a usable replica).
+  bool committed_any() const {
+    std::lock_guard<std::mutex> g(mu_);
+    return committed_ > 0;
+  }
+  // Thread-safe: takes `conn` as this session's second path if `session_id` is ours and `conn`
+  // comes from the data connection's host with the same key (else logs why and returns false).
   bool adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<transport::Connection>& conn);
   nlohmann::json status() const;
   uint64_t session_id() const { return sid_; }
@@ -112,7 +123,6 @@ class StandbySession {
   Reprotect reprotect_;
   uint32_t reprotect_port_ = 0;  // from OpenSession
   std::shared_ptr<checkpoint::Arbiter> arbiter_;
-  std::string peer_host_;  // the primary's address (host part), for the arbiter
   bool suspect_sent_ = false;
   std::chrono::steady_clock::time_point arbiter_log_{};
   checkpoint::ArbiterAnswer last_answer_ = checkpoint::ArbiterAnswer::Invalid;
@@ -120,6 +130,7 @@ class StandbySession {
   std::unique_ptr<transport::Connection> pending_hb_;  // under mu_
   std::atomic<uint64_t> sid_{0};
   std::atomic<bool> transient_{false};
+  const std::string peer_, peer_host_, key_id_, security_;
   std::chrono::milliseconds silence() const;
   bool poll_second_path();  // false = session over
 

@@ -17,8 +17,9 @@
 #include <fmt/format.h>
 
 #include "common/error.h"
-#include "transport/address.h"
 #include "common/log.h"
+#include "transport/address.h"
+#include "transport/auth.h"
 
 namespace ftvm::transport::tcp {
 
@@ -55,65 +56,149 @@ void send_all(int fd, std::span<const std::byte> buf, Clock::time_point deadline
     }
     if (errno == EINTR) continue;
     if (errno != EAGAIN && errno != EWOULDBLOCK)
-      throw LinkDown(fmt::format("send Hello to {}: {} (the peer dropped the connection)", peer, std::strerror(errno)));
+      throw LinkDown(fmt::format("send handshake to {}: {} (the peer dropped the connection)", peer, std::strerror(errno)));
     pollfd p{fd, POLLOUT, 0};
     int r = ::poll(&p, 1, remaining_ms(deadline));
     if (r < 0 && errno == EINTR) continue;
     check_sys(r, "poll socket to " + peer);
-    if (r == 0) throw LinkDown(fmt::format("send Hello to {}: timed out (the peer does not read)", peer));
+    if (r == 0) throw LinkDown(fmt::format("send handshake to {}: timed out (the peer does not read)", peer));
   }
 }
 
-// Both sides send Hello first, then read the peer's. Returns the peer's Hello; bytes the
-// peer sent after it land in `early`.
-HelloBody exchange_hello(int fd, const Options& opts, const std::string& peer, std::vector<std::byte>& early) {
-  auto deadline = Clock::now() + opts.connect_timeout;
-  FrameHeader h;
-  h.kind = FrameKind::Hello;
-  h.length = kHelloBodySize;
-  std::array<std::byte, kFrameHeaderSize + kHelloBodySize> out{};
-  encode_header(h, std::span<std::byte, kFrameHeaderSize>(out.data(), kFrameHeaderSize));
-  auto body = encode_hello(HelloBody{});
-  std::memcpy(out.data() + kFrameHeaderSize, body.data(), body.size());
-  send_all(fd, out, deadline, peer);
+// Reads whole frames from the handshaking socket before a deadline; bytes after the last
+// frame returned stay in `rest` (the connection's early data).
+class HandshakeReader {
+ public:
+  HandshakeReader(int fd, Clock::time_point deadline, const Options& opts, const std::string& peer)
+      : fd_(fd), deadline_(deadline), opts_(opts), peer_(peer) {}
 
-  FrameDecoder dec;
-  std::array<std::byte, 4096> buf;
-  for (;;) {
-    ssize_t n = ::recv(fd, buf.data(), buf.size(), MSG_DONTWAIT);
-    if (n == 0) throw LinkDown(fmt::format("Hello from {}: the peer closed the connection during the handshake", peer));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno != EAGAIN && errno != EWOULDBLOCK)
-        throw LinkDown(fmt::format("Hello from {}: {} during the handshake", peer, std::strerror(errno)));
-      pollfd p{fd, POLLIN, 0};
-      int r = ::poll(&p, 1, remaining_ms(deadline));
-      if (r < 0 && errno == EINTR) continue;
-      check_sys(r, "poll socket to " + peer);
-      if (r == 0)
-        throw LinkDown(fmt::format("no Hello from {} within {} ms (is the peer an ftd of the same release?)", peer,
-                                   opts.connect_timeout.count()));
-      continue;
+  Frame next(const char* what) {
+    for (;;) {
+      if (!rest_.empty()) {
+        std::span<const std::byte> in(rest_);
+        auto f = dec_.feed(in);
+        rest_.erase(rest_.begin(), rest_.begin() + static_cast<std::ptrdiff_t>(rest_.size() - in.size()));
+        if (f) return std::move(*f);
+      }
+      std::array<std::byte, 4096> buf;
+      ssize_t n = ::recv(fd_, buf.data(), buf.size(), MSG_DONTWAIT);
+      if (n == 0)
+        throw LinkDown(fmt::format("{} from {}: the peer closed the connection during the handshake{}", what, peer_,
+                                   opts_.key ? " (a peer that rejects our key or has none closes it this way: check "
+                                               "its log)"
+                                             : ""));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+          throw LinkDown(fmt::format("{} from {}: {} during the handshake", what, peer_, std::strerror(errno)));
+        pollfd p{fd_, POLLIN, 0};
+        int r = ::poll(&p, 1, remaining_ms(deadline_));
+        if (r < 0 && errno == EINTR) continue;
+        check_sys(r, "poll socket to " + peer_);
+        if (r == 0)
+          throw LinkDown(fmt::format("no {} from {} within {} ms (is the peer an ftd of the same release?)", what,
+                                     peer_, opts_.connect_timeout.count()));
+        continue;
+      }
+      rest_.insert(rest_.end(), buf.begin(), buf.begin() + n);
     }
-    std::span<const std::byte> in(buf.data(), static_cast<size_t>(n));
-    auto f = dec.feed(in);
-    if (!f) continue;
-    if (f->header.kind != FrameKind::Hello)
-      throw ProtocolError(fmt::format("handshake with {}: expected a Hello frame first, got {}", peer,
-                                      kind_name(f->header.kind)));
-    HelloBody hb = decode_hello(f->payload);
-    early.assign(in.begin(), in.end());
-    return hb;
   }
+  std::vector<std::byte>& rest() { return rest_; }
+
+ private:
+  int fd_;
+  Clock::time_point deadline_;
+  const Options& opts_;
+  const std::string& peer_;
+  FrameDecoder dec_;
+  std::vector<std::byte> rest_;
+};
+
+std::vector<std::byte> frame_bytes(const FrameHeader& h, std::span<const std::byte> payload) {
+  std::vector<std::byte> out(kFrameHeaderSize + payload.size());
+  encode_header(h, std::span<std::byte, kFrameHeaderSize>(out.data(), kFrameHeaderSize));
+  if (!payload.empty()) std::memcpy(out.data() + kFrameHeaderSize, payload.data(), payload.size());
+  return out;
 }
 
-std::unique_ptr<Connection> finish(UniqueFd fd, const Options& opts, const std::string& peer) {
+std::string hex(std::span<const unsigned char> b) {
+  std::string s;
+  for (auto c : b) s += fmt::format("{:02x}", c);
+  return s;
+}
+
+// The handshake (frame.h, auth.h). Both sides send their Hello at once and read the peer's;
+// with keys, both then send their Auth proof and check the peer's. `initiator` = the connecting
+// side. Returns the connection; throws ProtocolError (incompatible or unauthenticated peer,
+// naming the peer and the fix) or LinkDown (peer gone or silent).
+std::unique_ptr<Connection> handshake(UniqueFd fd, const Options& opts, const std::string& peer, bool initiator) {
+  auto deadline = Clock::now() + opts.connect_timeout;
   configure_socket(fd.get(), opts, peer);
-  std::vector<std::byte> early;
-  HelloBody hb = exchange_hello(fd.get(), opts, peer, early);
-  log::debug("transport", "tcp connection to {} established (peer accepts writes up to {} bytes)", peer,
-             hb.max_write_payload);
-  return std::make_unique<TcpConnection>(std::move(fd), opts, peer, hb, std::move(early));
+  HelloBody mine;
+  if (opts.key) {
+    mine.capabilities = kCapAuth | (opts.encrypt ? kCapEncrypt : 0);
+    mine.nonce = auth::random_nonce();
+    mine.key_id = opts.key->id;
+  } else if (opts.encrypt) {
+    throw Error("encryption (--encrypt) needs a key (--key-file)");
+  }
+  auto my_hello = encode_hello(mine);
+  auto my_bytes = frame_bytes(FrameHeader{.kind = FrameKind::Hello, .length = kHelloBodySize}, my_hello);
+  send_all(fd.get(), my_bytes, deadline, peer);
+
+  HandshakeReader rd(fd.get(), deadline, opts, peer);
+  Frame f = rd.next("Hello");
+  if (f.header.kind != FrameKind::Hello)
+    throw ProtocolError(fmt::format("handshake with {}: expected a Hello frame first, got {}", peer,
+                                    kind_name(f.header.kind)));
+  HelloBody theirs = decode_hello(f.payload);
+  const bool they_auth = theirs.capabilities & kCapAuth;
+  if (opts.key && !they_auth)
+    throw ProtocolError(fmt::format(
+        "peer {} did not authenticate (it has no key: started with --insecure?); this ftd requires the pre-shared "
+        "key {}: give both ftd the same --key-file",
+        peer, opts.key->path));
+  if (!opts.key && they_auth)
+    throw ProtocolError(fmt::format(
+        "peer {} requires authentication (it has a key) but this ftd has none (--insecure): give both ftd the same "
+        "--key-file",
+        peer));
+  if (!opts.key) {
+    log::debug("transport", "tcp connection to {} established UNAUTHENTICATED (peer accepts writes up to {} bytes)",
+               peer, theirs.max_write_payload);
+    return std::make_unique<TcpConnection>(std::move(fd), opts, peer, theirs, std::move(rd.rest()));
+  }
+  if (theirs.key_id != opts.key->id)
+    throw ProtocolError(fmt::format(
+        "authentication with {} failed: the peer uses key id {}, this ftd key id {} ({}): the hosts hold different "
+        "key files (copy the same key to both; `ftctl status` shows the key id)",
+        peer, hex(theirs.key_id), opts.key->id_hex(), opts.key->path));
+  auto their_bytes = frame_bytes(f.header, f.payload);
+  std::vector<std::byte> transcript;
+  const auto& first = initiator ? my_bytes : their_bytes;
+  const auto& second = initiator ? their_bytes : my_bytes;
+  transcript.insert(transcript.end(), first.begin(), first.end());
+  transcript.insert(transcript.end(), second.begin(), second.end());
+  auth::SessionKeys keys = auth::derive(*opts.key, transcript);
+  auto proof = auth::prove(initiator ? keys.proof_initiator : keys.proof_responder, transcript);
+  send_all(fd.get(), frame_bytes(FrameHeader{.kind = FrameKind::Auth, .length = kAuthBodySize}, proof), deadline,
+           peer);
+  Frame a = rd.next("Auth proof");
+  if (a.header.kind != FrameKind::Auth)
+    throw ProtocolError(fmt::format("handshake with {}: expected an Auth frame after the Hellos, got {}", peer,
+                                    kind_name(a.header.kind)));
+  if (!auth::verify(initiator ? keys.proof_responder : keys.proof_initiator, transcript, a.payload))
+    throw ProtocolError(fmt::format(
+        "authentication of peer {} failed: its proof does not match key {} (a peer without the key, or a replayed "
+        "or altered handshake); connection refused",
+        peer, opts.key->id_hex()));
+  const bool encrypt = (mine.capabilities | theirs.capabilities) & kCapEncrypt;
+  auth::Direction tx(initiator ? keys.frame_i2r : keys.frame_r2i, encrypt);
+  auth::Direction rx(initiator ? keys.frame_r2i : keys.frame_i2r, encrypt);
+  log::debug("transport", "tcp connection to {} established, authenticated{} (key {}; peer accepts writes up to {} "
+             "bytes)", peer, encrypt ? " and encrypted" : "", opts.key->id_hex(), theirs.max_write_payload);
+  return std::make_unique<TcpConnection>(std::move(fd), opts, peer, theirs, std::move(rd.rest()), std::move(tx),
+                                         std::move(rx), opts.key->id_hex());
 }
 }  // namespace
 
@@ -198,15 +283,18 @@ Listener::Listener(const std::string& host, uint16_t port, Options opts) : opts_
                                         : "check the address belongs to this host");
 }
 
-std::unique_ptr<Connection> Listener::accept(std::chrono::milliseconds timeout) {
+std::optional<Listener::Accepted> Listener::accept_socket(std::chrono::milliseconds timeout) {
   auto deadline = Clock::now() + timeout;
   for (;;) {
     sockaddr_storage ss{};
     socklen_t len = sizeof ss;
     int c = ::accept4(fd_.get(), reinterpret_cast<sockaddr*>(&ss), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (c >= 0) {
-      UniqueFd fd(c);
-      return finish(std::move(fd), opts_, format_addr(reinterpret_cast<sockaddr*>(&ss)));
+      Accepted a;
+      a.fd = UniqueFd(c);
+      a.peer = format_addr(reinterpret_cast<sockaddr*>(&ss));
+      a.peer_host = peer_host(a.peer);
+      return a;
     }
     if (errno == EINTR || errno == ECONNABORTED) continue;
     if (errno != EAGAIN && errno != EWOULDBLOCK)
@@ -215,8 +303,30 @@ std::unique_ptr<Connection> Listener::accept(std::chrono::milliseconds timeout) 
     int r = ::poll(&p, 1, remaining_ms(deadline));
     if (r < 0 && errno == EINTR) continue;
     check_sys(r, "poll listener " + local_);
-    if (r == 0) return nullptr;
+    if (r == 0) return std::nullopt;
   }
+}
+
+std::unique_ptr<Connection> Listener::handshake_accepted(Accepted a) const {
+  return handshake(std::move(a.fd), opts_, a.peer, false);
+}
+
+std::unique_ptr<Connection> Listener::accept(std::chrono::milliseconds timeout) {
+  auto a = accept_socket(timeout);
+  if (!a) return nullptr;
+  return handshake_accepted(std::move(*a));
+}
+
+std::string peer_host(const std::string& peer) {
+  std::string h = peer;
+  if (!h.empty() && h.front() == '[') {
+    auto close = h.find(']');
+    h = close == std::string::npos ? h.substr(1) : h.substr(1, close - 1);
+  } else if (auto colon = h.rfind(':'); colon != std::string::npos) {
+    h = h.substr(0, colon);
+  }
+  if (h.rfind("::ffff:", 0) == 0 && h.find('.') != std::string::npos) h = h.substr(7);
+  return h;
 }
 
 std::unique_ptr<Connection> connect_tcp(const std::string& host, uint16_t port, Options opts) {
@@ -230,6 +340,18 @@ std::unique_ptr<Connection> connect_tcp(const std::string& host, uint16_t port, 
     if (!fd) {
       last = fmt::format("socket for {}: {}", peer, std::strerror(errno));
       continue;
+    }
+    if (!opts.source_address.empty()) {
+      AddrInfo src;
+      resolve(opts.source_address, 0, true, src, false);
+      addrinfo* m = src.ai;
+      while (m && m->ai_family != a->ai_family) m = m->ai_next;
+      if (!m) {
+        last = fmt::format("{}: source address {} has no address of the same family", peer, opts.source_address);
+        continue;
+      }
+      check_sys(::bind(fd.get(), m->ai_addr, m->ai_addrlen),
+                fmt::format("bind to source address {} (connecting to {})", opts.source_address, peer));
     }
     int rc;
     do rc = ::connect(fd.get(), a->ai_addr, a->ai_addrlen);
@@ -259,8 +381,7 @@ std::unique_ptr<Connection> connect_tcp(const std::string& host, uint16_t port, 
     // The Hello exchange gets what is left of the connect timeout, but at least a second.
     Options hs = opts;
     hs.connect_timeout = std::max(std::chrono::milliseconds(remaining_ms(deadline)), std::chrono::milliseconds(1000));
-    auto conn = finish(std::move(fd), hs, peer);
-    return conn;
+    return handshake(std::move(fd), hs, peer, true);
   }
   throw LinkDown(fmt::format("connect to {} port {}: {} (is ftd running and listening there? check firewalls)",
                              host, port, last));
@@ -269,12 +390,15 @@ std::unique_ptr<Connection> connect_tcp(const std::string& host, uint16_t port, 
 // ---------------------------------------------------------------------------------------------
 
 TcpConnection::TcpConnection(UniqueFd fd, Options opts, std::string peer, HelloBody peer_hello,
-                             std::vector<std::byte> early)
+                             std::vector<std::byte> early, auth::Direction tx, auth::Direction rx, std::string key_id)
     : fd_(std::move(fd)),
       opts_(opts),
       peer_(std::move(peer)),
       peer_max_write_(std::min(peer_hello.max_write_payload, kMaxWritePayload)),
       tx_last_(Clock::now()),
+      tx_(std::move(tx)),
+      rx_(std::move(rx)),
+      key_id_(std::move(key_id)),
       rx_buf_(std::max<size_t>(256u << 10, early.size())),
       last_rx_(Clock::now()) {
   if (!early.empty()) std::memcpy(rx_buf_.data(), early.data(), early.size());
@@ -283,22 +407,31 @@ TcpConnection::TcpConnection(UniqueFd fd, Options opts, std::string peer, HelloB
 
 TcpConnection::~TcpConnection() {
   if (failure_.failed() || !fd_ || tx_pending()) return;
-  auto h = encode_header(FrameHeader{.kind = FrameKind::Goodbye});
+  std::array<std::byte, kFrameHeaderSize + kFrameTagSize> b{};
+  encode_header(FrameHeader{.kind = FrameKind::Goodbye}, std::span<std::byte, kFrameHeaderSize>(b.data(), kFrameHeaderSize));
+  size_t n = kFrameHeaderSize;
+  if (tx_.on()) {
+    tx_.begin();
+    tx_.update(b.data(), kFrameHeaderSize);
+    auto t = tx_.finish();
+    std::memcpy(b.data() + kFrameHeaderSize, t.data(), t.size());
+    n += kFrameTagSize;
+  }
   // Best effort: if the socket buffer is full the peer will see EOF instead, which also
   // reads as LinkDown there.
-  (void)::send(fd_.get(), h.data(), h.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+  (void)::send(fd_.get(), b.data(), n, MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
 void TcpConnection::check_usable() const { failure_.check(peer_); }
 
 void TcpConnection::register_region(uint32_t id, std::span<std::byte> mem) {
   if (id == 0) throw Error("register_region: region id 0 is reserved (use a nonzero id)");
-  if (rx_in_payload_ && rx_kind_ == FrameKind::Write && rx_region_ == id) rx_dst_ = nullptr;
+  if (rx_in_payload_ && rx_kind_ == FrameKind::Write && rx_region_ == id) rx_dst_ = rx_plain_ = nullptr;
   regions_[id] = mem;
 }
 
 void TcpConnection::unregister_region(uint32_t id) {
-  if (rx_in_payload_ && rx_kind_ == FrameKind::Write && rx_region_ == id) rx_dst_ = nullptr;
+  if (rx_in_payload_ && rx_kind_ == FrameKind::Write && rx_region_ == id) rx_dst_ = rx_plain_ = nullptr;
   regions_.erase(id);
 }
 

@@ -20,6 +20,16 @@
 //    side stops reading until poll() consumes them.
 //  * TCP_NODELAY, SO_KEEPALIVE (5 s idle, 1 s interval, 5 probes) and TCP_USER_TIMEOUT =
 //    stall_timeout, so a vanished host surfaces as LinkDown even without traffic from us.
+//  * Authentication (Options::key; transport/auth.h): the handshake adds two Auth frames after
+//    the Hellos; every later frame carries a 16-byte tag after its payload, computed as the
+//    frame is queued (header, then payload as sent) and checked as it arrives (the tag is
+//    updated with each payload chunk wherever it lands, so zero-copy receive stays). A Write's
+//    bytes reach the region before its tag is checked: a bad tag fails the connection before
+//    any later control message is delivered, and region contents are only trusted up to the
+//    last control message (transport.h). The sender copies each payload into a buffer of its
+//    own while computing the tag (pre-copy writes live guest RAM that may change before the
+//    kernel reads it: the tag must cover exactly the bytes sent); with encryption that copy is
+//    the encryption. The receiver decrypts in place after the tag checks.
 #pragma once
 
 #include <sys/uio.h>
@@ -34,6 +44,7 @@
 #include <vector>
 
 #include "common/fd.h"
+#include "transport/auth.h"
 #include "transport/frame.h"
 #include "transport/sticky_failure.h"
 #include "transport/transport.h"
@@ -66,10 +77,24 @@ class Listener {
 
   // Waits up to `timeout` for a client, then exchanges Hello frames with it (bounded by
   // Options::connect_timeout). Returns nullptr on timeout. Throws ProtocolError when the
-  // client is not a compatible ftvm peer (bad frames, another wire version: both named) and
-  // LinkDown when it disconnects or stays silent during the handshake; the Listener itself
-  // stays usable after either.
+  // client is not a compatible ftvm peer (bad frames, another wire version: both named) or
+  // fails authentication, and LinkDown when it disconnects or stays silent during the
+  // handshake; the Listener itself stays usable after either.
   std::unique_ptr<Connection> accept(std::chrono::milliseconds timeout);
+
+  // The two halves of accept(), for callers that run handshakes on their own threads (ftd: a
+  // silent client must not hold up other clients). accept_socket() waits up to `timeout` for a
+  // client and returns its socket (non-blocking) and address without reading from it, or
+  // nullopt on timeout. handshake_accepted() then runs the handshake (bounded by
+  // Options::connect_timeout) and throws like accept().
+  struct Accepted {
+    UniqueFd fd;
+    std::string peer;       // "addr:port"
+    std::string peer_host;  // the address alone (IPv4-mapped IPv6 shown as IPv4)
+  };
+  std::optional<Accepted> accept_socket(std::chrono::milliseconds timeout);
+  std::unique_ptr<Connection> handshake_accepted(Accepted a) const;
+  const Options& options() const { return opts_; }
 
  private:
   UniqueFd fd_;
@@ -85,6 +110,10 @@ class Listener {
 // is not a compatible ftvm peer (another wire version: both versions named).
 std::unique_ptr<Connection> connect_tcp(const std::string& host, uint16_t port, Options opts = {});
 
+// The address part of a "addr:port" / "[v6]:port" peer string, with "::ffff:a.b.c.d" shown as
+// "a.b.c.d" (a dual-stack listener reports IPv4 clients that way).
+std::string peer_host(const std::string& peer);
+
 // Largest inbound control-message bytes queued while this side is blocked sending.
 inline constexpr size_t kMaxPendingControlBytes = 64u << 20;
 
@@ -92,9 +121,12 @@ inline constexpr size_t kMaxPendingControlBytes = 64u << 20;
 // public so that tests can reach it, not meant to be constructed elsewhere.
 class TcpConnection final : public Connection {
  public:
-  // Takes `fd` (connected, non-blocking, Hello exchanged). `early` holds bytes the peer sent
-  // after its Hello that the handshake already read; `peer_hello` is what the peer announced.
-  TcpConnection(UniqueFd fd, Options opts, std::string peer, HelloBody peer_hello, std::vector<std::byte> early);
+  // Takes `fd` (connected, non-blocking, handshake done). `early` holds bytes the peer sent
+  // after the handshake that it already read; `peer_hello` is what the peer announced; `tx`
+  // and `rx` protect the two directions (off for an unauthenticated connection); `key_id` is
+  // the hex id of the key both proved ("" when unauthenticated).
+  TcpConnection(UniqueFd fd, Options opts, std::string peer, HelloBody peer_hello, std::vector<std::byte> early,
+                auth::Direction tx = {}, auth::Direction rx = {}, std::string key_id = {});
   // Sends Goodbye when that cannot block or cut a frame in half, then closes the socket.
   ~TcpConnection() override;
 
@@ -109,6 +141,10 @@ class TcpConnection final : public Connection {
   const char* backend() const override { return "tcp"; }
   uint64_t bytes_sent() const override { return bytes_sent_; }
   uint64_t bytes_received() const override { return bytes_received_; }
+  std::string key_id() const override { return key_id_; }
+  std::string security() const override {
+    return key_id_.empty() ? "insecure" : tx_.encrypt() ? "authenticated+encrypted" : "authenticated";
+  }
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -119,7 +155,10 @@ class TcpConnection final : public Connection {
   void check_usable() const;
 
   // --- send side (datapath) ---
-  void queue_header(const FrameHeader& h);
+  // Queues one frame: header, payload (encrypted into a buffer of ours when encrypting) and,
+  // on an authenticated connection, its tag. `payload` must stay valid until sent (try_send
+  // returned true), as write() requires of its callers.
+  void queue_frame(const FrameHeader& h, std::span<const std::byte> payload = {});
   void queue_data(const void* p, size_t n);
   bool tx_pending() const { return tx_pos_ < tx_iov_.size(); }
   // Sends what the socket takes without blocking; true when the queue is empty.
@@ -153,7 +192,13 @@ class TcpConnection final : public Connection {
   size_t tx_pos_ = 0;  // first iovec not fully sent
   size_t tx_queued_bytes_ = 0;
   std::deque<std::array<std::byte, kFrameHeaderSize>> tx_hdrs_;
+  std::deque<std::array<std::byte, kFrameTagSize>> tx_tags_;
+  // Authenticated connections: payloads copied (or encrypted) at queue time, and spare buffers.
+  std::deque<std::vector<std::byte>> tx_copy_;
+  std::vector<std::vector<std::byte>> tx_spare_;
   Clock::time_point tx_last_;  // last time the kernel took bytes from us
+  auth::Direction tx_, rx_;     // frame tags (and encryption) per direction; off when unauthenticated
+  std::string key_id_;
 
   // Receive state. Invariant: rx_begin_ <= rx_end_ <= rx_buf_.size(); while rx_in_payload_,
   // rx_remaining_ payload bytes of frame kind rx_kind_ are still due and go to rx_dst_
@@ -165,6 +210,19 @@ class TcpConnection final : public Connection {
   uint32_t rx_region_ = 0;
   std::byte* rx_dst_ = nullptr;
   size_t rx_remaining_ = 0;
+  // Authenticated connections: after the payload, kFrameTagSize tag bytes are due (rx_tag_fill_
+  // gathered so far); rx_plain_ is where the frame's payload starts (decrypted in place after
+  // the tag checks; nullptr when it was discarded or is empty).
+  std::array<std::byte, kFrameTagSize> rx_tag_{};
+  size_t rx_tag_fill_ = 0;
+  std::byte* rx_plain_ = nullptr;
+  uint32_t rx_length_ = 0;
+  // Called with each payload chunk as it is consumed (tag state).
+  void rx_consumed(const std::byte* p, size_t n) {
+    if (rx_.on()) rx_.update(p, n);
+  }
+  // The frame (header, payload, tag) is complete: check its tag, decrypt, deliver.
+  void complete_frame(bool& stop);
   ControlMessage rx_ctl_;
   std::deque<ControlMessage> pending_;
   size_t pending_bytes_ = 0;

@@ -56,10 +56,36 @@ void TcpConnection::link_error(int err, const char* what) {
 
 // ---- send side ------------------------------------------------------------------------------
 
-void TcpConnection::queue_header(const FrameHeader& h) {
+void TcpConnection::queue_frame(const FrameHeader& h, std::span<const std::byte> payload) {
   auto& slot = tx_hdrs_.emplace_back();
   encode_header(h, slot);
   queue_data(slot.data(), slot.size());
+  if (!tx_.on()) {
+    queue_data(payload.data(), payload.size());
+    return;
+  }
+  tx_.begin();
+  tx_.update(slot.data(), slot.size());
+  if (!payload.empty()) {
+    // The tag must cover exactly the bytes the kernel sends. Pre-copy writes live guest RAM,
+    // which may change between now and sendmsg(), so the payload is copied (or encrypted) into
+    // a buffer of ours first, in the same pass that feeds the tag.
+    std::vector<std::byte>* c;
+    if (!tx_spare_.empty()) {
+      tx_copy_.push_back(std::move(tx_spare_.back()));
+      tx_spare_.pop_back();
+      c = &tx_copy_.back();
+    } else {
+      c = &tx_copy_.emplace_back();
+    }
+    c->resize(payload.size());
+    if (tx_.encrypt()) tx_.crypt(c->data(), payload.data(), payload.size());
+    else std::memcpy(c->data(), payload.data(), payload.size());
+    tx_.update(c->data(), c->size());
+    queue_data(c->data(), c->size());
+  }
+  auto& tag = tx_tags_.emplace_back(tx_.finish());
+  queue_data(tag.data(), tag.size());
 }
 
 void TcpConnection::queue_data(const void* p, size_t n) {
@@ -95,6 +121,11 @@ bool TcpConnection::try_send() {
   tx_iov_.clear();
   tx_pos_ = 0;
   tx_hdrs_.clear();
+  tx_tags_.clear();
+  // Keep a few payload buffers for the next frames (bounded: kFlushBytes of them at most).
+  for (auto& b : tx_copy_)
+    if (tx_spare_.size() < 8) tx_spare_.push_back(std::move(b));
+  tx_copy_.clear();
   tx_queued_bytes_ = 0;
   return true;
 }
@@ -132,7 +163,7 @@ void TcpConnection::flush_blocking() {
 
 void TcpConnection::maybe_heartbeat() {
   if (tx_pending() || Clock::now() - tx_last_ < opts_.heartbeat_interval) return;
-  queue_header(FrameHeader{.kind = FrameKind::Heartbeat});
+  queue_frame(FrameHeader{.kind = FrameKind::Heartbeat});
 }
 
 void TcpConnection::write(uint32_t region, uint64_t offset, std::span<const std::byte> data) {
@@ -144,11 +175,11 @@ void TcpConnection::write(uint32_t region, uint64_t offset, std::span<const std:
     size_t pos = 0;
     do {
       size_t n = std::min<size_t>(data.size() - pos, split);
-      queue_header(FrameHeader{.kind = FrameKind::Write,
-                               .field = region,
-                               .length = static_cast<uint32_t>(n),
-                               .offset = offset + pos});
-      queue_data(data.data() + pos, n);
+      queue_frame(FrameHeader{.kind = FrameKind::Write,
+                              .field = region,
+                              .length = static_cast<uint32_t>(n),
+                              .offset = offset + pos},
+                  data.subspan(pos, n));
       pos += n;
     } while (pos < data.size());
     if (tx_iov_.size() - tx_pos_ >= kFlushIovecs || tx_queued_bytes_ >= kFlushBytes) flush_blocking();
@@ -161,8 +192,9 @@ void TcpConnection::send_control(uint16_t type, std::span<const std::byte> body)
     if (body.size() > kMaxControlBody)
       throw Error(fmt::format("send_control type {}: body of {} bytes exceeds the {}-byte limit", type, body.size(),
                               kMaxControlBody));
-    queue_header(FrameHeader{.kind = FrameKind::Control, .field = type, .length = static_cast<uint32_t>(body.size())});
-    queue_data(body.data(), body.size());
+    // `body` need only live during this call: flush_blocking() sends everything before returning.
+    queue_frame(FrameHeader{.kind = FrameKind::Control, .field = type, .length = static_cast<uint32_t>(body.size())},
+                body);
     flush_blocking();
   });
 }
@@ -183,6 +215,7 @@ void TcpConnection::read_some() {
     while (n < 0 && errno == EINTR);
     if (n > 0) {
       size_t k = std::min(static_cast<size_t>(n), rx_remaining_);
+      rx_consumed(rx_dst_, k);
       rx_dst_ += k;
       rx_remaining_ -= k;
       rx_end_ = static_cast<size_t>(n) - k;
@@ -211,9 +244,15 @@ void TcpConnection::parse(bool stop_after_control) {
   for (;;) {
     if (!rx_in_payload_) {
       if (rx_end_ - rx_begin_ < kFrameHeaderSize) return;
-      FrameHeader h = decode_header(std::span<const std::byte, kFrameHeaderSize>(rx_buf_.data() + rx_begin_, kFrameHeaderSize));
+      const std::byte* hp = rx_buf_.data() + rx_begin_;
+      FrameHeader h = decode_header(std::span<const std::byte, kFrameHeaderSize>(hp, kFrameHeaderSize));
+      if (rx_.on()) {
+        rx_.begin();
+        rx_.update(hp, kFrameHeaderSize);
+      }
       rx_begin_ += kFrameHeaderSize;
       last_rx_ = Clock::now();
+      rx_dst_ = nullptr;
       switch (h.kind) {
         case FrameKind::Write: {
           auto it = regions_.find(h.field);
@@ -235,35 +274,69 @@ void TcpConnection::parse(bool stop_after_control) {
           rx_ctl_.body.resize(h.length);  // <= kMaxControlBody, checked by decode_header
           rx_dst_ = rx_ctl_.body.data();
           break;
-        case FrameKind::Heartbeat: continue;
-        case FrameKind::Goodbye:
-          throw LinkDown(fmt::format("receive from {}: the peer closed the connection (Goodbye)", peer_));
+        case FrameKind::Heartbeat:
+        case FrameKind::Goodbye: break;  // acted on once complete (after the tag)
         case FrameKind::Hello:
+        case FrameKind::Auth:
         case FrameKind::Invalid:
           throw ProtocolError(fmt::format("peer {} sent a {} frame after the handshake", peer_, kind_name(h.kind)));
       }
       rx_in_payload_ = true;
       rx_kind_ = h.kind;
       rx_remaining_ = h.length;
+      rx_length_ = h.length;
+      rx_plain_ = h.length ? rx_dst_ : nullptr;
+      rx_tag_fill_ = 0;
     }
     size_t n = std::min(rx_remaining_, rx_end_ - rx_begin_);
     if (n > 0) {
+      const std::byte* src = rx_buf_.data() + rx_begin_;
+      rx_consumed(src, n);
       if (rx_dst_) {
-        std::memcpy(rx_dst_, rx_buf_.data() + rx_begin_, n);
+        std::memcpy(rx_dst_, src, n);
         rx_dst_ += n;
       }
       rx_begin_ += n;
       rx_remaining_ -= n;
     }
     if (rx_remaining_ > 0) return;
-    rx_in_payload_ = false;
-    rx_dst_ = nullptr;
-    if (rx_kind_ == FrameKind::Control) {
+    if (rx_.on()) {
+      size_t t = std::min(kFrameTagSize - rx_tag_fill_, rx_end_ - rx_begin_);
+      std::memcpy(rx_tag_.data() + rx_tag_fill_, rx_buf_.data() + rx_begin_, t);
+      rx_tag_fill_ += t;
+      rx_begin_ += t;
+      if (rx_tag_fill_ < kFrameTagSize) return;
+    }
+    bool stop = false;
+    complete_frame(stop);
+    if (stop && stop_after_control) return;
+  }
+}
+
+void TcpConnection::complete_frame(bool& stop) {
+  rx_in_payload_ = false;
+  rx_dst_ = nullptr;
+  if (rx_.on()) {
+    const uint64_t seq = rx_.seq() - 1;
+    if (!rx_.finish_and_check(rx_tag_))
+      throw ProtocolError(fmt::format(
+          "frame {} ({}, {} bytes) from {} failed authentication: its tag does not match (altered, replayed, "
+          "reordered or injected on the way); connection dropped, nothing after the last verified control message "
+          "is trusted",
+          seq, kind_name(rx_kind_), rx_length_, peer_));
+    if (rx_.encrypt() && rx_plain_) rx_.crypt(rx_plain_, rx_plain_, rx_length_);
+  }
+  rx_plain_ = nullptr;
+  switch (rx_kind_) {
+    case FrameKind::Control:
       pending_bytes_ += rx_ctl_.body.size();
       pending_.push_back(std::move(rx_ctl_));
       rx_ctl_ = ControlMessage{};
-      if (stop_after_control) return;
-    }
+      stop = true;
+      break;
+    case FrameKind::Goodbye:
+      throw LinkDown(fmt::format("receive from {}: the peer closed the connection (Goodbye)", peer_));
+    default: break;
   }
 }
 
