@@ -266,12 +266,15 @@ class Env:
         return ser
 
     # ---- daemons -----------------------------------------------------------------------------
-    def start_ftd(self, name, listen=True, extra=()):
+    def start_ftd(self, name, listen=True, extra=(), prefix=(), listen_host='127.0.0.1'):
+        """Starts ftd (its PID is tracked). `prefix`: a command that runs ftd elsewhere and execs
+        it (e.g. `ip netns exec NS`, `nsenter -t PID -n -m --`), so that the PID stays ftd's;
+        `listen_host`: the replication listener's host (port env.port)."""
         run = self.path(name)
         os.makedirs(run, exist_ok=True)
         logf = self.path('%s.ftd.log' % name)
-        args = [os.path.join(BUILD, 'ftd'), '--run-dir', run, '--log', logf,
-                '--listen', '127.0.0.1:%d' % self.port if listen else '',
+        args = list(prefix) + [os.path.join(BUILD, 'ftd'), '--run-dir', run, '--log', logf,
+                '--listen', '%s:%d' % (listen_host, self.port) if listen else '',
                 '--heartbeat-timeout-ms', str(self.hb_timeout_ms), '--enable-fault-injection', '--verify-activation',
                 '--stats-dir', self.dir] + list(extra)
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=open(logf + '.out', 'w'), stderr=subprocess.STDOUT)

@@ -612,7 +612,16 @@ bool PrimarySession::settle_broken_session(const std::string& why, bool activate
         break;
       }
     }
-    std::this_thread::sleep_for(backoff);
+    // Sleep in slices, pinging the guard: a failed Resolve (a connect timeout of half the
+    // standby's timeout) plus a whole backoff without a ping outlasts the guard's watchdog
+    // (0.6 x that timeout), which then kills the paused guest although the arbiter may still
+    // say Yes (the standby's side lost). Seen with the corosync arbiter, which answers Wait
+    // for seconds while corosync settles the new membership.
+    ping_guard();
+    for (const auto until = Clock::now() + backoff; Clock::now() < until;) {
+      std::this_thread::sleep_for(std::min<Clock::duration>(std::chrono::milliseconds(20), until - Clock::now()));
+      ping_guard();
+    }
     backoff = std::min(backoff * 2, std::chrono::milliseconds(250));
   }
   // 2. This is the only copy: its output is final, the guest runs on.
