@@ -190,6 +190,13 @@ quorum {
         }
     }
 }
+system {
+    # Two "hosts" share this machine's cores: corosync's default SCHED_RR 99 lets both nodes
+    # spin both cores for 1-2 s while a new membership forms after a cut, starving everything
+    # else (ftd, its guard). Normal priority here; on real hosts keep the default.
+    sched_rr: no
+    priority: 0
+}
 logging {
     to_stderr: yes
     to_syslog: no

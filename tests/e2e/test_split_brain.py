@@ -244,7 +244,7 @@ def partition_corosync(cut):
                 arb = ['--arbiter', 'corosync', '--corosync-settle-ms', '1000', '--libvirt-uri', '']
                 g = env.boot_guest(mem=256, dirty_kib_s=1024)
                 g.serial.wait_ticks(3, 90)
-                P = env.start_ftd('primary', listen=False, extra=arb + ['--log-level', 'debug'], prefix=in_node('n1'))
+                P = env.start_ftd('primary', listen=False, extra=arb, prefix=in_node('n1'))
                 S = env.start_ftd('standby', extra=arb, prefix=in_node('n2'), listen_host=s_addr)
                 P.ctl('enable', '--qmp', g.qmp, '--peer', '%s:%d' % (s_addr, env.port), '--name', VM,
                       '--epoch-ms', '25', '--timeout', '120')
