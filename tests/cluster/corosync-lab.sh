@@ -11,6 +11,8 @@
 #   cut NODE           take NODE's (n1|n2|q) switch port down: it loses everyone else
 #   heal NODE          bring it back
 #   qnetd-stop | qnetd-start
+#   corosync-stop NODE | corosync-start NODE   stop (SIGTERM, by PID) / start corosync and its
+#                      qdevice on n1|n2 (a node whose corosync is gone, then comes back)
 #   exec NODE CMD...   run CMD in NODE's network + mount namespace (exec: the PID is CMD's)
 #   addr NODE          print NODE's address
 #   ns NODE            print NODE's network namespace name (for `ip netns exec`)
@@ -244,6 +246,17 @@ case $ACTION in
     echo "$(ms_now) $ACTION $n" ;;
   qnetd-stop) load_id; kill_pidfile "$W/pids/qnetd.pid" 10; echo "$(ms_now) qnetd-stop" ;;
   qnetd-start) load_id; start_qnetd; echo "$(ms_now) qnetd-start" ;;
+  corosync-stop)
+    load_id; n=${1:-}; [ "$n" = n1 ] || [ "$n" = n2 ] || die "corosync-stop: n1 or n2"
+    kill_pidfile "$W/pids/qdevice-$n.pid" 10
+    kill_pidfile "$W/pids/corosync-$n.pid" 15
+    echo "$(ms_now) corosync-stop $n" ;;
+  corosync-start)
+    load_id; n=${1:-}; [ "$n" = n1 ] || [ "$n" = n2 ] || die "corosync-start: n1 or n2"
+    start_bg "$n" "corosync-$n" corosync -f
+    wait_until 10 in_ns "$n" corosync-cfgtool -s >/dev/null 2>&1 || die "corosync on $n does not answer (see $W/log/corosync-$n.log)"
+    start_bg "$n" "qdevice-$n" corosync-qdevice -f -d
+    echo "$(ms_now) corosync-start $n" ;;
   exec) load_id; n=${1:-}; check_node "$n"; shift; [ $# -gt 0 ] || die "exec $n: no command"
     h=$(holder_pid "$n") || exit 1
     exec nsenter -t "$h" -n -m -- "$@" ;;
@@ -256,5 +269,5 @@ case $ACTION in
       printf '%s: quorate=%s total_votes=%s\n' $n "$(awk -F': *' '/^Quorate:/{print $2}' <<<"$s")" \
         "$(awk -F': *' '/^Total votes:/{print $2}' <<<"$s")"
     done ;;
-  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,22p' "$0" >&2; exit 2 ;;
 esac

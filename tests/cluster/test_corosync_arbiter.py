@@ -12,6 +12,8 @@ nodelist (peer host 10.213.0.2), n2 is given --peer-nodeid 1. Scenarios:
   D  qnetd down, both nodes up: still quorate, Wait
   E  cut n2 while qnetd is down: neither says Yes (both lose quorum)
   F  heal, qnetd back: back to A
+  G  corosync stopped on n1 under the probe: n1 answers Wait (unreachable, unhealthy), n2 (now
+     alone with qnetd's vote) says Yes after the margin; corosync back: n1 reconnects, back to A
 Throughout: at no sampled moment do both nodes answer Yes (to either question).
 Usage: test_corosync_arbiter.py LAB_SCRIPT PROBE_BINARY. Exit 77 (skip) without root or corosync.
 """
@@ -164,6 +166,20 @@ def main():
         t_q2 = act("qnetd-start")
         wait_for("both back to normal after heal and qnetd start", lambda: normal(n1.last()) and normal(n2.last()), 40)
         print(f"F heal + qnetd start: normal after {now_ms() - t_q2} ms")
+
+        # G: corosync stopped under the client, then started again
+        t_stop = act("corosync-stop", "n1")
+        wait_for("n1 reports corosync unreachable",
+                 lambda: n1.last()["holds"].startswith("corosync unreachable") and n1.last()["healthy"] == "0", 20)
+        print(f"G corosync stopped on n1: unreachable after {now_ms() - t_stop} ms: {n1.last()['holds'][:90]}")
+        s_g = wait_for("n2 (alone with qnetd) answers Yes",
+                       lambda: next((s for s in n2.samples() if s["t"] >= t_stop and s["activate"] == "yes"), None), 40)
+        print(f"G n2 Yes {s_g['t'] - t_stop} ms after corosync stopped on n1")
+        t_start = act("corosync-start", "n1")
+        wait_for("both back to normal after corosync restart", lambda: normal(n1.last()) and normal(n2.last()), 40)
+        print(f"G corosync started on n1: back to normal after {now_ms() - t_start} ms")
+        bad = [s for s in n1.samples() if t_stop <= s["t"] < t_start and (s["activate"], s["run_alone"]) != ("wait", "wait")]
+        assert not bad, f"n1 without corosync answered other than Wait: {bad[0]}"
 
         # Never both Yes at once: a sample's answer holds until that node's next sample.
         def yes_intervals(p):
