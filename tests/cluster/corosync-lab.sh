@@ -105,8 +105,14 @@ do_down() {
   load_id
   for f in "$W"/pids/qdevice-*.pid; do [ -e "$f" ] && kill_pidfile "$f" 10; done
   # both corosyncs at once (alone, each waits a token timeout for the other's departure)
-  for f in "$W"/pids/corosync-*.pid; do [ -e "$f" ] && kill_pidfile "$f" 15 & done
-  wait
+  # (wait for these jobs only: after a failed `up` this shell's children include the daemons)
+  local jobs=()
+  for f in "$W"/pids/corosync-*.pid; do
+    [ -e "$f" ] || continue
+    kill_pidfile "$f" 15 &
+    jobs+=($!)
+  done
+  [ ${#jobs[@]} -eq 0 ] || wait "${jobs[@]}"
   for f in "$W"/pids/*.pid; do [ -e "$f" ] && kill_pidfile "$f" 5; done
   # anything still inside our namespaces was started into them by this lab's users: ours
   for n in "${NODES[@]}"; do
