@@ -144,8 +144,7 @@ int main(int argc, char** argv) {
         fence_command, std::chrono::milliseconds(fence_timeout_ms), std::chrono::milliseconds(500));
   } else if (arbiter == "corosync") {
 #ifdef FTVM_HAVE_COROSYNC
-    cfg.arbiter = std::make_shared<ftvm::ftd::CorosyncArbiter>(corosync_peer_nodeid,
-                                                               std::chrono::milliseconds(corosync_settle_ms));
+    // Created below, once the log goes to its file and signals are blocked (its thread logs).
 #else
     fmt::print(stderr, "ftd: --arbiter corosync: this ftd was built without the corosync arbiter (install "
                        "libquorum-dev libvotequorum-dev libcmap-dev and rebuild)\n");
@@ -193,6 +192,11 @@ int main(int argc, char** argv) {
     if (setpriority(PRIO_PROCESS, 0, nice_value) != 0)
       ftvm::log::warn("ftd", "setpriority({}) failed: {}; ftd runs at the default priority", nice_value,
                       std::strerror(errno));
+#ifdef FTVM_HAVE_COROSYNC
+    if (arbiter == "corosync")
+      cfg.arbiter = std::make_shared<ftvm::ftd::CorosyncArbiter>(corosync_peer_nodeid,
+                                                                 std::chrono::milliseconds(corosync_settle_ms));
+#endif
     ftvm::ftd::Daemon d(cfg);
     return d.run();
   } catch (const std::exception& e) {

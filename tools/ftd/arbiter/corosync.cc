@@ -335,10 +335,14 @@ uint32_t CorosyncArbiter::peer_of(const std::string& peer_host) const {
 cp::ArbiterAnswer CorosyncArbiter::ask(CorosyncQuestion q, const cp::ArbiterSubject& s) {
   const uint32_t peer = peer_of(s.peer_host);
   std::lock_guard<std::mutex> g(mu_);
-  if (peer == 0 && view_.connected && view_.quorate) {
-    const std::string line = fmt::format(
-        "the peer '{}' of VM '{}' is no node of the corosync nodelist (no name or ringN_addr matches); answering "
-        "Wait: list it in corosync.conf or pass --corosync-peer-nodeid", s.peer_host, s.vm);
+  if ((peer == 0 || peer == view_.this_nodeid) && view_.connected && view_.quorate) {
+    const std::string line =
+        peer == 0 ? fmt::format("the peer '{}' of VM '{}' is no node of the corosync nodelist (no name or ringN_addr "
+                                "matches); answering Wait: list it in corosync.conf or pass --corosync-peer-nodeid",
+                                s.peer_host, s.vm)
+                  : fmt::format("the peer '{}' of VM '{}' is this node ({}) by {}; answering Wait: fix "
+                                "--corosync-peer-nodeid or the nodelist", s.peer_host, s.vm, peer,
+                                peer_nodeid_ ? "--corosync-peer-nodeid" : "the nodelist");
     if (line != last_logged_) {
       log::error("arbiter", "corosync: {}", line);
       last_logged_ = line;

@@ -71,7 +71,9 @@ uint32_t corosync_find_node(const std::vector<CorosyncView::Node>& nodes, const 
 
 class CorosyncArbiter final : public checkpoint::Arbiter {
  public:
-  // peer_nodeid: 0 = resolve through the nodelist. settle: the safety margin (>= 0).
+  // peer_nodeid: 0 = resolve through the nodelist. settle: the safety margin (>= 0). Starts the
+  // tracking thread (all signals blocked in it). The destructor stops and joins it; a corosync
+  // that hangs inside an IPC call (not seen; libqb replies or fails) would delay that join.
   CorosyncArbiter(uint32_t peer_nodeid, std::chrono::milliseconds settle,
                   std::chrono::milliseconds confirm_period = std::chrono::milliseconds(200));
   ~CorosyncArbiter() override;
