@@ -23,6 +23,8 @@ PACKAGES=(
   iproute2 iptables python3 procps util-linux e2fsprogs
   # output-commit tests and bench/net_bench.py (capture on the test bridge, ping RTT)
   tcpdump iputils-ping
+  # corosync quorum arbiter (tools/ftd/arbiter/corosync.*) and its lab (tests/cluster/corosync-lab.sh)
+  libquorum-dev libvotequorum-dev libcmap-dev corosync corosync-qdevice corosync-qnetd
 )
 
 dry_run=0

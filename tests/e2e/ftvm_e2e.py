@@ -292,9 +292,12 @@ class Env:
                 args += ['--allow-path', os.path.realpath(d)]
         return args
 
-    def start_ftd(self, name, listen=True, extra=(), key=True):
-        """Starts an ftd. `key`: True = the scenario's key (self.key), a path = that key file,
-        False/None = --insecure (tests of the refusal only)."""
+    def start_ftd(self, name, listen=True, extra=(), key=True, prefix=(), listen_host='127.0.0.1'):
+        """Starts an ftd (its PID is tracked). `key`: True = the scenario's key (self.key), a path =
+        that key file, False/None = --insecure (tests of the refusal only). `prefix`: a command
+        that runs ftd elsewhere and execs it (e.g. `ip netns exec NS`, `nsenter -t PID -n -m --`),
+        so that the PID stays ftd's; `listen_host`: the replication listener's host (port
+        env.port)."""
         run = self.path(name)
         os.makedirs(run, exist_ok=True)
         logf = self.path('%s.ftd.log' % name)
@@ -302,8 +305,8 @@ class Env:
             key = self.key
         if key and os.environ.get('FTVM_E2E_ENCRYPT') == '1':  # run a scenario with encrypted replication
             extra = ['--encrypt'] + list(extra)
-        args = [os.path.join(BUILD, 'ftd'), '--run-dir', run, '--log', logf,
-                '--listen', ('127.0.0.1:%d' % self.port if listen is True else listen) if listen else '',
+        args = list(prefix) + [os.path.join(BUILD, 'ftd'), '--run-dir', run, '--log', logf,
+                '--listen', ('%s:%d' % (listen_host, self.port) if listen is True else listen) if listen else '',
                 '--heartbeat-timeout-ms', str(self.hb_timeout_ms), '--enable-fault-injection', '--verify-activation',
                 '--stats-dir', self.dir] + (['--key-file', key] if key else ['--insecure']) + \
             self.twin_policy_args() + list(extra)

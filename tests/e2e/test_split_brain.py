@@ -10,14 +10,18 @@ What "one copy" means here, checked after every fault:
     twin's ticks never overlap in time, and
   * whichever copy survives continues from a committed checkpoint (tick continuity).
 """
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 
-from ftvm_e2e import (Env, Failure, check, check_continuity, log, main, pid_alive, protect, wait_active, wait_for,
-                      watch_exit)
+from ftvm_e2e import (BUILD, SRC, Env, Failure, check, check_continuity, log, main, pid_alive, protect, wait_active,
+                      wait_for, watch_exit)
 
 VM = 'vm1'
 
@@ -223,6 +227,91 @@ def partition(direction):
     return run
 
 
+def partition_corosync(cut):
+    """`--arbiter corosync` on both ftd daemons, each inside one node of a real two-node corosync
+    cluster with a qnetd quorum device (tests/cluster/corosync-lab.sh: network namespaces; the
+    replication runs over the lab's bridge, the guest QEMU stays in the root namespace, QMP and
+    serial are unix sockets). One node is cut off for longer than every timeout; exactly one copy
+    survives, the quorate side's:
+      cut='primary' (node n1): n1 loses quorum, the primary fences its own guest; n2 keeps quorum
+        without n1 and resumes the twin after the margin: the primary QEMU is gone before the
+        twin's `cont`, the serial ticks never overlap, the twin continues from a committed
+        checkpoint.
+      cut='standby' (node n2): n1 keeps quorum without n2: the primary's guest, paused while the
+        standby cannot be reached, runs on alone after the margin; the twin never runs (n2 lost
+        quorum, its standby waits)."""
+    def run():
+        lab = os.path.join(SRC, 'tests/cluster/corosync-lab.sh')
+        if os.geteuid() != 0 or not all(shutil.which(b) for b in ('corosync', 'corosync-qdevice', 'corosync-qnetd')):
+            log('SKIP: needs root and corosync, corosync-qdevice, corosync-qnetd (scripts/install-deps.sh)')
+            sys.exit(77)
+        helptext = subprocess.run([os.path.join(BUILD, 'ftd'), '--help'], capture_output=True, text=True).stdout
+        if 'corosync' not in helptext:
+            log('SKIP: ftd was built without the corosync arbiter (libquorum-dev libvotequorum-dev libcmap-dev)')
+            sys.exit(77)
+        labdir = tempfile.mkdtemp(prefix='ftvm-sb-corosync-lab.', dir='/tmp')
+        ok = False
+        try:
+            subprocess.run([lab, '--dir', labdir, 'up'], check=True)
+            in_node = lambda n: [lab, '--dir', labdir, 'exec', n]  # execs: the PID stays ftd's
+            s_addr = '10.213.0.2'
+            node = 'n1' if cut == 'primary' else 'n2'
+            with Env('sb-corosync-%s' % cut) as env:
+                arb = ['--arbiter', 'corosync', '--corosync-settle-ms', '1000', '--libvirt-uri', '']
+                g = env.boot_guest(mem=256, dirty_kib_s=1024)
+                g.serial.wait_ticks(3, 90)
+                P = env.start_ftd('primary', listen=False, extra=arb, prefix=in_node('n1'))
+                S = env.start_ftd('standby', extra=arb, prefix=in_node('n2'), listen_host=s_addr)
+                P.ctl('enable', '--qmp', g.qmp, '--peer', '%s:%d' % (s_addr, env.port), '--name', VM,
+                      '--epoch-ms', '25', '--timeout', '120')
+                v = P.vm(VM, 'primary')
+                check(v and v['state'] == 'protected', 'VM not protected after enable: %s' % v)
+                log('primary arbiter: %s' % v.get('arbiter'))
+                check('quorate (3 votes' in json.dumps(v.get('arbiter')),
+                      'the primary arbiter is not quorate with 3 votes: %s' % v.get('arbiter'))
+                twin = env.twin_serial(S, VM)
+                time.sleep(1.5)
+                check(not twin.all(), 'paused twin printed output: %s' % twin.all()[:3])
+                gone = watch_exit(g.pid)
+                r = subprocess.run([lab, '--dir', labdir, 'cut', node], check=True, capture_output=True, text=True)
+                t_cut = int(r.stdout.split()[0]) / 1000
+                log('cut the %s node %s at %.3f' % (cut, node, t_cut))
+                if cut == 'primary':
+                    v = wait_active(S, VM, timeout=60)
+                    a = v['activation']
+                    wait_for(gone, 30, 'the primary QEMU to be fenced')
+                    log('primary QEMU gone %.0f ms after the cut; twin cont %.0f ms after the cut' %
+                        ((gone() - t_cut) * 1000, a['cont_wall_ms'] - t_cut * 1000))
+                    check(gone() * 1000 < a['cont_wall_ms'], 'SPLIT BRAIN: primary QEMU exited at %.3f, after the '
+                          'twin resumed at %.3f' % (gone(), a['cont_wall_ms'] / 1000))
+                    check('arbiter corosync says this side lost' in P.log_text(),
+                          'the primary QEMU is gone but the primary ftd did not fence it on lost quorum')
+                    check_continuity(g.serial, twin, P.committed_cut_ms(VM, a['epoch']) if P.epochs(VM) else 0)
+                else:
+                    wait_for(lambda: 'running on alone' in P.log_text(), 60, 'the primary to run on alone')
+                    log('primary runs on alone %.0f ms after the cut' % ((time.time() - t_cut) * 1000))
+                    check('arbiter corosync lets this side run alone' in P.log_text(),
+                          'the primary ran on alone, but not on the arbiter\'s Yes')
+                    ticks_advance(g.serial, 'the primary guest after the cut')
+                    check(gone() is None and pid_alive(g.pid), 'the primary QEMU died although its node kept quorum')
+                    time.sleep(3)  # the standby's side must keep waiting (its node lost quorum)
+                    check(not twin.all(), 'SPLIT BRAIN: the twin printed output: %s' % twin.all()[:3])
+                    check('ACTIVATED' not in S.log_text(), 'the standby resumed the twin without quorum')
+                    # the longest gap in the primary's ticks is the time its guest stayed paused
+                    ts = [t for t, _ in g.serial.ticks()]
+                    log('primary guest paused for %.0f ms at most' % (max(b - a for a, b in zip(ts, ts[1:])) * 1000))
+                no_overlap(g.serial, twin)
+                subprocess.run([lab, '--dir', labdir, 'heal', node], check=True, capture_output=True)
+            ok = True
+        finally:
+            subprocess.run([lab, '--dir', labdir, 'down'])
+            if ok:
+                shutil.rmtree(labdir, ignore_errors=True)
+            else:
+                log('lab logs kept in %s' % labdir)
+    return run
+
+
 def standby_restart_keeps_active_twin():
     """kill -9 of the primary QEMU -> the twin runs; then kill -9 and restart of the standby ftd:
     the new ftd leaves the running twin alone (it used to kill it as a 'stale paused twin') and
@@ -265,4 +354,6 @@ if __name__ == '__main__':
     main({'reset': reset, 'stall-ftd': stall_ftd, 'short-stall': short_stall,
           'partition-both': partition('both'), 'partition-to-standby': partition('to-standby'),
           'partition-to-primary': partition('to-primary'),
-          'standby-restart': standby_restart_keeps_active_twin, 'planned-lost-answer': planned_lost_answer})
+          'standby-restart': standby_restart_keeps_active_twin, 'planned-lost-answer': planned_lost_answer,
+          'partition-corosync-primary': partition_corosync('primary'),
+          'partition-corosync-standby': partition_corosync('standby')})

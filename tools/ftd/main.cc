@@ -10,6 +10,9 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "tools/ftd/arbiter/fence_command.h"
+#ifdef FTVM_HAVE_COROSYNC
+#include "tools/ftd/arbiter/corosync.h"
+#endif
 #include "tools/ftd/daemon.h"
 #include "transport/address.h"
 #include "transport/auth.h"
@@ -94,9 +97,21 @@ int main(int argc, char** argv) {
   unsigned fence_timeout_ms = 30000, alone_after_ms = 1000;
   app.add_option("--arbiter", arbiter,
                  "Split-brain arbitration, the same on both hosts: none (a partition between two live hosts runs two "
-                 "copies: 'split-brain unprotected'), fence-command (STONITH through --fence-command)")
+                 "copies: 'split-brain unprotected'), fence-command (STONITH through --fence-command), corosync (the "
+                 "quorum of the local corosync 3 cluster: run ftd on cluster nodes, ideally two nodes plus "
+                 "corosync-qnetd on a third host)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"none", "fence-command"}));
+      ->check(CLI::IsMember({"none", "fence-command", "corosync"}));
+  unsigned corosync_peer_nodeid = 0, corosync_settle_ms = 1000;
+  app.add_option("--corosync-peer-nodeid", corosync_peer_nodeid,
+                 "With --arbiter corosync: the corosync node id of the other host (every VM of this ftd); 0 = find "
+                 "it in corosync's nodelist, the node whose name or ringN_addr equals the peer's replication address")
+      ->capture_default_str();
+  app.add_option("--corosync-settle-ms", corosync_settle_ms,
+                 "With --arbiter corosync: a quorum state (quorate without the peer, or not quorate) must hold this "
+                 "long before it answers Yes or Fence (safety margin: corosync may tell the winner before the loser)")
+      ->capture_default_str()
+      ->check(CLI::Range(0u, 600000u));
   app.add_option("--fence-command", fence_command,
                  "With --arbiter fence-command: shell command that fences the other host; run with FTVM_FENCE_ACTION "
                  "(fence-primary|fence-standby), FTVM_PEER, FTVM_VM; exit 0 only once that host cannot run the VM");
@@ -206,7 +221,16 @@ int main(int argc, char** argv) {
     }
     cfg.arbiter = std::make_shared<ftvm::ftd::FenceCommandArbiter>(
         fence_command, std::chrono::milliseconds(fence_timeout_ms), std::chrono::milliseconds(500));
-  } else if (!fence_command.empty()) {
+  } else if (arbiter == "corosync") {
+#ifdef FTVM_HAVE_COROSYNC
+    // Created below, once the log goes to its file and signals are blocked (its thread logs).
+#else
+    fmt::print(stderr, "ftd: --arbiter corosync: this ftd was built without the corosync arbiter (install "
+                       "libquorum-dev libvotequorum-dev libcmap-dev and rebuild)\n");
+    return 2;
+#endif
+  }
+  if (arbiter != "fence-command" && !fence_command.empty()) {
     fmt::print(stderr, "ftd: --fence-command is only used with --arbiter fence-command\n");
     return 2;
   }
@@ -259,6 +283,11 @@ int main(int argc, char** argv) {
     if (setpriority(PRIO_PROCESS, 0, nice_value) != 0)
       ftvm::log::warn("ftd", "setpriority({}) failed: {}; ftd runs at the default priority", nice_value,
                       std::strerror(errno));
+#ifdef FTVM_HAVE_COROSYNC
+    if (arbiter == "corosync")
+      cfg.arbiter = std::make_shared<ftvm::ftd::CorosyncArbiter>(corosync_peer_nodeid,
+                                                                 std::chrono::milliseconds(corosync_settle_ms));
+#endif
     ftvm::ftd::Daemon d(cfg);
     return d.run();
   } catch (const std::exception& e) {

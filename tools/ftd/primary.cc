@@ -641,8 +641,14 @@ bool PrimarySession::settle_broken_session(const std::string& why, bool activate
         break;
       }
     }
-    for (auto slept = std::chrono::milliseconds(0); slept < backoff; slept += std::chrono::milliseconds(10)) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    // Sleep in slices, pinging the guard: a failed Resolve (a connect timeout of half the
+    // standby's timeout) plus a whole backoff without a ping outlasts the guard's watchdog
+    // (0.8 x that timeout, when armed), which then killed the paused guest although the arbiter may still
+    // say Yes (the standby's side lost). Seen with the corosync arbiter, which answers Wait
+    // for seconds while corosync settles the new membership.
+    ping_guard();
+    for (const auto until = Clock::now() + backoff; Clock::now() < until;) {
+      std::this_thread::sleep_for(std::min<Clock::duration>(std::chrono::milliseconds(20), until - Clock::now()));
       ping_guard();
     }
     backoff = std::min(backoff * 2, std::chrono::milliseconds(250));
