@@ -144,6 +144,8 @@ TEST_CASE("hostile twin command lines are refused, each problem named", "[securi
   refused({"-fw_cfg", "name=opt/x,file=/etc/shadow"}, "/etc/shadow");
   refused({"-acpitable", "file=" + t.images() + "/ok.aml:/etc/shadow"}, "/etc/shadow");
   refused({"-frobnicate", "x"}, "allow-list");
+  refused({"-icount", "shift=auto,rr=record,rrfile=/etc/x"}, "-icount");
+  refused({"-boot", "menu=on,splash=/etc/shadow"}, "splash=");
   // Removed by make_twin_cmdline (never reach the twin) and refused if they did.
   CHECK(mentions(check_twin_cmdline({kQemu, "-add-fd", "fd=3,set=1"}, p), "-add-fd"));
   CHECK(mentions(check_twin_cmdline({kQemu, "-daemonize"}, p), "-daemonize"));
