@@ -201,7 +201,7 @@ void DiskJournal::add(uint64_t epoch, uint32_t disk, DiskOpKind kind, uint64_t o
     throw ProtocolError(fmt::format("disk {} op for epoch {} arrived but epoch {} is already committed (epochs start at "
                                     "1 and a committed epoch takes no more ops)",
                                     kind_name(kind), epoch, committed_));
-  const uint64_t window = (committed_ ? committed_ : first_epoch_ - 1) + 2;
+  const uint64_t window = (committed_ ? committed_ : (first_epoch_ ? first_epoch_ - 1 : 0)) + 2;
   if (epoch > window)
     throw ProtocolError(fmt::format("disk {} op for epoch {} arrived but the last committed epoch is {}: at most "
                                     "epoch {} may be open (one checkpoint in flight); the peer is broken or hostile",

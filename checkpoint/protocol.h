@@ -11,9 +11,11 @@
 //   OpenSession{version, session_id, vm name, RAM size,
 //               QEMU argv, disks} ------------------------>  create one raw image per disk,
 //                                                            start paused twin QEMU on them
-//                                                            (-S -incoming defer), map its RAM,
-//                                                            register region 1 = twin RAM,
-//                                                            region 2 = staging
+//                                                            (-S -incoming defer; its own binary,
+//                                                            argv/XML checked against its policy,
+//                                                            else Error), map its RAM,
+//                                                            register region 1 = twin RAM (until
+//                                                            the first Commit), region 2 = staging
 //   <------------------------------- SessionReady{staging capacity, twin pid} | Error{text}
 //   [sync: pre-copy passes while the guest runs]
 //   write(region 1, page * 4096, page) ... (RAM straight into the twin; no epoch yet)

@@ -21,6 +21,8 @@ PACKAGES=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev python3-libvirt libxml2-dev
   # test tooling
   iproute2 iptables python3 procps util-linux e2fsprogs
+  # fuzzing (tests/fuzz/, scripts/test.sh): clang with libFuzzer and the sanitizer runtimes
+  clang libclang-rt-dev
   # output-commit tests and bench/net_bench.py (capture on the test bridge, ping RTT)
   tcpdump iputils-ping
   # corosync quorum arbiter (tools/ftd/arbiter/corosync.*) and its lab (tests/cluster/corosync-lab.sh)

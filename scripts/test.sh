@@ -3,7 +3,8 @@
 # it needs, builds with warnings as errors, builds the Linux test guest, starts libvirtd with
 # ftvm's hook (scripts/libvirtd.sh; no systemd needed), runs every CTest test
 # (unit + end-to-end with real QEMU guests), then builds the unit tests with AddressSanitizer
-# and UndefinedBehaviorSanitizer and runs them again.
+# and UndefinedBehaviorSanitizer and runs them again, and (with clang) runs every libFuzzer
+# target for a bounded time (FTVM_FUZZ_SECONDS, default 20).
 #
 # Usage: scripts/test.sh [ctest arguments...]   e.g. scripts/test.sh -L failover
 # Environment: FTVM_BUILD_DIR (default build), FTVM_ASAN_BUILD_DIR (default build-asan),
@@ -31,8 +32,37 @@ rc=0
 if [[ ${FTVM_SKIP_ASAN:-0} != 1 && $# -eq 0 ]]; then
   echo "== unit tests under ASan+UBSan ($A)"
   cmake -S . -B "$A" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DFTVM_SANITIZE=ON -DFTVM_E2E=OFF
-  cmake --build "$A" -j "$JOBS" --target ftvm_unit_tests frame_fuzz_replay
+  replays=$(for d in tests/fuzz/corpus/*/; do echo "$(basename "$d")_replay"; done)
+  cmake --build "$A" -j "$JOBS" --target ftvm_unit_tests $replays
   (cd "$A" && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
      ctest --output-on-failure -L unit) || rc=$?
+fi
+
+# libFuzzer: every target in tests/fuzz/ (clang, ASan+UBSan, instrumented libraries) for a
+# bounded time each from its committed seed corpus (copied: new inputs are not committed).
+# FTVM_FUZZ_SECONDS (default 20) per target; FTVM_SKIP_FUZZ=1 skips the pass.
+F=${FTVM_FUZZ_BUILD_DIR:-build-fuzz}
+if [[ ${FTVM_SKIP_FUZZ:-0} != 1 && $# -eq 0 ]] && command -v clang++ >/dev/null; then
+  echo "== libFuzzer targets ($F, ${FTVM_FUZZ_SECONDS:-20} s each)"
+  CC=clang CXX=clang++ cmake -S . -B "$F" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFTVM_FUZZ=ON \
+    -DFTVM_E2E=OFF -DFTVM_RDMA=OFF
+  cmake --build "$F" -j "$JOBS" --target fuzz-targets
+  work=$(mktemp -d /tmp/ftvm-fuzz.XXXXXX)
+  for src in tests/fuzz/corpus/*/; do
+    t=$(basename "$src")
+    mkdir -p "$work/$t" "$work/$t.crashes"
+    cp "$src"* "$work/$t/"
+    echo "-- $t"
+    if ! (cd "$work/$t.crashes" && "$OLDPWD/$F/tests/fuzz/$t" -max_total_time="${FTVM_FUZZ_SECONDS:-20}" \
+            -max_len=65536 -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 "$work/$t" 2>&1 | tail -n 25); then
+      rc=1
+    fi
+    if compgen -G "$work/$t.crashes/crash-*" >/dev/null || compgen -G "$work/$t.crashes/timeout-*" >/dev/null \
+       || compgen -G "$work/$t.crashes/leak-*" >/dev/null; then
+      echo "fuzz: $t found a problem; inputs kept in $work/$t.crashes (add it to tests/fuzz/corpus/$t/ with the fix)"
+      rc=1
+    fi
+  done
+  [[ $rc -eq 0 ]] && rm -rf "$work"
 fi
 exit $rc

@@ -783,9 +783,9 @@ class PolicyChecker {
     static const std::set<std::string> plain = {"S", "enable-kvm", "nodefaults", "nographic", "no-user-config",
                                                 "no-reboot", "no-shutdown", "no-hpet", "no-acpi", "mem-prealloc",
                                                 "usb", "only-migratable", "no-fd-bootchk"};
-    static const std::set<std::string> free_text = {"m", "smp", "cpu", "name", "uuid", "rtc", "boot", "k", "vga",
+    static const std::set<std::string> free_text = {"m", "smp", "cpu", "name", "uuid", "rtc", "k", "vga",
                                                     "append", "overcommit", "msg", "action", "watchdog-action",
-                                                    "numa", "d", "icount"};
+                                                    "numa", "d"};
     if (!o.value) {
       if (!plain.count(o.name))
         refuse(what, "not on the standby's allow-list of QEMU options for twins (see docs/ARCHITECTURE.md, "
@@ -794,7 +794,10 @@ class PolicyChecker {
     }
     const std::string& v = *o.value;
     if (free_text.count(o.name)) return;
-    if (o.name == "machine" || o.name == "M") {
+    if (o.name == "boot") {
+      OptValue ov(v, "order", o.name);
+      if (auto sp = ov.get("splash")) path(what + " splash=", *sp, Use::Read);
+    } else if (o.name == "machine" || o.name == "M") {
       generic_keys(what, OptValue(v, "type", o.name), Use::Read);
     } else if (o.name == "accel") {
       OptValue ov(v, "accel", o.name);

@@ -14,6 +14,17 @@
 namespace ftvm::vmm {
 
 namespace {
+// The text of member `key` of `obj` whatever its JSON type (a string as is, anything else as
+// JSON, "?" when absent or `obj` is not an object): QEMU's replies are not trusted to be well typed.
+std::string member_text(const nlohmann::json& obj, const char* key) {
+  if (!obj.is_object()) return "?";
+  auto it = obj.find(key);
+  if (it == obj.end()) return "?";
+  return it->is_string() ? it->get<std::string>() : it->dump();
+}
+}  // namespace
+
+namespace {
 
 using Clock = std::chrono::steady_clock;
 
@@ -139,7 +150,7 @@ QmpClient QmpClient::connect(const std::string& socket_path, std::chrono::millis
   c.execute("qmp_capabilities");
   c.timeout_ = saved;
   log::debug("qmp", "connected to {} (QEMU pid {}, version {})", socket_path, c.peer_pid_,
-             greeting["QMP"]["version"].value("qemu", nlohmann::json()).dump());
+             member_text(greeting["QMP"]["version"], "qemu"));
   return c;
 }
 
@@ -201,7 +212,7 @@ std::optional<nlohmann::json> QmpClient::wait_event(const std::string& name,
 void QmpClient::queue_event(nlohmann::json ev) {
   if (events_.size() >= kMaxQueuedEvents) {
     log::warn("qmp", "{}: more than {} unread QMP events, dropping the oldest ({})", path_,
-              kMaxQueuedEvents, events_.front().value("event", "?"));
+              kMaxQueuedEvents, member_text(events_.front(), "event"));
     events_.pop_front();
   }
   events_.push_back(std::move(ev));
@@ -238,8 +249,9 @@ nlohmann::json QmpClient::await_return(const std::string& cmd) {
     if (msg.contains("return")) return msg["return"];
     if (msg.contains("error")) {
       const auto& e = msg["error"];
-      std::string cls = e.is_object() ? e.value("class", "GenericError") : "GenericError";
-      std::string desc = e.is_object() ? e.value("desc", e.dump()) : e.dump();
+      // The peer's JSON types are not trusted: a non-string class/desc is shown as JSON.
+      std::string cls = e.is_object() && e.contains("class") ? member_text(e, "class") : "GenericError";
+      std::string desc = e.is_object() && e.contains("desc") ? member_text(e, "desc") : e.dump();
       throw QmpError(cmd, cls, desc);
     }
     fd_.reset();

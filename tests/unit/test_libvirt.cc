@@ -777,3 +777,25 @@ TEST_CASE("Connection::open reports libvirt's error and a hint", "[libvirt]") {
   e = error_of([] { lv::Connection::open("bogus-driver:///x"); });
   CHECK(contains(e, "cannot connect"));
 }
+
+TEST_CASE("twin_xml with the standby's policy accepts a real libvirt domain", "[libvirt][security]") {
+  // The domain above (qcow2 disk with a backing chain, CD-ROM, pty serial, guest-agent channel,
+  // network interface, apparmor seclabel) as a standby with --allow-path /var/lib/libvirt/images
+  // receives it.
+  const TwinPolicy policy{{"/usr/bin/qemu-system-x86_64"}, "/run/ftvm/vms/ft1", "/var/lib/ftvm/disks/ft1",
+                          {"/var/lib/libvirt/images"}};
+  TwinXmlOptions o;
+  o.disk_files["/var/lib/libvirt/images/ft1.qcow2"] = "/var/lib/ftvm/disks/ft1/0.img";
+  o.socket_dir = policy.run_dir;
+  o.policy = &policy;
+  o.extra_qemu_args = {"-incoming", "defer", "-global", "migration.send-configuration=off"};
+  std::string t = twin_xml(kDomainXml, o);
+  INFO(t);
+  CHECK(contains(t, "<emulator>/usr/bin/qemu-system-x86_64</emulator>"));
+  CHECK(contains(t, "/run/ftvm/vms/ft1/org.qemu.guest_agent.0"));
+  CHECK(contains(t, "<seclabel type=\"dynamic\""));  // left to libvirt
+  // Without --allow-path for the CD-ROM's directory: refused, naming it.
+  const TwinPolicy strict{{"/usr/bin/qemu-system-x86_64"}, "/run/ftvm/vms/ft1", "/var/lib/ftvm/disks/ft1", {}};
+  o.policy = &strict;
+  CHECK(contains(error_of([&] { twin_xml(kDomainXml, o); }), "seed.iso"));
+}

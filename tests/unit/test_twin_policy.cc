@@ -11,6 +11,7 @@
 
 #include "common/error.h"
 #include "vmm-glue/libvirt_xml.h"
+#include "tools/ftd/standby.h"
 #include "vmm-glue/qemu_cmdline.h"
 
 using namespace ftvm::vmm;
@@ -143,6 +144,8 @@ TEST_CASE("hostile twin command lines are refused, each problem named", "[securi
   refused({"-fw_cfg", "name=opt/x,file=/etc/shadow"}, "/etc/shadow");
   refused({"-acpitable", "file=" + t.images() + "/ok.aml:/etc/shadow"}, "/etc/shadow");
   refused({"-frobnicate", "x"}, "allow-list");
+  refused({"-icount", "shift=auto,rr=record,rrfile=/etc/x"}, "-icount");
+  refused({"-boot", "menu=on,splash=/etc/shadow"}, "splash=");
   // Removed by make_twin_cmdline (never reach the twin) and refused if they did.
   CHECK(mentions(check_twin_cmdline({kQemu, "-add-fd", "fd=3,set=1"}, p), "-add-fd"));
   CHECK(mentions(check_twin_cmdline({kQemu, "-daemonize"}, p), "-daemonize"));
@@ -251,4 +254,24 @@ TEST_CASE("hostile libvirt XML is refused, each problem named", "[security]") {
   auto os_domain = domain("").replace(domain("").find("</os>"), 5,
                                       "<kernel>/etc/shadow</kernel><nvram>/etc/cron.d/evil</nvram></os>");
   CHECK_THROWS_WITH(twin_xml(os_domain, xopts(t, p)), Catch::Contains("<os><kernel>") && Catch::Contains("<os><nvram>"));
+}
+
+TEST_CASE("ftd makes only its own run directories reachable, never their ancestors", "[security]") {
+  Tree t;  // t.root is 0700 (mkdtemp): the operator's directory above --run-dir
+  const std::string run = t.root + "/ftd-run", vm = run + "/vms/vm1";
+  std::filesystem::create_directories(vm);
+  REQUIRE(::chmod(run.c_str(), 0700) == 0);
+  REQUIRE(::chmod(vm.c_str(), 0700) == 0);
+  struct stat st {};
+  CHECK_THROWS_WITH(ftvm::ftd::make_run_dir_reachable(vm, run),
+                    Catch::Contains(t.root) && Catch::Contains("not searchable"));
+  REQUIRE(::stat(t.root.c_str(), &st) == 0);
+  CHECK((st.st_mode & 07777) == 0700);  // not changed
+  REQUIRE(::chmod(t.root.c_str(), 0711) == 0);
+  ftvm::ftd::make_run_dir_reachable(vm, run);
+  for (const auto& d : {run, run + "/vms", vm}) {
+    REQUIRE(::stat(d.c_str(), &st) == 0);
+    CHECK((st.st_mode & 0111) == 0111);
+  }
+  CHECK_THROWS_AS(ftvm::ftd::make_run_dir_reachable("/etc", run), ftvm::Error);  // not inside the run dir
 }
