@@ -380,6 +380,9 @@ class Chaos:
 
 
 def main():
+    # SIGTERM (ctest's timeout, a user) unwinds like an exception: every `with` block cleans up
+    # (processes by PID, namespaces, links).
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--seed', type=int, help='run (replay) only this seed')
     ap.add_argument('--seeds', type=int, default=2, help='number of seeds (default 2)')
