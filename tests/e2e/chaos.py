@@ -42,8 +42,8 @@ sys.path.insert(0, HERE)
 import threading  # noqa: E402
 
 from ftvm_e2e import (BUILD, Env, Failure, Ftd, Serial, check, check_continuity, log, pid_alive,  # noqa: E402
-                      wait_for, watch_exit)
-from test_output_commit import CLIENT  # noqa: E402
+                      wait_for, watch_exit, write_fence)
+from test_output_commit import CLIENT, sh  # noqa: E402
 
 VM = 'vm1'
 HB_MS = 1000
@@ -56,40 +56,7 @@ FAULTS = [
     ('kill-guard', 2), ('restart-standby-ftd', 2),
 ]
 
-FENCE = r'''#!/bin/sh
-# One-shot test fence device shared by both hosts: the first fence wins, the loser's fails.
-D=%(dir)s
-echo "$(date +%%s.%%N) $FTVM_FENCE_ACTION peer=$FTVM_PEER vm=$FTVM_VM" >> $D/fence.calls
-mkdir $D/fence.lock 2>/dev/null || { echo "fence device already fired"; exit 1; }
-echo "$FTVM_FENCE_ACTION" > $D/fence.lock/by
-# A power switch reports success once the host is off: kill the host's processes and wait
-# until they are gone.
-case "$FTVM_FENCE_ACTION" in
-  fence-standby) victims="$(cat $D/standby.ftd.pid) $(cat $D/standby/vms/%(vm)s/twin.pid 2>/dev/null)" ;;
-  fence-primary) victims="$(cat $D/primary.ftd.pid) $(cat $D/primary.qemu.pid)" ;;
-esac
-kill -9 $victims 2>/dev/null
-for i in $(seq 200); do
-  alive=0
-  # gone = no thread of it left that is not a zombie (a dying process's leader turns zombie
-  # before its other threads have exited)
-  for p in $victims; do
-    for t in /proc/$p/task/*/status; do
-      [ -e "$t" ] && ! grep -q '^State:.*[ZX]' "$t" 2>/dev/null && alive=1
-    done
-  done
-  [ $alive = 0 ] && break
-  sleep 0.01
-done
-echo fenced
-'''
 
-
-def sh(*cmd, ok=False):
-    r = subprocess.run(list(cmd), capture_output=True, text=True)
-    if r.returncode != 0 and not ok:
-        raise Failure('%s failed: %s' % (' '.join(cmd), r.stderr.strip()))
-    return r
 
 
 class Hosts:
@@ -250,9 +217,7 @@ class Chaos:
     def run(self):
         t0 = time.time()
         with Hosts() as h, Env('chaos-%d' % self.seed) as env:
-            with open(env.path('fence.sh'), 'w') as f:
-                f.write(FENCE % {'dir': env.dir, 'vm': VM})
-            os.chmod(env.path('fence.sh'), 0o755)
+            write_fence(env, VM)
             g = env.boot_guest(dirty_kib_s=256, extra_append=' ftvm_ip=%s/24' % h.gip,
                                extra_args=['-netdev', 'tap,id=n0,ifname=%s,script=no,downscript=no' % h.ptap,
                                            '-device', 'virtio-net-pci,netdev=n0,mac=%s,romfile=' % h.mac])

@@ -69,6 +69,46 @@ def pid_alive(pid):
         return False
 
 
+FENCE_SCRIPT = r'''#!/bin/sh
+# One-shot test fence device shared by both "hosts" (like a power switch both can reach): the
+# first fence wins, the loser's fails. fence-standby kills the standby host (its ftd and twin),
+# fence-primary the primary host (its ftd and the guest QEMU); like a power switch it reports
+# success only once the host is off.
+D=%(dir)s
+echo "$(date +%%s.%%N) $FTVM_FENCE_ACTION peer=$FTVM_PEER vm=$FTVM_VM" >> $D/fence.calls
+mkdir $D/fence.lock 2>/dev/null || { echo "fence device already fired"; exit 1; }
+echo "$FTVM_FENCE_ACTION" > $D/fence.lock/by
+case "$FTVM_FENCE_ACTION" in
+  fence-standby) victims="$(cat $D/standby.ftd.pid) $(cat $D/standby/vms/%(vm)s/twin.pid 2>/dev/null)" ;;
+  fence-primary) victims="$(cat $D/primary.ftd.pid) $(cat $D/primary.qemu.pid)" ;;
+esac
+kill -9 $victims 2>/dev/null
+for i in $(seq 200); do
+  alive=0
+  # gone = no thread of it left that is not a zombie (a dying process's leader turns zombie
+  # before its other threads have exited)
+  for p in $victims; do
+    for t in /proc/$p/task/*/status; do
+      [ -e "$t" ] && ! grep -q '^State:.*[ZX]' "$t" 2>/dev/null && alive=1
+    done
+  done
+  [ $alive = 0 ] && break
+  sleep 0.01
+done
+echo fenced
+'''
+
+
+def write_fence(env, vm):
+    """Writes the scenario's fence command (see FENCE_SCRIPT) and returns its path. The test
+    keeps ENV/{primary,standby}.ftd.pid and ENV/primary.qemu.pid current."""
+    path = env.path('fence.sh')
+    with open(path, 'w') as f:
+        f.write(FENCE_SCRIPT % {'dir': env.dir, 'vm': vm})
+    os.chmod(path, 0o755)
+    return path
+
+
 class Serial(threading.Thread):
     """Reads a QEMU serial chardev socket; keeps (host_time, line) pairs."""
 

@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from ftvm_e2e import (BUILD, SRC, Env, Failure, check, check_continuity, log, main, pid_alive, protect, wait_active,
-                      wait_for, watch_exit)
+                      wait_for, watch_exit, write_fence)
 
 VM = 'vm1'
 
@@ -156,34 +156,6 @@ def short_stall():
         ticks_advance(g.serial, 'the primary guest')
 
 
-FENCE = r'''#!/bin/sh
-# A test fence device with one shot (like a STONITH power switch both hosts share): whoever
-# fences first wins; the loser's command fails. fence-standby kills the standby "host" (its
-# ftd and twin); fence-primary kills the primary "host" (its ftd; its guard then kills QEMU).
-D=%(dir)s
-echo "$(date +%%s.%%N) $FTVM_FENCE_ACTION peer=$FTVM_PEER vm=$FTVM_VM" >> $D/fence.calls
-mkdir $D/fence.lock 2>/dev/null || { echo "fence device already fired"; exit 1; }
-echo "$FTVM_FENCE_ACTION" > $D/fence.lock/by
-# A power switch reports success once the host is off: kill its processes, wait until gone.
-case "$FTVM_FENCE_ACTION" in
-  fence-standby) victims="$(cat $D/standby.ftd.pid) $(cat $D/standby/vms/%(vm)s/twin.pid 2>/dev/null)" ;;
-  fence-primary) victims="$(cat $D/primary.ftd.pid) $(cat $D/primary.qemu.pid)" ;;
-esac
-kill -9 $victims 2>/dev/null
-for i in $(seq 200); do
-  alive=0
-  # gone = no thread of it left that is not a zombie (a dying process's leader turns zombie
-  # before its other threads have exited)
-  for p in $victims; do
-    for t in /proc/$p/task/*/status; do
-      [ -e "$t" ] && ! grep -q '^State:.*[ZX]' "$t" 2>/dev/null && alive=1
-    done
-  done
-  [ $alive = 0 ] && break
-  sleep 0.01
-done
-echo fenced
-'''
 
 
 def partition(direction):
@@ -191,10 +163,7 @@ def partition(direction):
         """A partition longer than the timeout with a fence-command arbiter: exactly one copy
         survives (the side whose fence fired first), never both, never overlapping."""
         with Env('sb-part-%s' % direction) as env:
-            fence = env.path('fence.sh')
-            with open(fence, 'w') as f:
-                f.write(FENCE % {'dir': env.dir, 'vm': VM})
-            os.chmod(fence, 0o755)
+            fence = write_fence(env, VM)
             arb = ['--arbiter', 'fence-command', '--fence-command', fence, '--fence-timeout-ms', '5000']
             g, P, S, twin = setup(env, extra_primary=arb, extra_standby=arb)
             for d in (P, S):
