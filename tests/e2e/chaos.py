@@ -11,8 +11,8 @@ Layout (names unique per run, everything removed at the end, pass or fail):
 
 Per seed: a schedule of random faults drawn from the seed (reset of the replication
 connections, partitions both ways and one way, shorter and longer than the timeouts, SIGSTOP of
-either ftd shorter and longer than the timeouts, kill -9 of the primary QEMU / either ftd / the
-guard, a graceful restart of the standby ftd). Both ftds arbitrate with a fence command that has
+either ftd shorter and longer than the timeouts, kill -9 of the primary QEMU / the standby's
+paused twin / either ftd / the guard, a graceful restart of either ftd). Both ftds arbitrate with a fence command that has
 one shot (a shared STONITH switch): the side whose fence fires first kills the other "host".
 A fenced standby host is "rebooted" (its ftd started again); a seed ends when the twin took over.
 
@@ -53,7 +53,7 @@ FAULTS = [
     ('part-long-both', 2), ('part-long-to-standby', 1), ('part-long-to-primary', 1),
     ('stop-primary-ftd-short', 2), ('stop-primary-ftd-long', 1), ('stop-standby-ftd-short', 2),
     ('stop-standby-ftd-long', 1), ('kill-qemu', 1), ('kill-primary-ftd', 1), ('kill-standby-ftd', 2),
-    ('kill-guard', 2), ('restart-standby-ftd', 2),
+    ('kill-guard', 2), ('restart-standby-ftd', 2), ('kill-twin', 2), ('restart-primary-ftd', 1),
 ]
 
 
@@ -250,6 +250,7 @@ class Chaos:
                 log('seed %d fault %d: %s' % (self.seed, i, fault))
                 ended = self.inject(fault, env, h, g, P, S)
                 S = ended.get('standby', S)
+                P = ended.get('primary', P)
                 self.S = S
                 n_before = len(self.client_ok(out))
                 # Let it settle; then the invariants.
@@ -341,6 +342,19 @@ class Chaos:
             S.proc.terminate()
             S.proc.wait(30)
             r['standby'] = self.start_ftd(env, h, 'standby')
+        elif fault == 'kill-twin':  # the standby's paused twin QEMU
+            try:
+                os.kill(int(open(os.path.join(S.run_dir, 'vms', VM, 'twin.pid')).read()), signal.SIGKILL)
+            except (OSError, ValueError) as e:
+                log('kill-twin: no twin to kill (%s)' % e)
+        elif fault == 'restart-primary-ftd':  # an upgrade: the new ftd protects the VM again by itself
+            P.proc.terminate()
+            P.proc.wait(30)
+            try:
+                os.unlink(P.control)
+            except FileNotFoundError:
+                pass
+            r['primary'] = self.start_ftd(env, h, 'primary')
         return r
 
 

@@ -132,10 +132,58 @@ def primary_restart():
         check(not os.listdir(os.path.join(env.dir, 'primary-state', 'protect')), 'disable left the record behind')
 
 
+def twin_dies():
+    """kill -9 of the standby's paused twin: the standby ends the session (it used to ack epochs
+    into the dead twin's RAM and fail at activation), the primary settles it and protects the VM
+    again with a new twin, which then takes over a kill -9 of the primary QEMU from a committed
+    checkpoint."""
+    with Env('reprotect-twin-dies') as env:
+        g = env.boot_guest(mem=256, dirty_kib_s=1024)
+        g.serial.wait_ticks(3, 90)
+        P = env.start_ftd('primary', listen=False)
+        S = env.start_ftd('standby')
+        P.ctl('enable', '--qmp', g.qmp, '--peer', '127.0.0.1:%d' % env.port, '--name', VM, '--timeout', '120')
+        tpid = int(open(os.path.join(S.run_dir, 'vms', VM, 'twin.pid')).read())
+        time.sleep(1)
+        t0 = time.time()
+        os.kill(tpid, signal.SIGKILL)
+        log('killed the paused twin pid %d' % tpid)
+        wait_for(lambda: 'paused twin QEMU pid %d exited' % tpid in S.log_text(), 10, 'the standby to notice the twin died')
+
+        def new_twin():
+            v = P.vm(VM, 'primary')
+            try:
+                p = int(open(os.path.join(S.run_dir, 'vms', VM, 'twin.pid')).read())
+            except (OSError, ValueError):
+                return None
+            return p if v and v['state'] == 'protected' and p != tpid else None
+        tpid2 = wait_for(new_twin, 60, 'protection again with a new twin')
+        log('protected again with twin pid %d, %.2f s after the twin died' % (tpid2, time.time() - t0))
+        twin = Serial(os.path.join(S.run_dir, 'vms', VM, 'serial.sock'), env.path('twin2.serial.log'))
+        twin.start()
+        env.serials.append(twin)
+        twin.connected.wait(20)
+        time.sleep(1)
+        t_kill = time.time()
+        gone = watch_exit(g.pid)
+        os.kill(g.pid, signal.SIGKILL)
+
+        def activated():
+            for x in S.status():
+                a = x.get('activation') or {}
+                if x['name'] == VM and x['state'] == 'active' and a.get('cont_wall_ms', 0) > t_kill * 1000:
+                    return a
+            return None
+        a = wait_for(activated, 30, 'the new twin to take over')
+        wait_for(gone, 10, 'primary QEMU exit')
+        check(gone() * 1000 < a['cont_wall_ms'], 'the primary QEMU exited after the twin resumed')
+        check_continuity(g.serial, twin, P.committed_cut_ms(VM, a['epoch']))
+
+
 def t0_protect_wait(t_failover, t_protected):
     return t_protected - t_failover
 
 
 if __name__ == '__main__':
     main({'back-and-forth': back_and_forth, 'auto': lambda: back_and_forth(auto=True),
-          'primary-restart': primary_restart})
+          'primary-restart': primary_restart, 'twin-dies': twin_dies})

@@ -273,6 +273,7 @@ void StandbySession::run() {
         break;
       }
       if (!poll_second_path()) break;
+      check_twin_alive();
       std::optional<transport::ControlMessage> m;
       try {
         m = conn_->poll(std::chrono::milliseconds(20));
@@ -451,6 +452,7 @@ void StandbySession::open(const cp::OpenSession& o) {
     if (link_exists(tap)) set_link(tap, false);
   auto gr = vmm::find_guest_ram(twin_pid_, o.ram_size);
   twin_ram_ = std::make_unique<vmm::MappedRam>(twin_pid_, gr, vmm::MappedRam::Access::ReadWrite);
+  twin_watch_ = std::make_unique<vmm::ProcessWatch>(twin_pid_);
   replica_ = std::make_unique<cp::Replica>(as_span(*twin_ram_), uint64_t{8} << 20);
   conn_->register_region(cp::kRegionRam, as_span(*twin_ram_));
   ram_region_open_ = true;
@@ -917,6 +919,7 @@ void StandbySession::destroy_twin(const std::string& why) {
     }
     ::unlink((vm_dir_ + "/twin.pid").c_str());
     twin_pid_ = -1;
+    twin_watch_.reset();
   }
   // The replicas of a twin that never ran are worthless (the primary lives on, or nothing was
   // committed): remove them.
@@ -931,6 +934,13 @@ void StandbySession::destroy_twin(const std::string& why) {
   disk_paths_.clear();
   update_disk_status();
   set_state("closed", why);
+}
+
+void StandbySession::check_twin_alive() {
+  if (!twin_watch_ || active_ || twin_watch_->alive()) return;
+  twin_watch_.reset();
+  throw Error(fmt::format("the paused twin QEMU pid {} exited (see {}/twin.log); the session ends and the primary "
+                          "protects the VM again with a new twin", twin_pid_, vm_dir_));
 }
 
 void StandbySession::update_disk_status() {

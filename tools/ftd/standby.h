@@ -137,6 +137,11 @@ class StandbySession {
   uint64_t session_id_ = 0;
   std::string vm_dir_;
   pid_t twin_pid_ = -1;
+  // The paused twin's process: a twin that dies before it was resumed ends the session with an
+  // Error (the primary settles and resynchronizes with a new twin) instead of acking epochs into
+  // the RAM of a dead process and failing at activation.
+  std::unique_ptr<vmm::ProcessWatch> twin_watch_;
+  void check_twin_alive();
   std::unique_ptr<vmm::Monitor> twin_qmp_;
   // libvirt twins (issue 6): see start_libvirt_twin().
   std::string twin_uuid_;  // non-empty: the twin is a libvirt domain (looked up by this UUID)
