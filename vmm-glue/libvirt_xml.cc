@@ -251,13 +251,17 @@ void validate(const Protection& p) {
          p.epoch_ms);
   if (p.failover != "auto")
     fail("ftvm protection: failover='{}' is not accepted (the only policy is auto)", p.failover);
+  if (p.arbiter.size() > 32 ||
+      !std::all_of(p.arbiter.begin(), p.arbiter.end(), [](char c) { return (c >= 'a' && c <= 'z') || c == '-'; }))
+    fail("ftvm protection: arbiter='{}' is not an arbiter kind (none, fence-command, corosync; empty = the host's)",
+         p.arbiter);
 }
 
 std::string protection_attrs(const Protection& p) {
   validate(p);
-  return fmt::format("peer=\"{}\" transport=\"{}\" epoch-ms=\"{}\" failover=\"{}\"",
+  return fmt::format("peer=\"{}\" transport=\"{}\" epoch-ms=\"{}\" failover=\"{}\"{}",
                      escape_attr(p.peer), escape_attr(p.transport), p.epoch_ms,
-                     escape_attr(p.failover));
+                     escape_attr(p.failover), p.arbiter.empty() ? "" : " arbiter=\"" + escape_attr(p.arbiter) + "\"");
 }
 
 std::string local_name(xmlNode* n) {
@@ -281,6 +285,8 @@ Protection read_protection(xmlNode* e) {
       p.transport = v;
     } else if (name == "failover") {
       p.failover = v;
+    } else if (name == "arbiter") {
+      p.arbiter = v;
     } else if (name == "epoch-ms") {
       if (!all_digits(v) || v.size() > 6)
         fail("ftvm protection: epoch-ms='{}' is not an integer (use 1 to 10000 milliseconds; "
@@ -289,7 +295,7 @@ Protection read_protection(xmlNode* e) {
       p.epoch_ms = static_cast<unsigned>(std::stoul(v));
     } else {
       fail("ftvm protection: unknown attribute {}='{}' (accepted: peer, transport, epoch-ms, "
-           "failover)",
+           "failover, arbiter)",
            name, v);
     }
   }

@@ -319,10 +319,37 @@ def planned_lost_answer():
               'the primary did not learn from the standby that the twin runs')
 
 
+def per_vm_arbiter():
+    """The arbiter is per daemon, and per VM: a VM may opt out (`ftctl enable --arbiter none`:
+    warned, shown in status, accepted by a standby that arbitrates), a VM asking for an arbiter
+    its hosts do not have is refused with the reason and nothing is started."""
+    with Env('sb-per-vm-arbiter') as env:
+        fence = write_fence(env, VM)
+        arb = ['--arbiter', 'fence-command', '--fence-command', fence]
+        g = env.boot_guest(mem=256, dirty_kib_s=1024)
+        g.serial.wait_ticks(3, 90)
+        P = env.start_ftd('primary', listen=False, extra=arb)
+        S = env.start_ftd('standby', extra=arb)
+        peer = '127.0.0.1:%d' % env.port
+        r = P.ctl('enable', '--qmp', g.qmp, '--peer', peer, '--name', VM, '--arbiter', 'corosync', check_rc=False)
+        check(r.returncode == 5 and "arbitrates with 'fence-command'" in r.stderr,
+              'an arbiter the host does not have was not refused: rc %d %s' % (r.returncode, r.stderr))
+        check(not os.path.exists(os.path.join(S.run_dir, 'vms', VM, 'twin.pid')), 'a twin was started for a refused VM')
+        r = P.ctl('enable', '--qmp', g.qmp, '--peer', peer, '--name', VM, '--arbiter', 'none', '--timeout', '120')
+        check('split-brain unprotected' in r.stderr, 'enable --arbiter none did not warn: %s' % r.stderr)
+        v = P.vm(VM, 'primary')
+        check(v['state'] == 'protected' and v['arbiter']['kind'] == 'none', 'status: %s' % v.get('arbiter'))
+        check('opts out of arbitration' in S.log_text(), 'the standby did not accept the opt-out')
+        P.ctl('disable', VM)
+        P.ctl('enable', '--qmp', g.qmp, '--peer', peer, '--name', VM, '--timeout', '120')
+        v = P.vm(VM, 'primary')
+        check(v['arbiter']['kind'] == 'fence-command', 'default is not the host arbiter: %s' % v.get('arbiter'))
+
+
 if __name__ == '__main__':
     main({'reset': reset, 'stall-ftd': stall_ftd, 'short-stall': short_stall,
           'partition-both': partition('both'), 'partition-to-standby': partition('to-standby'),
           'partition-to-primary': partition('to-primary'),
           'standby-restart': standby_restart_keeps_active_twin, 'planned-lost-answer': planned_lost_answer,
-          'partition-corosync-primary': partition_corosync('primary'),
+          'per-vm-arbiter': per_vm_arbiter, 'partition-corosync-primary': partition_corosync('primary'),
           'partition-corosync-standby': partition_corosync('standby')})

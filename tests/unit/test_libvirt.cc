@@ -190,14 +190,14 @@ TEST_CASE("parse_protection reads the element from a domain XML", "[libvirt]") {
       "<domain><metadata><x:protection xmlns:x='https://ftvm.dev/xmlns/protection/1' "
       "xmlns:ftvm='https://ftvm.dev/xmlns/protection/1' peer='h'/></metadata></domain>");
   REQUIRE(q);
-  CHECK(*q == Protection{"h", "auto", 25, "auto"});
+  CHECK(*q == Protection{"h", "auto", 25, "auto", ""});
 }
 
 TEST_CASE("parse_protection reads what virDomainGetMetadata returns", "[libvirt]") {
   // libvirt strips the namespace from the element it returns (observed with libvirt 9.0).
   auto p = parse_protection(R"(<protection peer="10.0.0.2" epoch-ms="100"/>)");
   REQUIRE(p);
-  CHECK(*p == Protection{"10.0.0.2", "auto", 100, "auto"});
+  CHECK(*p == Protection{"10.0.0.2", "auto", 100, "auto", ""});
   CHECK(parse_protection(R"(<protection xmlns:ftvm="https://ftvm.dev/xmlns/protection/1" peer="h:1"/>)"));
   CHECK(parse_protection(R"(<ftvm:protection peer="h"/>)"));  // dangling prefix
   CHECK(parse_protection(
@@ -254,9 +254,14 @@ TEST_CASE("protection_element round-trips and validates", "[libvirt]") {
   std::string q = protection_element_qualified(p);
   CHECK(contains(q, "<ftvm:protection xmlns:ftvm=\"https://ftvm.dev/xmlns/protection/1\""));
   CHECK(parse_protection("<domain><metadata>" + q + "</metadata></domain>") == p);
-  CHECK(parse_protection(protection_element(Protection{"h"})) == Protection{"h", "auto", 25, "auto"});
+  CHECK(parse_protection(protection_element(Protection{"h"})) == Protection{"h", "auto", 25, "auto", ""});
   CHECK_THROWS_WITH(protection_element(Protection{""}), Catch::Contains("peer"));
   CHECK_THROWS_WITH(protection_element(Protection{"h", "tcp", 0}), Catch::Contains("epoch-ms"));
+  // The per-VM arbiter travels in the element; a value that is no arbiter kind is refused.
+  CHECK(parse_protection(protection_element(Protection{"h", "auto", 25, "auto", "none"}))->arbiter == "none");
+  CHECK(protection_element(Protection{"h"}).find("arbiter") == std::string::npos);
+  CHECK_THROWS_WITH(protection_element(Protection{"h", "auto", 25, "auto", "x'/><evil"}), Catch::Contains("arbiter"));
+  CHECK_THROWS_WITH(parse_protection(R"(<protection peer="h" arbiter="Corosync!"/>)"), Catch::Contains("arbiter"));
 }
 
 TEST_CASE("malformed XML gives a clear error", "[libvirt]") {

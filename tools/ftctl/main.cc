@@ -238,6 +238,11 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1u, 100u));
   std::string transport = "auto";
   std::string reprotect = "auto";
+  std::string arbiter;
+  en->add_option("--arbiter", arbiter,
+                 "Split-brain arbitration for this VM: default the hosts' (ftd --arbiter); none = opt out (a partition "
+                 "between two live hosts then runs two copies); libvirt domains keep it in the metadata element")
+      ->check(CLI::IsMember({"none", "fence-command", "corosync"}));
   en->add_option("--reprotect", reprotect,
                  "After a failover: auto = the standby protects the VM again towards this host as soon as it can "
                  "(needs this ftd to listen for replication); manual = only `ftctl enable` on the new host does")
@@ -347,7 +352,7 @@ int main(int argc, char** argv) {
       }
       nlohmann::json req = {{"cmd", "enable"}, {"peer", peer}, {"name", name}, {"epoch_ms", epoch_ms},
                             {"max_sync_passes", passes}, {"transport", transport}, {"shared_disk", shared_disk},
-                            {"reprotect", reprotect}};
+                            {"reprotect", reprotect}, {"arbiter", arbiter}};
       if (!domain.empty()) {
         req["domain"] = domain;
         if (!uri.empty()) req["uri"] = uri;

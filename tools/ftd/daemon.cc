@@ -485,6 +485,7 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
   r.transport = req.value("transport", "auto");
   r.shared_disk = req.value("shared_disk", false);
   r.reprotect = req.value("reprotect", "auto");
+  r.arbiter = req.value("arbiter", "");
   std::shared_ptr<PrimarySession> s;
   try {
     s = std::make_shared<PrimarySession>(cfg_, r);
@@ -506,6 +507,7 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
       p.peer = r.peer;
       p.transport = r.transport;
       p.epoch_ms = r.epoch_ms;
+      p.arbiter = r.arbiter;
       s->set_protection_metadata(vmm::protection_element(p));
     } catch (const std::exception& e) {
       return err("failed", fmt::format("writing the ftvm metadata element into domain '{}' failed: {}", s->name(), e.what()));
@@ -613,6 +615,7 @@ nlohmann::json Daemon::cmd_hook(const nlohmann::json& req) {
     r.peer = need_string(p, "peer");
     r.transport = p.value("transport", "auto");
     r.epoch_ms = opt_uint(p, "epoch_ms", 25);
+    r.arbiter = p.value("arbiter", "");
     if (cfg_.libvirt_uri.empty())
       return err("refused", "ftd runs without libvirt (--libvirt-uri ''); cannot protect domain " + name);
     if (is_own_listener(r.peer))
@@ -687,6 +690,7 @@ void Daemon::scan_libvirt() {
         r.peer = p->peer;
         r.transport = p->transport;
         r.epoch_ms = p->epoch_ms;
+        r.arbiter = p->arbiter;
         log::info("ftd", "{}: running domain declares ftvm protection (standby {}): protecting it", n, p->peer);
         protect_domain_async(d.uuid(), n, r, "found running at ftd start");
       } catch (const std::exception& e) {

@@ -139,6 +139,16 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req) : cfg
   why = vmm::tracker_unavailable(tracker_kind);
   if (!why.empty()) problems.push_back("dirty-page tracking unavailable: " + why);
   transport_kind_ = transport::parse_kind(req_.transport);
+  arbiter_ = cfg_.arbiter ? cfg_.arbiter : checkpoint::make_no_arbiter(cfg_.alone_after);
+  if (req_.arbiter == "none" && arbiter_->kind() != "none") {
+    log::warn("primary", "{}: this VM opts out of arbitration (arbiter=none): a partition between the two live hosts "
+              "runs two copies of it", name_);
+    arbiter_ = checkpoint::make_no_arbiter(cfg_.alone_after);
+  } else if (!req_.arbiter.empty() && req_.arbiter != arbiter_->kind()) {
+    problems.push_back(fmt::format("arbiter '{}' requested, but this ftd arbitrates with '{}' (ftd --arbiter); give "
+                                   "--arbiter {} or none, or configure ftd", req_.arbiter, arbiter_->kind(),
+                                   arbiter_->kind()));
+  }
   if (req_.reprotect != "auto" && req_.reprotect != "manual")
     problems.push_back(fmt::format("reprotect '{}' is not one of auto, manual", req_.reprotect));
   if (req_.shared_disk)
@@ -592,7 +602,7 @@ bool PrimarySession::settle_broken_session(const std::string& why, bool activate
     log::warn("primary", "{}: stopping the disk mirror: {}", name_, e.what());
   }
   log::warn("primary", "{}: guest paused, output held: settling session {:016x} with the standby ({}){}", name_, sid,
-            cfg_.arbiter->kind() == "none" ? "no arbiter" : "arbiter " + cfg_.arbiter->kind(),
+            arbiter_->kind() == "none" ? "no arbiter" : "arbiter " + arbiter_->kind(),
             activate_sent ? "; Activate was sent: the guest is never resumed unless the standby says its twin will not run" : "");
   auto backoff = std::chrono::milliseconds(10);
   cp::ArbiterAnswer last = cp::ArbiterAnswer::Invalid;
@@ -621,23 +631,23 @@ bool PrimarySession::settle_broken_session(const std::string& why, bool activate
     if (!activate_sent && silent >= standby_timeout_ / 2) {
       cp::ArbiterAnswer a = cp::ArbiterAnswer::Wait;
       try {
-        a = cfg_.arbiter->may_run_alone({name_, host_, silent, standby_timeout_}, std::chrono::milliseconds(50));
+        a = arbiter_->may_run_alone({name_, host_, silent, standby_timeout_}, std::chrono::milliseconds(50));
       } catch (const std::exception& e) {
-        log::error("primary", "{}: arbiter {}: {}", name_, cfg_.arbiter->kind(), e.what());
+        log::error("primary", "{}: arbiter {}: {}", name_, arbiter_->kind(), e.what());
       }
       if (a != last) {
         log::warn("primary", "{}: standby unreachable for {} ms; arbiter {} answers {}", name_, silent.count(),
-                  cfg_.arbiter->kind(), cp::to_string(a));
+                  arbiter_->kind(), cp::to_string(a));
         last = a;
       }
       if (a == cp::ArbiterAnswer::Fence) {
-        fence_self(fmt::format("the standby is unreachable and arbiter {} says this side lost", cfg_.arbiter->kind()));
+        fence_self(fmt::format("the standby is unreachable and arbiter {} says this side lost", arbiter_->kind()));
         return false;
       }
       if (a == cp::ArbiterAnswer::Yes) {
         alone_because = fmt::format("standby unreachable for {} ms; arbiter {} lets this side run alone{}", silent.count(),
-                                    cfg_.arbiter->kind(),
-                                    cfg_.arbiter->kind() == "none" ? " (split-brain unprotected)" : "");
+                                    arbiter_->kind(),
+                                    arbiter_->kind() == "none" ? " (split-brain unprotected)" : "");
         break;
       }
     }
@@ -695,7 +705,7 @@ void PrimarySession::connect_and_sync() {
   o.vm_name = name_;
   o.qemu_argv = argv_;
   o.libvirt_xml = domain_xml_;
-  o.arbiter = cfg_.arbiter->kind();
+  o.arbiter = arbiter_->kind();
   if (req_.reprotect == "auto" && !cfg_.listen.empty()) {
     try {
       o.reprotect_port = transport::tcp::parse_host_port(cfg_.listen).port;
@@ -1404,7 +1414,7 @@ nlohmann::json PrimarySession::status() const {
                                        : nlohmann::json{{"uri", libvirt_uri_}, {"uuid", domain_uuid_}}},
       {"guard_pid", guard_pid_},
       {"arbiter", [&] {
-         const auto a = cfg_.arbiter->status();
+         const auto a = arbiter_->status();
          return nlohmann::json{{"kind", a.kind}, {"holds", a.holds}, {"healthy", a.healthy},
                                {"last_confirmed_wall_ms", a.last_confirmed_wall_ms}};
        }()},

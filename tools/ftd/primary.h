@@ -112,6 +112,7 @@ class PrimarySession {
   std::chrono::milliseconds standby_silence() const;
   std::chrono::milliseconds suspect_after() const { return standby_timeout_ / 2; }
   void ping_guard();
+  std::shared_ptr<checkpoint::Arbiter> arbiter_;     // this VM's (ftd's, or none by request)
   std::chrono::milliseconds standby_timeout_{400};  // from SessionReady
   std::chrono::milliseconds guard_watchdog_{240};   // what the guard was armed with
   bool commit_sent_this_session_ = false;             // the standby may hold a checkpoint

@@ -91,6 +91,9 @@ struct EnableRequest {
   // After a failover the twin, now the VM, is protected again towards this host by the standby
   // ftd on its own ("auto", needs this ftd to listen), or only by `ftctl enable` ("manual").
   std::string reprotect = "auto";
+  // Split-brain arbitration for this VM: "" = this ftd's (--arbiter); "none" = this VM opts out
+  // (split-brain unprotected, warned); anything else must name this ftd's arbiter.
+  std::string arbiter;
 };
 
 // Fault injection points for tests (only with --enable-fault-injection).

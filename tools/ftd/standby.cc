@@ -369,9 +369,13 @@ vmm::TwinPolicy StandbySession::twin_policy() const {
 void StandbySession::open(const cp::OpenSession& o) {
   if (!safe_name(o.vm_name))
     throw ProtocolError(fmt::format("VM name '{}' is not usable as a file name ([A-Za-z0-9._-], up to 128)", o.vm_name));
-  if (o.arbiter != arbiter_->kind())
+  if (o.arbiter == "none" && arbiter_->kind() != "none") {
+    log::warn("standby", "{}: this VM opts out of arbitration (arbiter=none): the twin resumes on silence alone", o.vm_name);
+    arbiter_ = cp::make_no_arbiter(cfg_.alone_after);
+  } else if (o.arbiter != arbiter_->kind()) {
     fail("VM '{}' asks for arbiter '{}' but this ftd arbitrates with '{}'; configure both hosts alike (ftd --arbiter)",
          o.vm_name, o.arbiter, arbiter_->kind());
+  }
   // Claim before taking the name: a refused session must not show up as that VM's session.
   claim_(o.vm_name, this);
   {

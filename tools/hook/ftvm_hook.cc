@@ -274,6 +274,7 @@ struct Protection {
   std::string transport = "auto";
   int epoch_ms = 25;
   std::string failover = "auto";
+  std::string arbiter;  // "" = the host's
 };
 
 struct DomainInfo {
@@ -377,6 +378,13 @@ std::optional<DomainInfo> parse_domain(const std::string& xml, std::string& why)
           std::string v(trim(*f));
           if (v != "auto")
             problems.push_back(fmt::format("failover='{}' is not 'auto' (the only policy)", clean(*f, 64)));
+        }
+        if (auto a = attr(m, "arbiter")) {
+          std::string v(trim(*a));
+          if (v.size() > 32 || !std::all_of(v.begin(), v.end(), [](char c) { return (c >= 'a' && c <= 'z') || c == '-'; }))
+            problems.push_back(fmt::format("arbiter='{}' is not an arbiter kind", clean(*a, 64)));
+          else
+            p.arbiter = v;
         }
         if (problems.empty()) {
           info.protection = p;
@@ -699,7 +707,7 @@ int run(int argc, char** argv) {
     }
     const Protection& p = *dom->protection;
     req["protection"] = {{"peer", p.peer}, {"transport", p.transport}, {"epoch_ms", p.epoch_ms},
-                         {"failover", p.failover}};
+                         {"failover", p.failover}, {"arbiter", p.arbiter}};
   }
   notify_ftd(cfg, phase, req);
   return 0;
