@@ -35,6 +35,7 @@ def back_and_forth(auto=False):
         B = env.start_ftd('b', listen=True)
         hosts = {'a': (A, port_a), 'b': (B, port_b)}
         primary, standby = 'a', 'b'
+        session_since = 0
         qmp_sock, pid, serial = g.qmp, g.pid, g.serial
         times = []
         for c in range(cycles):
@@ -74,8 +75,12 @@ def back_and_forth(auto=False):
             a = wait_for(activated, 30, 'cycle %d: twin active' % c)
             wait_for(gone, 10, 'primary QEMU exit')
             check(gone() * 1000 < a['cont_wall_ms'], 'cycle %d: the primary QEMU exited after the twin resumed' % c)
-            recs = {r['epoch']: r for r in P.epochs(VM)}
-            cut = recs[a['epoch']]['wall_ms'] if a['epoch'] in recs else P.committed_cut_ms(VM, a['epoch'])
+            # One epochs file for the VM, written by whichever ftd is primary; epoch numbers start
+            # again with each session: this cycle's session began after the previous failover.
+            recs = {r['epoch']: r for r in P.epochs(VM) if r['wall_ms'] > session_since * 1000}
+            earlier = [r for e, r in recs.items() if e <= a['epoch']]
+            check(earlier, 'cycle %d: no committed epoch recorded by the primary' % c)
+            cut = recs[a['epoch']]['wall_ms'] if a['epoch'] in recs else max(earlier, key=lambda r: r['epoch'])['wall_ms']
             first, last = check_continuity(serial, twin, cut)
             # The twin is the VM now: its QMP socket is free (the standby let go of it).
             qmp_sock = os.path.join(S.run_dir, 'vms', VM, 'twin-qmp.sock')
@@ -83,12 +88,7 @@ def back_and_forth(auto=False):
             serial = twin
             env.track(pid, 'twin %d' % c)
             primary, standby = standby, primary
-            # The epochs file is per VM name: start each cycle's record fresh.
-            try:
-                os.rename(os.path.join(env.dir, '%s.epochs.jsonl' % VM),
-                          os.path.join(env.dir, '%s.epochs.%d.jsonl' % (VM, c)))
-            except FileNotFoundError:
-                pass
+            session_since = t_failover
         log('%d failovers back and forth (%s); failover -> protected again (s): %s; median %.2f' %
         (cycles, 'reprotect=auto' if auto else 'ftctl enable each time', ['%.2f' % t for t in times],
          sorted(times)[len(times) // 2] if times else 0))
