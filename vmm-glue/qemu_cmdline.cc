@@ -567,7 +567,11 @@ std::vector<std::string> make_twin_cmdline(const std::vector<std::string>& argv,
         // JSON: the file node may be nested under "file" (format node over a file node).
         nlohmann::json* file = j;
         if (j->contains("file") && (*j)["file"].is_object()) file = &(*j)["file"];
-        if (file->value("driver", "") == "file" && file->contains("filename") && (*file)["filename"].is_string()) {
+        // (a "driver" that is not a string is no file node; never nlohmann's type_error: the
+        // peer's bytes are untrusted, twin_cmdline_fuzz found it)
+        const auto fd = file->find("driver");
+        const bool file_node = fd != file->end() && fd->is_string() && fd->get<std::string>() == "file";
+        if (file_node && file->contains("filename") && (*file)["filename"].is_string()) {
           if (auto d = twin_disk((*file)["filename"].get<std::string>())) {
             (*file)["filename"] = *d;
             if (file != j) {
