@@ -61,10 +61,11 @@ def xxh32(data, seed=0):
 HELLO, WRITE, CONTROL, HEARTBEAT, GOODBYE = 1, 2, 3, 4, 5
 OPEN_SESSION, SESSION_READY, EPOCH_BEGIN, COMMIT, ACK, ACTIVATE, ACTIVATE_DONE, ERROR = 1, 2, 5, 6, 7, 8, 9, 12
 PROTOCOL_VERSION = 3  # checkpoint/protocol.h kProtocolVersion
+WIRE_VERSION = 2      # transport/frame.h kWireVersion (2: Hello with nonce and key id)
 
 
 def frame(kind, field=0, payload=b'', offset=0):
-    h = struct.pack('<IHBBIIQI', 0x4D565446, 1, kind, 0, field, len(payload), offset, 0)
+    h = struct.pack('<IHBBIIQI', 0x4D565446, WIRE_VERSION, kind, 0, field, len(payload), offset, 0)
     return h + struct.pack('<I', xxh32(h)) + payload
 
 
@@ -84,7 +85,9 @@ class FakePrimary:
     def __init__(self, port):
         self.sock = socket.create_connection(('127.0.0.1', port), timeout=30)
         self.buf = b''
-        self.sock.sendall(frame(HELLO, payload=struct.pack('<HHII', 1, 0, 0, 16 << 20) + b'\0' * 4))
+        # An unauthenticated Hello (the standby runs --insecure): version, reserved, capabilities 0,
+        # max write payload, reserved, zero nonce, zero key id, reserved (64 bytes).
+        self.sock.sendall(frame(HELLO, payload=struct.pack('<HHIII', WIRE_VERSION, 0, 0, 16 << 20, 0) + b'\0' * 48))
         k, _, _ = self.read_frame()
         check(k == HELLO, 'standby did not answer Hello (kind %d)' % k)
 

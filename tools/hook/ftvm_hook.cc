@@ -707,7 +707,8 @@ int run(int argc, char** argv) {
     }
     const Protection& p = *dom->protection;
     req["protection"] = {{"peer", p.peer}, {"transport", p.transport}, {"epoch_ms", p.epoch_ms},
-                         {"failover", p.failover}, {"arbiter", p.arbiter}};
+                         {"failover", p.failover}};
+    if (!p.arbiter.empty()) req["protection"]["arbiter"] = p.arbiter;  // the VM's own arbiter choice
   }
   notify_ftd(cfg, phase, req);
   return 0;
