@@ -21,6 +21,16 @@ from ftvm_e2e import (Env, Serial, check, check_continuity, free_port, log, main
 VM = 'vm1'
 
 
+def activated_since(S, t):
+    """The activation record of the standby's twin of VM resumed after host time `t`, or None
+    (a standby keeps earlier, now dead, activations in its status for a while)."""
+    for x in S.status():
+        a = x.get('activation') or {}
+        if x['name'] == VM and x['state'] == 'active' and a.get('cont_wall_ms', 0) > t * 1000:
+            return a
+    return None
+
+
 def back_and_forth(auto=False):
     cycles = int(os.environ.get('FTVM_REPROTECT_CYCLES', '10'))
     rng = random.Random(int(os.environ.get('FTVM_SEED', '11')))
@@ -66,13 +76,7 @@ def back_and_forth(auto=False):
             log('cycle %d: kill -9 of the primary QEMU pid %d on %s' % (c, pid, primary))
             t_failover = time.time()
             os.kill(pid, signal.SIGKILL)
-            def activated():
-                for x in S.status():
-                    a = x.get('activation') or {}
-                    if x['name'] == VM and x['state'] == 'active' and a.get('cont_wall_ms', 0) > t_failover * 1000:
-                        return a
-                return None
-            a = wait_for(activated, 30, 'cycle %d: twin active' % c)
+            a = wait_for(lambda: activated_since(S, t_failover), 30, 'cycle %d: twin active' % c)
             wait_for(gone, 10, 'primary QEMU exit')
             check(gone() * 1000 < a['cont_wall_ms'], 'cycle %d: the primary QEMU exited after the twin resumed' % c)
             # One epochs file for the VM, written by whichever ftd is primary; epoch numbers start
@@ -168,13 +172,7 @@ def twin_dies():
         gone = watch_exit(g.pid)
         os.kill(g.pid, signal.SIGKILL)
 
-        def activated():
-            for x in S.status():
-                a = x.get('activation') or {}
-                if x['name'] == VM and x['state'] == 'active' and a.get('cont_wall_ms', 0) > t_kill * 1000:
-                    return a
-            return None
-        a = wait_for(activated, 30, 'the new twin to take over')
+        a = wait_for(lambda: activated_since(S, t_kill), 30, 'the new twin to take over')
         wait_for(gone, 10, 'primary QEMU exit')
         check(gone() * 1000 < a['cont_wall_ms'], 'the primary QEMU exited after the twin resumed')
         check_continuity(g.serial, twin, P.committed_cut_ms(VM, a['epoch']))
