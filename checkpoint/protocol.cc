@@ -119,6 +119,7 @@ std::vector<std::byte> encode(const OpenSession& m) {
   w.str(m.libvirt_xml, kMaxDomainXml);
   w.str(m.arbiter);
   w.u32(m.reprotect_port);
+  w.str(m.second_path_host);
   return std::move(w.out);
 }
 template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
@@ -150,6 +151,7 @@ template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
   m.libvirt_xml = r.str(kMaxDomainXml);
   m.arbiter = r.str(64);
   m.reprotect_port = r.u32();
+  m.second_path_host = r.str(64);
   r.done();
   if (m.reprotect_port > 65535) throw ProtocolError(fmt::format("OpenSession: reprotect port {} out of range", m.reprotect_port));
   if (m.arbiter.empty()) throw ProtocolError("OpenSession: empty arbiter kind");

@@ -146,6 +146,11 @@ TEST_CASE("protocol messages round-trip and malformed bodies are rejected", "[ch
     o.reprotect_port = 7410;
     REQUIRE(decode<OpenSession>(encode(o)).arbiter == "fence-command");
     REQUIRE(decode<OpenSession>(encode(o)).reprotect_port == 7410);
+    o.second_path_host = "10.1.0.1";
+    REQUIRE(decode<OpenSession>(encode(o)).second_path_host == "10.1.0.1");
+    o.second_path_host = std::string(65, 'a');  // an address, not a payload
+    REQUIRE_THROWS(decode<OpenSession>(encode(o)));
+    o.second_path_host.clear();
     o.arbiter = "";
     auto e = encode(o);
     REQUIRE_THROWS_WITH(decode<OpenSession>(e), Catch::Contains("arbiter"));

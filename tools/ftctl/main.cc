@@ -230,6 +230,10 @@ int main(int argc, char** argv) {
   en->add_option("--connect,-c", uri, "libvirt URI (default: ftd's --libvirt-uri, qemu:///system)");
   en->add_option("--qmp", qmp, "Plain QEMU: the guest's QMP unix socket (ftd takes that connection)");
   en->add_option("--peer", peer, "Standby ftd address HOST[:PORT] (port 7410 by default)")->required();
+  std::string peer_alt;
+  en->add_option("--peer-alt", peer_alt,
+                 "The standby ftd's address on a second network, HOST[:PORT] (its --listen-also): the second "
+                 "heartbeat path goes there, so the standby takes over only when both networks are silent");
   en->add_option("--name", name, "VM name (default: QEMU's -name, else the QMP socket's file name)");
   en->add_option("--epoch-ms", epoch_ms, "Guest run time between checkpoints")->capture_default_str()->check(
       CLI::Range(1u, 10000u));
@@ -353,6 +357,7 @@ int main(int argc, char** argv) {
       nlohmann::json req = {{"cmd", "enable"}, {"peer", peer}, {"name", name}, {"epoch_ms", epoch_ms},
                             {"max_sync_passes", passes}, {"transport", transport}, {"shared_disk", shared_disk},
                             {"reprotect", reprotect}, {"arbiter", arbiter}};
+      if (!peer_alt.empty()) req["peer_alt"] = peer_alt;
       if (!domain.empty()) {
         req["domain"] = domain;
         if (!uri.empty()) req["uri"] = uri;

@@ -32,6 +32,9 @@ int main(int argc, char** argv) {
   app.add_option("--listen", cfg.listen,
                  "Standby: address for replication connections from primaries, HOST:PORT (e.g. 10.0.0.2:7410); "
                  "not given or '' = this ftd is not a standby");
+  app.add_option("--listen-also", cfg.listen_also,
+                 "Standby: a further replication address HOST:PORT on another network (repeatable), for primaries "
+                 "whose second heartbeat path comes that way (`ftctl enable --peer-alt`); needs --listen");
   std::string generate_key;
   app.add_option("--generate-key", generate_key,
                  "Write a new random replication key (32 bytes, mode 0600) to FILE and exit; copy it to the peer host "

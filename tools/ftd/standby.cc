@@ -179,9 +179,10 @@ bool StandbySession::adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<t
   // The second path must come from the host the data connection came from, with the same key:
   // another peer (even one holding the key) must not keep a session alive or end it.
   const auto host = transport::tcp::peer_host(conn->peer());
-  if (host != peer_host_ || conn->key_id() != key_id_) {
+  if (!is_primary_host(host) || conn->key_id() != key_id_) {
     log::warn("standby", "{}: refused a second path from {} (key {}) for session {:016x}: the session's data "
-              "connection comes from {} (key {}); a second path must come from the same host with the same key",
+              "connection comes from {} (key {}); a second path must come from the same host (or the second "
+              "address its OpenSession declared) with the same key",
               name(), conn->peer(), conn->key_id().empty() ? "none" : conn->key_id(), session_id, peer_,
               key_id_.empty() ? "none" : key_id_);
     return false;
@@ -377,6 +378,10 @@ void StandbySession::open(const cp::OpenSession& o) {
          o.vm_name, o.arbiter, arbiter_->kind());
   }
   // Claim before taking the name: a refused session must not show up as that VM's session.
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    second_path_host_ = o.second_path_host;
+  }
   claim_(o.vm_name, this);
   {
     std::lock_guard<std::mutex> g(mu_);
