@@ -65,6 +65,8 @@ void print_human(const nlohmann::json& vms) {
       fmt::print("  link {} via {} ({})  {}  idle {} ms   tracker {}  QEMU pid {}  RAM {} MiB\n", l.value("peer", "?"),
                  l.value("transport", "?"), l.value("security", "?"), l.value("healthy", false) ? "healthy" : "DOWN",
                  fmt_ms(l["idle_ms"]), v.value("tracker", "?"), v.value("qemu_pid", 0), v.value("ram_mib", 0));
+      if (l.contains("second_path") && l["second_path"].is_object() && !l["second_path"].value("peer", "").empty())
+        fmt::print("  second path {}  {}\n", l["second_path"].value("peer", "?"), l["second_path"].value("state", "?"));
       if (v.contains("arbiter") && v["arbiter"].is_object()) {
         const auto& a = v["arbiter"];
         const double at = a.value("last_confirmed_wall_ms", 0.0);
