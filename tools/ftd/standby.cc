@@ -588,7 +588,7 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
       }
       if (cfg_.verify_every_commit) {
         // Test mode: the whole twin RAM must now equal the primary's RAM at this checkpoint.
-        const uint64_t d = cp::digest_ram(as_span(*twin_ram_));
+        const uint64_t d = cp::digest_ram_sparse(as_span(*twin_ram_), twin_ram_->data_ranges());
         if (d != c.ram_digest)
           fail("after applying epoch {} the twin's RAM digest is {:016x}, the primary's is {:016x}", c.epoch, d,
                c.ram_digest);
@@ -751,7 +751,7 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
     nlohmann::json act = {{"reason", reason}, {"epoch", c.epoch}, {"declared_wall_ms", declared_wall_ms}};
     if (cfg_.verify_activation) {
       const auto v0 = Clock::now();
-      uint64_t d = cp::digest_ram(as_span(*twin_ram_));
+      uint64_t d = cp::digest_ram_sparse(as_span(*twin_ram_), twin_ram_->data_ranges());
       act["verify_ms"] = ms_since(v0);
       act["ram_digest"] = fmt::format("{:016x}", d);
       act["expected_ram_digest"] = fmt::format("{:016x}", c.ram_digest);
@@ -839,9 +839,9 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
               wall_ms() - declared_wall_ms);
     // Evidence that the guest executes: its RAM keeps changing after resuming (off the
     // activation path: the twin already runs).
-    const uint64_t d0 = cp::digest_ram(as_span(*twin_ram_));
+    const uint64_t d0 = cp::digest_ram_sparse(as_span(*twin_ram_), twin_ram_->data_ranges());
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
-    const uint64_t d1 = cp::digest_ram(as_span(*twin_ram_));
+    const uint64_t d1 = cp::digest_ram_sparse(as_span(*twin_ram_), twin_ram_->data_ranges());
     auto st2 = twin_qmp_->execute("query-status").value("status", "");
     const bool executing = d0 != d1 && st2 == "running";
     log::info("standby", "{}: twin {} 300 ms after activation: status {}, RAM {}", name(),
