@@ -89,7 +89,8 @@
 namespace ftvm::checkpoint {
 
 // 2: disks (OpenSession.disks, DiskWrite, Commit.disk_*); 3: SessionReady.heartbeat_timeout_ms,
-// Resolve/Resolution (split-brain arbitration after a lost link); 4: OpenSession.second_path_host
+// Resolve/Resolution (split-brain arbitration after a lost link); 4: OpenSession.second_path_host,
+// OpenSession.ram_used
 inline constexpr uint32_t kProtocolVersion = 4;
 inline constexpr uint32_t kRegionRam = 1;      // the twin's RAM (writable only while Syncing)
 inline constexpr uint32_t kRegionStaging = 2;  // one epoch: [u64 index * n][pages][devstate]
@@ -148,6 +149,9 @@ struct OpenSession {
   // The standby accepts HeartbeatLink and Resolve for this session only from the data
   // connection's host or from this one; it arrives on the authenticated data connection.
   std::string second_path_host;
+  // Bytes of guest RAM that hold data now (the rest are holes the sync leaves out): what the
+  // twin needs at once. The standby refuses a session it has not that much memory for.
+  uint64_t ram_used = 0;
 };
 inline constexpr size_t kMaxDomainXml = 1 << 20;
 inline constexpr size_t kMaxDisks = 64;

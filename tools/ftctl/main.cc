@@ -395,6 +395,13 @@ int main(int argc, char** argv) {
           return kOk;
         }
         if (state == "primary-lost" || state == "disabled" || state == "failed-over") return kFailed;
+        if (state == "degraded" && v.value("reason", "").find("standby refused the session") != std::string::npos) {
+          // The standby's own decision (its policy, its memory, another owner): waiting changes
+          // nothing soon. ftd retries every reconnect interval; `ftctl disable` stops that.
+          fmt::print(stderr, "ftctl: {}: {}\nftctl: the guest runs on unprotected; ftd retries on its own (`ftctl "
+                             "disable {}` stops it)\n", vm, v.value("reason", ""), vm);
+          return kRefused;
+        }
         if (state == "degraded" && !v.value("reason", "").empty() && std::chrono::steady_clock::now() > deadline) {
           fmt::print(stderr, "ftctl: {} is degraded: {}\n", vm, v.value("reason", ""));
           return kFailed;

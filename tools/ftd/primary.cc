@@ -769,6 +769,7 @@ void PrimarySession::connect_and_sync() {
                 e.what());
     }
   }
+  for (const auto& [first, end] : ram_->data_ranges()) o.ram_used += (end - first) * kPageSize;
   if (disks_) o.disks = disks_->infos();
   send_msg(*conn_, o);
   auto deadline = Clock::now() + std::chrono::seconds(60);

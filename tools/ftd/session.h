@@ -77,6 +77,10 @@ struct DaemonConfig {
   // standby: the most bytes of disk writes spilled to files per VM (--disk-spill-max-mib);
   // beyond it the session ends (the primary resynchronizes) instead of filling the disk.
   uint64_t disk_spill_max_bytes = uint64_t{4} << 30;
+  // standby: memory kept free for the host (--memory-reserve-mib). A session whose twin needs
+  // more than MemAvailable minus this now (the primary's RAM in use) is refused at OpenSession,
+  // instead of the OOM killer ending the twin or ftd later.
+  uint64_t memory_reserve_bytes = uint64_t{256} << 20;
 };
 
 // What `ftctl enable` asks for.

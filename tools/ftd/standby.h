@@ -114,6 +114,7 @@ class StandbySession {
   bool arbiter_allows_activation(std::chrono::milliseconds silent_for);
   void run();
   void open(const checkpoint::OpenSession& o);
+  void check_memory_for(const checkpoint::OpenSession& o);
   vmm::TwinPolicy twin_policy() const;  // what this session's twin may run and touch
   bool handle(const transport::ControlMessage& m);  // false = session over
   void primary_silent(const std::string& why);
