@@ -53,7 +53,7 @@ class UffdWpTracker final : public checkpoint::DirtyTracker {
   // PMD-mapped again (for tests and stats; the initial split pass is not counted).
   // Parallel steady-state scan: the range is split into `threads` slices of at least
   // `min_slice` bytes (2 MiB aligned), each walked by its own thread. Defaults: 2 GiB slices,
-  // min(4, hardware threads) threads (guests under 4 GiB scan on one thread). For tests (small
+  // min(4, hardware threads / 2) threads (guests under 4 GiB, and 2-core hosts, scan on one). For tests (small
   // ranges in many slices) and tuning; call before collect_and_reset().
   void set_scan_slices(uint64_t min_slice, unsigned threads) {
     scan_slice_ = min_slice;
@@ -74,7 +74,7 @@ class UffdWpTracker final : public checkpoint::DirtyTracker {
   // page-table entry of the range, so its cost grows with RAM size, not with the dirty rate).
   void scan_all_parallel(uint64_t flags);
   uint64_t scan_slice_ = uint64_t{2} << 30;
-  unsigned scan_threads_ = 0;  // 0 = min(4, hardware threads)
+  unsigned scan_threads_ = 0;  // 0 = min(4, hardware threads / 2)
   std::vector<std::vector<uapi::PageRegion>> slice_regions_;
   // Throws if the target has exited; called after every scan so a dead target is never
   // mistaken for one that wrote nothing.

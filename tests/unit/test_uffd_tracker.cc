@@ -214,3 +214,24 @@ TEST_CASE("uffd-wp tracker scan time at 256 MiB and 1 GiB", "[tracker][perf]") {
                           << " ms); avg reported " << reported / ms.size());
   }
 }
+
+TEST_CASE("uffd-wp tracker scan time of a sparse 8 GiB range by thread count", "[tracker][perf][.]") {
+  if (!tracker_supported()) return;
+  MemTarget t({.size = size_t{8} << 30, .sparse = true});
+  for (unsigned threads : {1u, 2u, 4u, 1u, 2u, 4u}) {
+    UffdWpTracker tr(t.pid(), t.addr(), t.size());
+    tr.set_scan_slices(size_t{64} << 20, threads);
+    std::vector<uint64_t> rep;
+    tr.collect_and_reset(rep);
+    std::vector<double> ms;
+    for (int i = 0; i < 15; ++i) {
+      t.touch_random(200, 77 + static_cast<uint64_t>(i));
+      rep.clear();
+      auto s = std::chrono::steady_clock::now();
+      tr.collect_and_reset(rep);
+      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s).count());
+    }
+    std::sort(ms.begin(), ms.end());
+    WARN("sparse 8 GiB, " << threads << " threads: scan median " << ms[ms.size() / 2] << " ms, min " << ms.front());
+  }
+}
