@@ -239,6 +239,12 @@ int main(int argc, char** argv) {
   en->add_option("--name", name, "VM name (default: QEMU's -name, else the QMP socket's file name)");
   en->add_option("--epoch-ms", epoch_ms, "Guest run time between checkpoints")->capture_default_str()->check(
       CLI::Range(1u, 10000u));
+  unsigned output_min_ms = 2;
+  en->add_option("--output-epoch-min-ms", output_min_ms,
+                 "When the guest's network output waits, cut the epoch once the guest ran this long (and at least as "
+                 "long as the last pause) instead of waiting for the --epoch-ms boundary; 0 = always wait")
+      ->capture_default_str()
+      ->check(CLI::Range(0u, 10000u));
   en->add_option("--max-sync-passes", passes, "Pre-copy passes before the first checkpoint")
       ->capture_default_str()
       ->check(CLI::Range(1u, 100u));
@@ -360,6 +366,7 @@ int main(int argc, char** argv) {
                             {"max_sync_passes", passes}, {"transport", transport}, {"shared_disk", shared_disk},
                             {"reprotect", reprotect}, {"arbiter", arbiter}};
       if (!peer_alt.empty()) req["peer_alt"] = peer_alt;
+      req["output_epoch_min_ms"] = output_min_ms;
       if (!domain.empty()) {
         req["domain"] = domain;
         if (!uri.empty()) req["uri"] = uri;

@@ -494,6 +494,7 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
   r.peer_alt = req.value("peer_alt", "");
   r.name = req.value("name", "");
   r.epoch_ms = opt_uint(req, "epoch_ms", 25);
+  r.output_epoch_min_ms = opt_uint(req, "output_epoch_min_ms", 2);
   r.max_sync_passes = opt_uint(req, "max_sync_passes", 8);
   r.transport = req.value("transport", "auto");
   r.shared_disk = req.value("shared_disk", false);

@@ -209,6 +209,7 @@ void OutputBuffer::file_frame_locked(Channel& c, RedirFrame&& f) {
   }
   held_bytes_ += h.payload;
   held_frames_++;
+  open_frames_.fetch_add(1, std::memory_order_relaxed);
   held_peak_ = std::max(held_peak_, held_bytes_);
   c.held.push_back(std::move(h));
   if (held_bytes_ >= opts_.cap_bytes && !cut_requested_.exchange(true)) {
@@ -325,6 +326,7 @@ void OutputBuffer::seal(uint64_t epoch) {
     mode_reason_.clear();
   }
   open_epoch_ = epoch + 1;
+  open_frames_ = 0;
   for (auto& c : chans_) write_locked(*c);
 }
 
@@ -372,6 +374,7 @@ void OutputBuffer::pass_through(const std::string& why) {
   holding_ = false;
   mode_reason_ = why;
   cut_requested_ = false;
+  open_frames_ = 0;
   for (auto& c : chans_) write_locked(*c);
   wake();
 }
@@ -473,6 +476,7 @@ nlohmann::json OutputBuffer::status() const {
           {"frames_passed_through", frames_passed_},
           {"last_released_epoch", last_released_epoch_},
           {"early_cuts", early_cuts_},
+          {"output_cuts", output_cuts_.load()},
           {"netdevs", nd}};
 }
 

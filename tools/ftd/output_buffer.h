@@ -116,6 +116,12 @@ class OutputBuffer {
   void pass_through(const std::string& why);
   bool holding() const;
   bool cut_requested() const { return cut_requested_.load(); }
+  // Whether frames wait in the open (not yet cut) epoch: the guest is waiting for a checkpoint
+  // to let them out, and the session may cut early (issue 14: output at the speed of a
+  // checkpoint, not of the epoch interval). Lock-free; set by the I/O thread, cleared by seal().
+  bool output_waiting() const { return open_frames_.load(std::memory_order_relaxed) != 0; }
+  // Counts a cut made because output was waiting (status: output_cuts).
+  void note_output_cut() { output_cuts_.fetch_add(1, std::memory_order_relaxed); }
   // Waits until every released byte was written and read by QEMU (SIOCOUTQ = 0), at most
   // `timeout`; returns false (and logs) when that did not happen in time.
   bool flush(std::chrono::milliseconds timeout);
@@ -163,6 +169,8 @@ class OutputBuffer {
   uint64_t frames_in_ = 0, frames_released_ = 0, bytes_released_ = 0, frames_passed_ = 0;
   uint64_t last_released_epoch_ = 0, early_cuts_ = 0;
   std::atomic<bool> cut_requested_{false};
+  std::atomic<uint64_t> open_frames_{0};   // held frames of the open epoch
+  std::atomic<uint64_t> output_cuts_{0};
   UniqueFd wake_fd_;
   std::thread thread_;
   std::atomic<bool> stop_{false};

@@ -1158,9 +1158,15 @@ void PrimarySession::wait_for_epoch_boundary() {
     if (inflight_ && now - commit_sent_ > cfg_.ack_timeout)
       throw LinkDown(fmt::format("no ack for epoch {} within {} ms", inflight_, cfg_.ack_timeout.count()));
     if (!inflight_ && (now >= deadline || (output_ && output_->cut_requested()))) return;  // cap: cut early
+    if (!inflight_ && output_ && req_.output_epoch_min_ms && output_->output_waiting() &&
+        now - last_cont_ >= std::max<Clock::duration>(std::chrono::milliseconds(req_.output_epoch_min_ms),
+                                                        last_pause_)) {
+      output_->note_output_cut();  // the guest waits for its output: checkpoint now
+      return;
+    }
     auto wait = inflight_ ? std::chrono::milliseconds(20)
                           : std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now);
-    if (output_) wait = std::min(wait, std::chrono::milliseconds(2));  // notice cut requests promptly
+    if (output_) wait = std::min(wait, std::chrono::milliseconds(1));  // notice output and cut requests promptly
     pump(std::max(wait, std::chrono::milliseconds(0)));
     if (stop_) return;
   }
@@ -1242,6 +1248,7 @@ void PrimarySession::checkpoint(bool final) {
   rec.devstate_us = us_between(t3, t4);
   rec.cont_us = us_between(t4, t5);
   rec.pause_us = us_between(t0, t5);
+  last_pause_ = t5 - t0;
   rec.pages = stager_.page_count();
   rec.devstate_bytes = stager_.device_state_bytes();
   rec.staged_bytes = stager_.bytes().size();

@@ -193,6 +193,7 @@ class PrimarySession {
   uint64_t inflight_ = 0;     // epoch committed but not yet acked (0 = none)
   unsigned retransmits_ = 0;
   std::chrono::steady_clock::time_point commit_sent_, last_cont_;
+  std::chrono::steady_clock::duration last_pause_{};  // of the last epoch cut (output cuts wait at least this)
   checkpoint::EpochStager stager_;
   std::unique_ptr<checkpoint::RamDigest> ram_digest_;
   std::vector<uint64_t> dirty_, carry_;

@@ -94,6 +94,10 @@ struct EnableRequest {
   std::string peer_alt;
   std::string name;  // VM name; default from QEMU (-name) or the QMP socket's file name
   unsigned epoch_ms = 25;
+  // Output at the speed of a checkpoint (issue 14): when guest output waits in the open epoch,
+  // cut it once the guest has run this long since the last pause (and at least as long as that
+  // pause took: paused time stays under half), instead of at the epoch_ms boundary. 0 = off.
+  unsigned output_epoch_min_ms = 2;
   unsigned max_sync_passes = 8;
   std::string transport = "auto";  // rdma | tcp | auto
   // Both hosts see the same disks (no replication). Refused: see PrimarySession's constructor.
