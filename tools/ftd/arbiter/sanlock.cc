@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -259,9 +260,33 @@ SanlockArbiter::SanlockArbiter(SanlockOptions o) : o_(std::move(o)) {
   ls_checked_ = Clock::now();
   confirmed_wall_ms_ = now_wall_ms();
   log::info("arbiter", "sanlock: joined lockspace {} as host {} ({} VM lease slots)", o_.lockspace, o_.host_id, slots_);
+  // The thread must not take process signals (ftd reads SIGTERM/SIGINT from a signalfd).
+  sigset_t all, old;
+  sigfillset(&all);
+  if (int e = pthread_sigmask(SIG_SETMASK, &all, &old); e != 0)
+    throw SysError(e, "pthread_sigmask before starting the sanlock arbiter thread");
+  try {
+    watcher_ = std::thread([this] {
+      std::unique_lock<std::mutex> g(mu_);
+      while (!stop_) {
+        cv_.wait_for(g, milliseconds(200));
+        for (auto& [vm, k] : keepers_) refresh(vm, k);
+      }
+    });
+  } catch (...) {
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    throw;
+  }
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
 }
 
 SanlockArbiter::~SanlockArbiter() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (watcher_.joinable()) watcher_.join();
   std::lock_guard<std::mutex> g(mu_);
   for (auto& [vm, k] : keepers_) {
     refresh(vm, k);

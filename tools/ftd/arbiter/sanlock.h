@@ -60,8 +60,10 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <condition_variable>
 #include <mutex>
 #include <string>
+#include <thread>
 
 #include "checkpoint/arbiter.h"
 #include "common/fd.h"
@@ -104,8 +106,9 @@ struct SanlockOptions {
 
 class SanlockArbiter final : public checkpoint::Arbiter {
  public:
-  // Sizes the area, joins the lockspace (blocks ~2*io_timeout+1 s unless already joined).
-  // Throws Error saying what failed (daemon not running, area not initialised, ...).
+  // Sizes the area, joins the lockspace (blocks ~2*io_timeout+1 s unless already joined), starts
+  // the watcher thread (all signals blocked in it). Throws Error saying what failed (daemon not
+  // running, area not initialised, ...).
   explicit SanlockArbiter(SanlockOptions o);
   // Keepers are left running: each holds its guest's lease for as long as that guest runs.
   ~SanlockArbiter() override;
@@ -146,6 +149,11 @@ class SanlockArbiter final : public checkpoint::Arbiter {
   mutable std::chrono::steady_clock::time_point ls_checked_{};
   mutable std::string ls_state_;
   mutable bool ls_joined_ = false;
+  // Reads the keepers' reports every 200 ms (logs a held or lost lease when it happens, reaps
+  // exited keepers), also when no session asks.
+  bool stop_ = false;
+  std::condition_variable cv_;
+  std::thread watcher_;
 };
 
 // `ftd __sanlock-keeper RESOURCE once|retry RETRY_MS` with fd 3 = the control socket, fd 4 =
