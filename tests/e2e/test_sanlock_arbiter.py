@@ -22,6 +22,9 @@ Scenarios:
               Skipped (77) without loop devices.
   planned     `ftctl failover`: the twin runs, the old primary's QEMU quits and releases the
               lease, the new primary (the twin's host) holds it.
+  ftd-restart the primary ftd is restarted (SIGTERM, as for an upgrade): the guest runs on and
+              its keeper keeps holding the lease meanwhile; the new ftd protects the VM again
+              and takes the lease over from the old keeper.
 Exit 77 (skip) without root, sanlock, or an ftd built without the sanlock arbiter.
 """
 import os
@@ -174,7 +177,12 @@ def partition():
                       'SPLIT BRAIN: the standby got the lease / resumed the twin while the primary holds it')
                 check(not twin.all(), 'SPLIT BRAIN: the twin printed output: %s' % twin.all()[:3])
             no_overlap(g.serial, twin)
-            log('partition: the lease holder (primary) ran on alone; the standby waited, the twin never ran')
+            # After the heal the primary protects the VM again; the standby's waiting keeper
+            # (of the dropped twin) must not linger and take the lease some day.
+            wait_for(lambda: state(P, 'primary') == 'protected', 90, 'the primary to protect the VM again')
+            wait_for(lambda: not keepers_of(S), 20, 'the standby\'s keeper of the dropped twin to exit')
+            log('partition: the lease holder (primary) ran on alone; the standby waited, the twin never ran; '
+                'protected again after the heal')
         finally:
             lab.close()
 
@@ -268,6 +276,36 @@ def planned():
             lab.close()
 
 
+def ftd_restart():
+    skip_unless_possible()
+    with Env('sl-ftd-restart') as env:
+        lab = SanlockLab(env)
+        try:
+            g, P, S, twin = setup(env, lab)
+            old = keepers_of(P)
+            P.proc.terminate()
+            P.proc.wait(30)
+            check(pid_alive(g.pid), 'the guest died with ftd')
+            check(all(pid_alive(k) for k in old), 'the keeper did not outlive ftd while the guest runs')
+            try:
+                os.unlink(P.control)
+            except FileNotFoundError:
+                pass
+            P = env.start_ftd('primary', listen=False, extra=lab.ftd_args(1) + ['--libvirt-uri', ''],
+                              prefix=lab.prefix(1))
+            wait_for(lambda: state(P, 'primary') == 'protected', 90, 'the restarted primary ftd to protect the VM')
+            v = P.vm(VM, 'primary')
+            check(' held since' in v['arbiter']['holds'], 'the new ftd does not hold the lease: %s' % v['arbiter'])
+            check('taking over the lease from keeper pid %d' % old[0] in P.log_text(), 'no takeover from the old keeper')
+            wait_for(lambda: not any(pid_alive(k) for k in old), 10, 'the old keeper to be gone')
+            check(len(keepers_of(P)) == 1, 'keepers under the new ftd: %s' % keepers_of(P))
+            ticks_advance(g.serial, 'the guest after the restart')
+            log('ftd restart: the new ftd holds the lease: %s' % v['arbiter']['holds'])
+        finally:
+            lab.close()
+
+
 if __name__ == '__main__':
     main({'partition': partition, 'host-death': host_death, 'daemon-lost': lease_lost('daemon'),
-          'storage-cut': lease_lost('storage'), 'planned': planned})
+          'storage-cut': lease_lost('storage'), 'planned': planned,
+          'ftd-restart': ftd_restart})

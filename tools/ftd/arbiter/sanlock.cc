@@ -1,5 +1,6 @@
 #include "tools/ftd/arbiter/sanlock.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -14,6 +15,9 @@
 #include <cerrno>
 #include <cstring>
 #include <ctime>
+#include <fstream>
+#include <iterator>
+#include <vector>
 
 extern "C" {
 #include <sanlock.h>
@@ -90,7 +94,9 @@ std::string sanlock_rc_text(int rc) {
     case SANLK_LEADER_LOCKSPACE: return "the slot belongs to another lockspace (-226): check --sanlock-lockspace";
     case SANLK_AIO_TIMEOUT: return "I/O timeout on the lease area (-202)";
     case -ENOENT: return "not found (-ENOENT): lockspace not joined or area missing";
-    case -EEXIST: return "already held by this host (-EEXIST): another VM with the same slot runs here";
+    case -EEXIST:
+      return "already held on this host (-EEXIST): another VM with the same slot runs here (more slots: a bigger "
+             "area), or another process holds it";
     case -ECONNREFUSED: return "the sanlock daemon is not running (connection refused; SANLOCK_RUN_DIR?)";
     default: return fmt::format("sanlock error {} ({})", rc, rc < 0 && rc > -200 ? std::strerror(-rc) : "sanlock code");
   }
@@ -145,8 +151,9 @@ void keeper_on_term(int) {
 }  // namespace
 
 int sanlock_keeper_main(int argc, char** argv) {
-  if (argc != 5) {
-    fmt::print(stderr, "ftd __sanlock-keeper: internal helper of ftd --arbiter sanlock (RESOURCE once|retry MS)\n");
+  if (argc != 6) {
+    fmt::print(stderr, "ftd __sanlock-keeper: internal helper of ftd --arbiter sanlock (RESOURCE once|retry MS "
+                       "GUEST_PID)\n");
     return 2;
   }
   ::syscall(SYS_close_range, 5u, ~0u, 0u);
@@ -306,8 +313,9 @@ void SanlockArbiter::spawn(const std::string& vm, pid_t guest_pid, bool once) {
   UniqueFd hi_ctl(check_sys(::fcntl(theirs.get(), F_DUPFD_CLOEXEC, 10), "dup of the keeper socket"));
   UniqueFd hi_guest(check_sys(::fcntl(guest.get(), F_DUPFD_CLOEXEC, 10), "dup of the guest pidfd"));
   const std::string res = sanlock_resource_string(o_.lockspace, o_.lease_path, sanlock_slot(vm, slots_));
-  const std::string retry = std::to_string(o_.retry.count());
-  const char* args[] = {"ftd", "__sanlock-keeper", res.c_str(), once ? "once" : "retry", retry.c_str(), nullptr};
+  const std::string retry = std::to_string(o_.retry.count()), gpid = std::to_string(guest_pid);
+  const char* args[] = {"ftd", "__sanlock-keeper", res.c_str(), once ? "once" : "retry", retry.c_str(), gpid.c_str(),
+                        nullptr};
   const pid_t pid = ::fork();
   if (pid < 0) throw SysError(errno, "fork of the sanlock keeper of VM " + vm);
   if (pid == 0) {
@@ -327,6 +335,47 @@ void SanlockArbiter::spawn(const std::string& vm, pid_t guest_pid, bool once) {
             once ? "acquires" : "waits for", res, guest_pid);
   keepers_.erase(vm);
   keepers_.emplace(vm, std::move(k));
+}
+
+std::vector<pid_t> sanlock_find_keepers(const std::string& resource, pid_t guest_pid) {
+  std::vector<pid_t> res;
+  DIR* d = ::opendir("/proc");
+  if (!d) return res;
+  while (struct dirent* e = ::readdir(d)) {
+    char* end = nullptr;
+    const long pid = std::strtol(e->d_name, &end, 10);
+    if (!end || *end || pid <= 0) continue;
+    std::ifstream f(fmt::format("/proc/{}/cmdline", pid), std::ios::binary);
+    std::string cmd((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    std::vector<std::string> argv;
+    for (size_t i = 0, j; i < cmd.size(); i = j + 1) {
+      j = cmd.find('\0', i);
+      if (j == std::string::npos) j = cmd.size();
+      argv.push_back(cmd.substr(i, j - i));
+    }
+    if (argv.size() == 6 && argv[1] == "__sanlock-keeper" && argv[2] == resource && argv[5] == std::to_string(guest_pid))
+      res.push_back(static_cast<pid_t>(pid));
+  }
+  ::closedir(d);
+  return res;
+}
+
+void SanlockArbiter::adopt_orphans(const std::string& vm, pid_t guest_pid) {
+  const std::string res = sanlock_resource_string(o_.lockspace, o_.lease_path, sanlock_slot(vm, slots_));
+  for (pid_t pid : sanlock_find_keepers(res, guest_pid)) {
+    auto it = keepers_.find(vm);
+    if (it != keepers_.end() && it->second.pid == pid) continue;
+    // A keeper an earlier ftd left holding this guest's lease (ftd restarted, the guest ran on).
+    // SIGKILL is no fence (only SIGTERM is): it releases the lease, which this ftd takes next.
+    const int pfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+    if (pfd < 0) continue;  // gone meanwhile
+    UniqueFd p(pfd);
+    log::info("arbiter", "sanlock: VM '{}': taking over the lease from keeper pid {} left by an earlier ftd", vm, pid);
+    syscall(SYS_pidfd_send_signal, pfd, SIGKILL, nullptr, 0);
+    struct pollfd w{pfd, POLLIN, 0};
+    if (::poll(&w, 1, 2000) <= 0)
+      fail("sanlock: VM '{}': the old keeper pid {} did not exit after SIGKILL within 2 s", vm, pid);
+  }
 }
 
 void SanlockArbiter::refresh(const std::string& vm, Keeper& k) const {
@@ -440,6 +489,7 @@ void SanlockArbiter::runs_here(const cp::ArbiterSubject& s, milliseconds budget)
     }
   }
   const bool fresh = it == keepers_.end();
+  if (fresh) adopt_orphans(s.vm, s.guest_pid);
   if (fresh) spawn(s.vm, s.guest_pid, /*once=*/budget.count() > 0);
   if (budget.count() == 0) return;
   const auto end = Clock::now() + budget;
@@ -449,7 +499,9 @@ void SanlockArbiter::runs_here(const cp::ArbiterSubject& s, milliseconds budget)
     if (k.state == KeeperState::Held) return;
     if (k.exited || Clock::now() >= end) {
       const std::string why = k.last_rc ? sanlock_rc_text(k.last_rc) : (k.why.empty() ? "no answer in time" : k.why);
-      if (!k.exited) release(k);
+      // A keeper this call started stops; one that was already waiting (the twin's, started at
+      // its activation) goes on waiting for the lease to free.
+      if (!k.exited && fresh) release(k);
       fail("sanlock: cannot hold the lease of VM '{}' (slot {} of {} on {}, lockspace {} host {}): {}. The side that "
            "runs the VM must hold it: if the VM runs on the other host, protect it there; if a dead host held it, "
            "its lease frees 8*io_timeout+60 s after its last renewal; check `sanlock client status`",

@@ -23,7 +23,9 @@
 //   * ftd says release ('R')    -> it releases and exits (ftd replaced the guest);
 //   * ftd dies (its socket EOF) -> it keeps holding while QEMU lives: a guest that runs on
 //                                  (the guard disarmed) keeps its lease; one the guard kills
-//                                  releases it through the QEMU exit above;
+//                                  releases it through the QEMU exit above. A restarted ftd that
+//                                  protects the same QEMU again SIGKILLs that orphan (no fence:
+//                                  only SIGTERM fences) and acquires the lease with its own;
 //   * SIGTERM (sanlock's kill action when this host's lockspace renewal failed: storage cut,
 //     I/O errors, at 8*io_timeout after the last good renewal) -> it SIGKILLs QEMU through
 //     the pidfd first, then exits: the lease (now unrenewable) frees with it;
@@ -64,6 +66,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "checkpoint/arbiter.h"
 #include "common/fd.h"
@@ -137,6 +140,9 @@ class SanlockArbiter final : public checkpoint::Arbiter {
     bool exited = false;
   };
   void spawn(const std::string& vm, pid_t guest_pid, bool once);
+  // Ends keepers of (vm, guest_pid) that an earlier ftd left running (ftd restarted while the
+  // guest ran on), so that this ftd's keeper can take the lease.
+  void adopt_orphans(const std::string& vm, pid_t guest_pid);
   void refresh(const std::string& vm, Keeper& k) const;  // reads reports, reaps
   void release(Keeper& k) const;
   std::string describe(const std::string& vm, const Keeper& k) const;
@@ -156,7 +162,10 @@ class SanlockArbiter final : public checkpoint::Arbiter {
   std::thread watcher_;
 };
 
-// `ftd __sanlock-keeper RESOURCE once|retry RETRY_MS` with fd 3 = the control socket, fd 4 =
+// PIDs of keeper processes (any parent) holding or acquiring `resource` for `guest_pid`.
+std::vector<pid_t> sanlock_find_keepers(const std::string& resource, pid_t guest_pid);
+
+// `ftd __sanlock-keeper RESOURCE once|retry RETRY_MS GUEST_PID` with fd 3 = the control socket, fd 4 =
 // a pidfd on the guest's QEMU. Returns the exit status.
 int sanlock_keeper_main(int argc, char** argv);
 
