@@ -112,10 +112,37 @@ class SanlockLab:
         self.daemons[h].wait(10)
 
     def close(self):
+        # The lease keepers ftd started (their command line names our lease area; in LOOP mode a
+        # loop device, which Env's clean-up by directory name would not match): by PID.
+        for pid in all_keepers():
+            try:
+                res = open('/proc/%d/cmdline' % pid, 'rb').read().split(b'\0')[2].decode()
+            except (OSError, IndexError):
+                continue
+            if any(':%s:' % path in res for path in self.paths.values()):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         for d in self.loops:
             subprocess.run(['blockdev', '--setrw', d])
             subprocess.run(['losetup', '-d', d])
         self.loops = []
+
+
+def all_keepers():
+    """PIDs of every sanlock keeper process (`ftd __sanlock-keeper ...`) on this machine."""
+    res = []
+    for d in os.listdir('/proc'):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = open('/proc/%s/cmdline' % d, 'rb').read().split(b'\0')
+        except OSError:
+            continue
+        if len(cmd) > 1 and cmd[1] == b'__sanlock-keeper':
+            res.append(int(d))
+    return res
 
 
 def keepers_of(ftd):

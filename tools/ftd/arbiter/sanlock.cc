@@ -185,8 +185,11 @@ int sanlock_keeper_main(int argc, char** argv) {
   bool ctl_open = true;
   // Acquire.
   for (;;) {
+    // Armed before the call: a SIGTERM that races with a successful acquire still fences.
+    g_held = 1;
     rv = sanlock_acquire(sock, -1, 0, 1, &res, nullptr);
     if (rv == 0) break;
+    g_held = 0;
     keeper_say(fmt::format("W {}\n", rv).c_str());
     if (once) return 5;
     struct pollfd p[2] = {{kCtlFd, POLLIN, 0}, {kGuestFd, POLLIN, 0}};
@@ -202,7 +205,6 @@ int sanlock_keeper_main(int argc, char** argv) {
       if (p[0].revents) return 0;  // ftd said release, or died: stop trying
     }
   }
-  g_held = 1;
   keeper_say("H\n");
   for (;;) {
     struct pollfd p[3] = {{sock, POLLIN, 0}, {kGuestFd, POLLIN, 0}, {ctl_open ? kCtlFd : -1, POLLIN, 0}};

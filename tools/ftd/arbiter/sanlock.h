@@ -28,7 +28,8 @@
 //                                  only SIGTERM fences) and acquires the lease with its own;
 //   * SIGTERM (sanlock's kill action when this host's lockspace renewal failed: storage cut,
 //     I/O errors, at 8*io_timeout after the last good renewal) -> it SIGKILLs QEMU through
-//     the pidfd first, then exits: the lease (now unrenewable) frees with it;
+//     the pidfd first, then exits: the lease (now unrenewable) frees with it. Armed from the
+//     first acquire call on, so a SIGTERM racing with a successful acquire fences too;
 //   * its sanlock daemon connection hangs up (the daemon died) -> the same: QEMU SIGKILLed.
 //
 // Fencing contract (why the guest copy on a host that lost the lease is dead before the other
