@@ -22,6 +22,8 @@ Scenarios:
               Skipped (77) without loop devices.
   planned     `ftctl failover`: the twin runs, the old primary's QEMU quits and releases the
               lease, the new primary (the twin's host) holds it.
+  refused     a VM whose lease the other host holds cannot be protected from this host:
+              `ftctl enable` fails with sanlock's reason and nothing is left behind.
   ftd-restart the primary ftd is restarted (SIGTERM, as for an upgrade): the guest runs on and
               its keeper keeps holding the lease meanwhile; the new ftd protects the VM again
               and takes the lease over from the old keeper.
@@ -303,6 +305,30 @@ def planned():
             lab.close()
 
 
+def refused():
+    skip_unless_possible()
+    with Env('sl-refused') as env:
+        lab = SanlockLab(env)
+        try:
+            g, P, S, twin = setup(env, lab)
+            # Another copy of "vm1" on host 2, protected by a second ftd there: its lease is host 1's.
+            g2 = env.boot_guest(name='g2', mem=256, dirty_kib_s=64)
+            X = env.start_ftd('host2-primary', listen=False, extra=lab.ftd_args(2) + ['--libvirt-uri', ''],
+                              prefix=lab.prefix(2))
+            r = X.ctl('enable', '--qmp', g2.qmp, '--peer', '127.0.0.1:%d' % env.port, '--name', VM, '--timeout', '120',
+                      check_rc=False)
+            log('ftctl enable on host 2 -> rc %d: %s' % (r.returncode, r.stderr.strip()[:400]))
+            check(r.returncode != 0 and 'cannot hold the lease' in r.stderr and 'another live host' in r.stderr,
+                  'protection was not refused with the lease held by host 1: rc %d %s' % (r.returncode, r.stderr))
+            check(not keepers_of(X), 'a refused protection left a keeper running: %s' % keepers_of(X))
+            check(pid_alive(g2.pid) and pid_alive(g.pid), 'a guest died')
+            v = P.vm(VM, 'primary')
+            check(v['state'] == 'protected' and ' held since' in v['arbiter']['holds'],
+                  'the refusal disturbed the holder: %s' % v)
+        finally:
+            lab.close()
+
+
 def ftd_restart():
     skip_unless_possible()
     with Env('sl-ftd-restart') as env:
@@ -335,4 +361,4 @@ def ftd_restart():
 if __name__ == '__main__':
     main({'partition': partition, 'host-death': host_death, 'daemon-lost': lease_lost('daemon'),
           'storage-cut': lease_lost('storage'), 'planned': planned,
-          'ftd-restart': ftd_restart})
+          'ftd-restart': ftd_restart, 'refused': refused})
