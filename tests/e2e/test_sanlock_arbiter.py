@@ -174,7 +174,7 @@ def setup(env, lab):
     check(v and v['state'] == 'protected', 'VM not protected after enable: %s' % v)
     holds = v['arbiter']['holds']
     log('primary arbiter: %s' % v['arbiter'])
-    check(v['arbiter']['kind'] == 'sanlock' and "%s: slot" % VM in holds and ' held since' in holds,
+    check(v['arbiter']['kind'] == 'sanlock' and "%s: lease ftvm-slot-" % VM in holds and ' held since' in holds,
           'the primary does not hold the lease of %s: %s' % (VM, v['arbiter']))
     check(len(keepers_of(P)) == 1, 'expected one lease keeper under the primary ftd, found %s' % keepers_of(P))
     twin = env.twin_serial(S, VM)

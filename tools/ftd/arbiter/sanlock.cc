@@ -516,7 +516,7 @@ void SanlockArbiter::runs_here(const cp::ArbiterSubject& s, milliseconds budget)
 }
 
 std::string SanlockArbiter::describe(const std::string& vm, const Keeper& k) const {
-  std::string d = fmt::format("{}: slot {} {}", vm, sanlock_slot(vm, slots_), to_string(k.state));
+  std::string d = fmt::format("{}: lease ftvm-slot-{} {}", vm, sanlock_slot(vm, slots_), to_string(k.state));
   if (k.state == KeeperState::Held) d += fmt::format(" since {} (keeper {}, QEMU {})", hms(k.held_since_wall_ms), k.pid, k.guest_pid);
   else if (k.state == KeeperState::Acquiring && k.last_rc) d += ": " + sanlock_rc_text(k.last_rc);
   else if (!k.why.empty()) d += ": " + k.why;
