@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <fstream>
@@ -260,6 +261,12 @@ SanlockArbiter::SanlockArbiter(SanlockOptions o) : o_(std::move(o)) {
   log::info("arbiter", "sanlock: joining lockspace {} as host {} on {} (io timeout {} s; takes ~{} s)", o_.lockspace,
             o_.host_id, o_.lease_path, o_.io_timeout_s, 2 * o_.io_timeout_s + 1);
   int rv = sanlock_add_lockspace_timeout(&ls, 0, o_.io_timeout_s);
+  if (rv == -ENOENT || rv == -ECONNREFUSED) {
+    const char* dir = std::getenv("SANLOCK_RUN_DIR");
+    fail("sanlock: no sanlock daemon answers at {}/sanlock.sock ({}): start it (systemctl start sanlock, with wdmd "
+         "and a watchdog), or set SANLOCK_RUN_DIR for ftd to the daemon's", dir ? dir : "/run/sanlock",
+         std::strerror(-rv));
+  }
   if (rv != 0 && rv != -EEXIST)
     fail("sanlock: joining lockspace {} as host {} on {} failed: {} (is the sanlock daemon running, with "
          "SANLOCK_RUN_DIR as ftd's? was the area initialised with scripts/ftvm-sanlock-init?)",
