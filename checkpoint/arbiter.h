@@ -38,11 +38,12 @@ struct ArbiterSubject {
   std::string peer_host;  // the other side's replication address (host part)
   std::chrono::milliseconds silent_for{0};  // how long the other side has not been heard
   std::chrono::milliseconds peer_timeout{0};  // the other side's heartbeat timeout (0 = unknown)
+  int guest_pid = 0;  // this side's copy of the guest: the primary's QEMU, the standby's twin (0 = unknown)
 };
 
 // For `ftctl status`: which arbiter, what it holds, when it last confirmed it.
 struct ArbiterStatus {
-  std::string kind;     // "none", "fence-command", "corosync", ...
+  std::string kind;     // "none", "fence-command", "corosync", "sanlock"
   std::string holds;    // e.g. "quorate (3 votes, members 1 2)", "nothing (split-brain unprotected)"
   bool healthy = false;  // reachable and (for quorum) quorate
   double last_confirmed_wall_ms = 0;  // unix ms of the last successful check; 0 = never
@@ -67,6 +68,17 @@ class Arbiter {
   // Wait: keep the guest paused and ask again. Fence: this side lost: kill the guest here
   // (the standby resumes it).
   virtual ArbiterAnswer may_run_alone(const ArbiterSubject& s, std::chrono::milliseconds budget) = 0;
+
+  // This side runs (or is about to run) `s.vm` as `s.guest_pid`: take what the running side must
+  // hold (a lease arbiter: the VM's lease). Called by the primary when protection starts, with
+  // a budget: throws Error saying why when this side cannot hold it in that time (protection
+  // is then refused). Called by the standby when its twin is activated without asking
+  // may_activate (a planned failover, PrimaryLost), with a zero budget: starts taking it and
+  // returns at once. The default (arbiters with nothing to hold) does nothing.
+  virtual void runs_here(const ArbiterSubject& s, std::chrono::milliseconds budget) {
+    (void)s;
+    (void)budget;
+  }
 
   virtual ArbiterStatus status() const = 0;
 };

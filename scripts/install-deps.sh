@@ -27,6 +27,8 @@ PACKAGES=(
   tcpdump iputils-ping
   # corosync quorum arbiter (tools/ftd/arbiter/corosync.*) and its lab (tests/cluster/corosync-lab.sh)
   libquorum-dev libvotequorum-dev libcmap-dev corosync corosync-qdevice corosync-qnetd
+  # sanlock lease arbiter (tools/ftd/arbiter/sanlock.*) and its tests (tests/cluster/test_sanlock_arbiter.py)
+  sanlock libsanlock-dev
 )
 
 dry_run=0

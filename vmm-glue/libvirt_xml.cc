@@ -259,7 +259,7 @@ void validate(const Protection& p) {
     fail("ftvm protection: failover='{}' is not accepted (the only policy is auto)", p.failover);
   if (p.arbiter.size() > 32 ||
       !std::all_of(p.arbiter.begin(), p.arbiter.end(), [](char c) { return (c >= 'a' && c <= 'z') || c == '-'; }))
-    fail("ftvm protection: arbiter='{}' is not an arbiter kind (none, fence-command, corosync; empty = the host's)",
+    fail("ftvm protection: arbiter='{}' is not an arbiter kind (none, fence-command, corosync, sanlock; empty = the host's)",
          p.arbiter);
 }
 

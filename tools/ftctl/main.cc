@@ -254,7 +254,7 @@ int main(int argc, char** argv) {
   en->add_option("--arbiter", arbiter,
                  "Split-brain arbitration for this VM: default the hosts' (ftd --arbiter); none = opt out (a partition "
                  "between two live hosts then runs two copies); libvirt domains keep it in the metadata element")
-      ->check(CLI::IsMember({"none", "fence-command", "corosync"}));
+      ->check(CLI::IsMember({"none", "fence-command", "corosync", "sanlock"}));
   en->add_option("--reprotect", reprotect,
                  "After a failover: auto = the standby protects the VM again towards this host as soon as it can "
                  "(needs this ftd to listen for replication); manual = only `ftctl enable` on the new host does")

@@ -14,12 +14,19 @@
 #ifdef FTVM_HAVE_COROSYNC
 #include "tools/ftd/arbiter/corosync.h"
 #endif
+#ifdef FTVM_HAVE_SANLOCK
+#include "tools/ftd/arbiter/sanlock.h"
+#endif
 #include "tools/ftd/daemon.h"
 #include "transport/address.h"
 #include "transport/auth.h"
 #include "transport/tcp/tcp_transport.h"
 
 int main(int argc, char** argv) {
+#ifdef FTVM_HAVE_SANLOCK
+  // The per-VM lease keeper of --arbiter sanlock (tools/ftd/arbiter/sanlock.h): ftd execs itself.
+  if (argc > 1 && std::strcmp(argv[1], "__sanlock-keeper") == 0) return ftvm::ftd::sanlock_keeper_main(argc, argv);
+#endif
   ftvm::ftd::DaemonConfig cfg;
   CLI::App app{"ftd - ftvm daemon: protects QEMU guests by continuous checkpointing to a standby host.\n"
                "Run one on the primary and one on the standby host; drive them with ftctl."};
@@ -103,9 +110,28 @@ int main(int argc, char** argv) {
                  "Split-brain arbitration, the same on both hosts: none (a partition between two live hosts runs two "
                  "copies: 'split-brain unprotected'), fence-command (STONITH through --fence-command), corosync (the "
                  "quorum of the local corosync 3 cluster: run ftd on cluster nodes, ideally two nodes plus "
-                 "corosync-qnetd on a third host)")
+                 "corosync-qnetd on a third host), sanlock (one sanlock lease per VM on storage both hosts see, the "
+                 "quorum disk: the side that runs the VM holds its lease; see --sanlock-lease)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"none", "fence-command", "corosync"}));
+      ->check(CLI::IsMember({"none", "fence-command", "corosync", "sanlock"}));
+  std::string sanlock_lease, sanlock_lockspace = "ftvm";
+  unsigned sanlock_host_id = 0, sanlock_io_timeout = 10;
+  app.add_option("--sanlock-lease", sanlock_lease,
+                 "With --arbiter sanlock: the lease area both hosts see (a shared LUN/LV, or a file on NFS), "
+                 "initialised once with scripts/ftvm-sanlock-init PATH SLOTS; the sanlock daemon must run on this "
+                 "host (SANLOCK_RUN_DIR as for ftd)");
+  app.add_option("--sanlock-host-id", sanlock_host_id,
+                 "With --arbiter sanlock: this host's id in the lockspace (1..2000, different on the two hosts)")
+      ->check(CLI::Range(1u, 2000u));
+  app.add_option("--sanlock-io-timeout", sanlock_io_timeout,
+                 "With --arbiter sanlock: sanlock I/O timeout in seconds, the same on both hosts. A host that lost "
+                 "the storage kills its guests at 8x this; the other host takes over a dead host's VMs after 8x this "
+                 "+ 60 s (sanlock's fixed watchdog time)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 60u));
+  app.add_option("--sanlock-lockspace", sanlock_lockspace,
+                 "With --arbiter sanlock: the lockspace name written by ftvm-sanlock-init")
+      ->capture_default_str();
   unsigned corosync_peer_nodeid = 0, corosync_settle_ms = 1000;
   app.add_option("--corosync-peer-nodeid", corosync_peer_nodeid,
                  "With --arbiter corosync: the corosync node id of the other host (every VM of this ftd); 0 = find "
@@ -244,6 +270,23 @@ int main(int argc, char** argv) {
                        "libquorum-dev libvotequorum-dev libcmap-dev and rebuild)\n");
     return 2;
 #endif
+  } else if (arbiter == "sanlock") {
+#ifdef FTVM_HAVE_SANLOCK
+    if (sanlock_lease.empty() || sanlock_host_id == 0) {
+      fmt::print(stderr, "ftd: --arbiter sanlock needs --sanlock-lease PATH (the shared lease area) and "
+                         "--sanlock-host-id N (1..2000, different on the two hosts)\n");
+      return 2;
+    }
+    // Created below, once the log goes to its file (joining the lockspace logs and blocks).
+#else
+    fmt::print(stderr, "ftd: --arbiter sanlock: this ftd was built without the sanlock arbiter (install "
+                       "libsanlock-dev and rebuild)\n");
+    return 2;
+#endif
+  }
+  if (arbiter != "sanlock" && (!sanlock_lease.empty() || sanlock_host_id != 0)) {
+    fmt::print(stderr, "ftd: --sanlock-lease and --sanlock-host-id are only used with --arbiter sanlock\n");
+    return 2;
   }
   if (arbiter != "fence-command" && !fence_command.empty()) {
     fmt::print(stderr, "ftd: --fence-command is only used with --arbiter fence-command\n");
@@ -310,6 +353,16 @@ int main(int argc, char** argv) {
     if (arbiter == "corosync")
       cfg.arbiter = std::make_shared<ftvm::ftd::CorosyncArbiter>(corosync_peer_nodeid,
                                                                  std::chrono::milliseconds(corosync_settle_ms));
+#endif
+#ifdef FTVM_HAVE_SANLOCK
+    if (arbiter == "sanlock") {
+      ftvm::ftd::SanlockOptions so;
+      so.lease_path = sanlock_lease;
+      so.lockspace = sanlock_lockspace;
+      so.host_id = sanlock_host_id;
+      so.io_timeout_s = sanlock_io_timeout;
+      cfg.arbiter = std::make_shared<ftvm::ftd::SanlockArbiter>(so);
+    }
 #endif
     ftvm::ftd::Daemon d(cfg);
     return d.run();

@@ -191,6 +191,13 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req) : cfg
     for (const auto& p : problems) msg += "\n  - " + p;
     throw Error(msg);
   }
+  // The running side holds what the arbiter hands it (sanlock: this VM's lease); protection is
+  // refused when it cannot (the VM's lease held by another host, storage unreachable).
+  {
+    cp::ArbiterSubject subj{name_, host_};
+    subj.guest_pid = qemu_pid_;
+    arbiter_->runs_here(subj, std::chrono::seconds(30));
+  }
 
   // The main RAM backend: the memdev the tracker and the copies work on.
   auto memdevs = qmp_->execute("query-memdev");
@@ -654,7 +661,9 @@ bool PrimarySession::settle_broken_session(const std::string& why, bool activate
     if (!activate_sent && silent >= standby_timeout_ / 2) {
       cp::ArbiterAnswer a = cp::ArbiterAnswer::Wait;
       try {
-        a = arbiter_->may_run_alone({name_, host_, silent, standby_timeout_}, std::chrono::milliseconds(50));
+        cp::ArbiterSubject subj{name_, host_, silent, standby_timeout_};
+        subj.guest_pid = qemu_pid_;
+        a = arbiter_->may_run_alone(subj, std::chrono::milliseconds(50));
       } catch (const std::exception& e) {
         log::error("primary", "{}: arbiter {}: {}", name_, arbiter_->kind(), e.what());
       }

@@ -152,6 +152,7 @@ cp::Verdict StandbySession::resolve(std::string& text) {
 // (Wait: the caller keeps polling the paths and asks again).
 bool StandbySession::arbiter_allows_activation(std::chrono::milliseconds silent_for) {
   cp::ArbiterSubject subj{name(), peer_host_, silent_for};
+  subj.guest_pid = twin_pid_;
   cp::ArbiterAnswer a = cp::ArbiterAnswer::Wait;
   try {
     a = arbiter_->may_activate(subj, std::chrono::milliseconds(20));
@@ -793,6 +794,18 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
     log::warn("standby", "{}: discarding epoch {} (begun, never committed{}{}); resuming from epoch {}", name(),
               begun_epoch_, last_rejection_.empty() ? "" : "; rejected: ", last_rejection_, c.epoch);
   log::info("standby", "{}: activating twin pid {} from committed epoch {} ({})", name(), twin_pid_, c.epoch, reason);
+  // The twin becomes the running copy: it takes what the running side holds (a lease arbiter's
+  // lease). After a silence the arbiter's Yes already gave it; after a planned failover or
+  // PrimaryLost it starts taking it now (the old side's copy is quitting) without delaying
+  // the resume.
+  try {
+    cp::ArbiterSubject subj{name(), peer_host_};
+    subj.guest_pid = twin_pid_;
+    arbiter_->runs_here(subj, std::chrono::milliseconds(0));
+  } catch (const std::exception& e) {
+    log::error("standby", "{}: arbiter {}: {}; the activated twin runs without what the arbiter hands the running "
+               "side", name(), arbiter_->kind(), e.what());
+  }
   try {
     nlohmann::json act = {{"reason", reason}, {"epoch", c.epoch}, {"declared_wall_ms", declared_wall_ms}};
     if (cfg_.verify_activation) {
