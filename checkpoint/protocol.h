@@ -61,6 +61,8 @@
 //                                                      the replica stays at N-1, Ack says why)
 //   Syncing|Protected --Disable--> Closed (twin destroyed)
 //   Protected --PrimaryLost | Activate | silence > heartbeat timeout | link down--> Active
+//     (failover=manual: PrimaryLost or silence --> Lost instead: the twin stays paused;
+//      Lost --`ftctl failover --force` on the standby host--> Active; Lost --Resolve--> Closed)
 //   Syncing --PrimaryLost | silence | link down--> Closed (no committed checkpoint: the twin
 //                                                   is destroyed; nothing can be resumed)
 //   Active: the twin runs the guest; the session ends; the VM now lives on this host.
@@ -88,8 +90,9 @@
 namespace ftvm::checkpoint {
 
 // 2: disks (OpenSession.disks, DiskWrite, Commit.disk_*); 3: SessionReady.heartbeat_timeout_ms,
-// Resolve/Resolution (split-brain arbitration after a lost link)
-inline constexpr uint32_t kProtocolVersion = 3;
+// Resolve/Resolution (split-brain arbitration after a lost link); 4: OpenSession.failover,
+// OpenSession.origin, OpenSession.history (issue 11)
+inline constexpr uint32_t kProtocolVersion = 4;
 inline constexpr uint32_t kRegionRam = 1;      // the twin's RAM (writable only while Syncing)
 inline constexpr uint32_t kRegionStaging = 2;  // one epoch: [u64 index * n][pages][devstate]
 
@@ -124,6 +127,9 @@ struct DiskInfo {
   uint64_t size = 0;   // guest-visible size in bytes (a multiple of 512)
 };
 
+enum class FailoverPolicy : uint32_t { Invalid = 0, Auto = 1, Manual = 2 };
+const char* to_string(FailoverPolicy p);
+
 struct OpenSession {
   uint32_t version = kProtocolVersion;
   uint64_t session_id = 0;
@@ -142,8 +148,18 @@ struct OpenSession {
   // reprotect=auto: the port this primary's ftd listens on for replication. When the twin takes
   // over, the standby protects it again towards <this primary's address>:port (0 = manual).
   uint32_t reprotect_port = 0;
+  // What the standby does when the primary is lost (PrimaryLost, or silence with the arbiter's
+  // Yes): Auto resumes the twin at once; Manual keeps it paused until `ftctl failover --force`
+  // on the standby host. A planned Activate resumes it under either policy.
+  FailoverPolicy failover = FailoverPolicy::Auto;
+  // The primary ftd's name for history records ("hostname@listen-address"), at most 256 bytes.
+  std::string origin;
+  // The VM's event history so far (JSON array text, tools/ftd/history.h; at most kMaxHistory
+  // bytes): the standby continues it when its twin takes over, so the history follows the VM.
+  std::string history;
 };
 inline constexpr size_t kMaxDomainXml = 1 << 20;
+inline constexpr size_t kMaxHistory = 64 << 10;
 inline constexpr size_t kMaxDisks = 64;
 
 struct SessionReady {
