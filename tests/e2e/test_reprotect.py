@@ -9,7 +9,12 @@ fails over back and forth between two ftd daemons, each the standby of the other
       primary QEMU at a random moment; every cycle the twin resumes from the committed
       checkpoint (tick continuity, no reboot), is protected again with `ftctl enable --qmp
       <the twin's QMP socket> --peer <the other ftd>`, and the next kill lands on it. Prints the
-      time from each failover to protected again.
+      time from each failover to protected again. At the end the VM's history (`ftctl status
+      --json`: "history") holds every failover, from which host to which.
+  manual: failover=manual: `ftctl failover --force` is refused while the primary lives; kill -9 of
+      the primary QEMU leaves the twin paused (no CPU time, no ticks, state primary-lost) until
+      `ftctl failover --force` on the standby, which resumes it from the committed checkpoint
+      (tick continuity); exit codes 5 (refused) and 0; the history shows the loss and the failover.
 """
 import os
 import random
@@ -29,6 +34,86 @@ def activated_since(S, t):
         if x['name'] == VM and x['state'] == 'active' and a.get('cont_wall_ms', 0) > t * 1000:
             return a
     return None
+
+
+def cpu_ticks(pid):
+    """utime + stime of `pid` in clock ticks (/proc/PID/stat)."""
+    f = open('/proc/%d/stat' % pid).read().rsplit(')', 1)[1].split()
+    return int(f[11]) + int(f[12])
+
+
+def events(v, kind):
+    return [e for e in (v or {}).get('history', []) if e.get('event') == kind]
+
+
+def manual():
+    with Env('reprotect-manual') as env:
+        g = env.boot_guest(mem=256, dirty_kib_s=1024)
+        g.serial.wait_ticks(3, 90)
+        P = env.start_ftd('primary', listen=False)
+        S = env.start_ftd('standby')
+        P.ctl('enable', '--qmp', g.qmp, '--peer', '127.0.0.1:%d' % env.port, '--name', VM, '--timeout', '120',
+              '--failover', 'manual')
+        v = P.vm(VM, 'primary')
+        check(v['failover'] == 'manual' and events(v, 'protected'), 'primary status: %s' % v)
+        check(S.vm(VM, 'standby')['failover'] == 'manual', 'the standby does not know the policy')
+        time.sleep(1)
+        # --force while the primary runs: refused (5), on either host; nothing changes.
+        r = S.ctl('failover', '--force', VM, check_rc=False)
+        log('--force while the primary lives: rc %d: %s' % (r.returncode, r.stderr.strip()))
+        check(r.returncode == 5 and 'is heard' in r.stderr, 'force with a live primary: rc %d %s' % (r.returncode, r.stderr))
+        r = P.ctl('failover', '--force', VM, check_rc=False)
+        check(r.returncode == 5, 'force on the primary host: rc %d %s' % (r.returncode, r.stderr))
+        r = S.ctl('failover', '--force', 'nosuchvm', check_rc=False)
+        check(r.returncode == 4, 'force of an unknown VM: rc %d %s' % (r.returncode, r.stderr))
+        check(P.vm(VM, 'primary')['state'] == 'protected', 'a refused force changed the primary')
+        twin = env.twin_serial(S, VM)
+        tpid = S.vm(VM, 'standby')['twin_pid']
+        t_kill = time.time()
+        gone = watch_exit(g.pid)
+        os.kill(g.pid, signal.SIGKILL)
+        log('kill -9 of the primary QEMU pid %d' % g.pid)
+        wait_for(gone, 10, 'primary QEMU exit')
+
+        def waiting():
+            v = S.vm(VM)
+            return v if v and v['state'] == 'primary-lost' else None
+        v = wait_for(waiting, 20, 'the standby to wait for the operator (primary-lost)')
+        log('standby: %s (%s)' % (v['state'], v['reason']))
+        check('failover --force' in v['reason'], 'the reason does not say what to run: %s' % v['reason'])
+        # The twin stays paused: well past the heartbeat timeout it has used no CPU and printed nothing.
+        c0 = cpu_ticks(tpid)
+        time.sleep(3 * env.hb_timeout_ms / 1000.0)
+        c1 = cpu_ticks(tpid)
+        hz = os.sysconf('SC_CLK_TCK')
+        log('paused twin pid %d used %.2f s of CPU in %.1f s' % (tpid, (c1 - c0) / hz, 3 * env.hb_timeout_ms / 1000.0))
+        check((c1 - c0) / hz < 0.5, 'the twin runs (%.2f s CPU) although failover=manual' % ((c1 - c0) / hz))
+        check(not twin.ticks(), 'the twin printed ticks before --force: %s' % twin.ticks()[:3])
+        v = S.vm(VM)
+        check(v['state'] == 'primary-lost' and not v.get('activation'), 'the twin was resumed: %s' % v)
+        check('ACTIVATED' not in S.log_text(), 'the standby activated by itself')
+        t_force = time.time()
+        r = S.ctl('failover', '--force', VM, check_rc=False)
+        log('--force after the loss: rc %d: %s%s' % (r.returncode, r.stdout.strip(), r.stderr.strip()))
+        check(r.returncode == 0, 'force after the loss: rc %d %s' % (r.returncode, r.stderr))
+        a = activated_since(S, t_force)
+        check(a, 'no activation after --force')
+        check(gone() * 1000 < a['cont_wall_ms'], 'the primary QEMU exited after the twin resumed')
+        check_continuity(g.serial, twin, P.committed_cut_ms(VM, a['epoch']))
+        log('twin resumed %.2f s after the kill (operator decision), %.0f ms after --force' %
+            (a['cont_wall_ms'] / 1000 - t_kill, a['cont_wall_ms'] - t_force * 1000))
+        # Idempotent for a cluster manager: a second --force says it runs here (0).
+        r = S.ctl('failover', '--force', VM, check_rc=False)
+        check(r.returncode == 0, 'second force: rc %d %s' % (r.returncode, r.stderr))
+        v = S.vm(VM, 'active')
+        fo = events(v, 'failover')
+        check(len(fo) == 1 and 'force' in fo[0]['reason'] and fo[0]['to'] != fo[0]['from'],
+              'history: %s' % v.get('history'))
+        check(events(v, 'protected') and events(v, 'primary-lost'), 'history lacks events: %s' % v.get('history'))
+        log('history on the standby: %s' % [(e['event'], e.get('from'), e.get('to')) for e in v['history']])
+        check(os.path.exists(env.path('standby-state', 'history', VM + '.json')), 'history not persisted')
+        hs = S.ctl('status', VM).stdout
+        check('FAILOVER' in hs and 'history' in hs, 'ftctl status shows no history:\n%s' % hs)
 
 
 def back_and_forth(auto=False):
@@ -93,6 +178,13 @@ def back_and_forth(auto=False):
             env.track(pid, 'twin %d' % c)
             primary, standby = standby, primary
             session_since = t_failover
+        # The VM's history followed it from host to host: every failover, alternating.
+        v = hosts[primary][0].vm(VM, 'primary')
+        fo = events(v, 'failover')
+        check(len(fo) == cycles, 'history holds %d failovers, expected %d: %s' % (len(fo), cycles, v.get('history')))
+        check(all(x['from'] == y['to'] and x['to'] == y['from'] for x, y in zip(fo, fo[1:])),
+              'failovers do not alternate between the hosts: %s' % [(e['from'], e['to']) for e in fo])
+        log('history: %d events, %d failovers: %s' % (len(v['history']), len(fo), [(e['from'], e['to']) for e in fo[:2]]))
         log('%d failovers back and forth (%s); failover -> protected again (s): %s; median %.2f' %
         (cycles, 'reprotect=auto' if auto else 'ftctl enable each time', ['%.2f' % t for t in times],
          sorted(times)[len(times) // 2] if times else 0))
@@ -132,6 +224,9 @@ def primary_restart():
             check('protected again after this ftd restarted' in P.log_text(), 'no re-attach logged')
         ticks = [n for _, n in g.serial.ticks()]
         check(all(b == a + 1 for a, b in zip(ticks, ticks[1:])), 'the guest rebooted or lost ticks')
+        # The history survived both restarts (STATE_DIR/history): three protections.
+        n = len(events(P.vm(VM, 'primary'), 'protected'))
+        check(n >= 3, 'history after two ftd restarts holds %d protections, expected 3' % n)
         P.ctl('disable', VM)
         check(not os.listdir(os.path.join(env.dir, 'primary-state', 'protect')), 'disable left the record behind')
 
@@ -184,4 +279,4 @@ def t0_protect_wait(t_failover, t_protected):
 
 if __name__ == '__main__':
     main({'back-and-forth': back_and_forth, 'auto': lambda: back_and_forth(auto=True),
-          'primary-restart': primary_restart, 'twin-dies': twin_dies})
+          'primary-restart': primary_restart, 'twin-dies': twin_dies, 'manual': manual})

@@ -617,7 +617,14 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
         committed_ = c.epoch;
         last_commit_wall_ms_ = wall_ms();
       }
-      if (state_ != "protected") set_state("protected");
+      if (state_ != "protected") {
+        set_state("protected");
+        std::lock_guard<std::mutex> g(mu_);
+        local_events_.push_back({{"wall_ms", wall_ms()}, {"event", "protected"}, {"host", History::node_name()},
+                                 {"primary", origin_.empty() ? peer_host_ : origin_}, {"standby", History::node_name()},
+                                 {"session", fmt::format("{:016x}", session_id_)},
+                                 {"failover", failover_manual_ ? "manual" : "auto"}});
+      }
       return true;
     }
     case MsgType::Activate: {
