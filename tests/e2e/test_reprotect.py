@@ -11,10 +11,17 @@ fails over back and forth between two ftd daemons, each the standby of the other
       <the twin's QMP socket> --peer <the other ftd>`, and the next kill lands on it. Prints the
       time from each failover to protected again. At the end the VM's history (`ftctl status
       --json`: "history") holds every failover, from which host to which.
-  manual: failover=manual: `ftctl failover --force` is refused while the primary lives; kill -9 of
+  manual, manual-kill-ftd: failover=manual: `ftctl failover --force` is refused while the primary lives; kill -9 of
       the primary QEMU leaves the twin paused (no CPU time, no ticks, state primary-lost) until
       `ftctl failover --force` on the standby, which resumes it from the committed checkpoint
       (tick continuity); exit codes 5 (refused) and 0; the history shows the loss and the failover.
+      manual-kill-ftd: the same after kill -9 of the primary ftd (silence + arbiter instead of
+      PrimaryLost).
+  four-vms: two ftd daemons, four VMs, two protected from each host towards the other; kill -9
+      of one primary QEMU: it fails over and is protected again (reprotect=auto) while the other
+      three stay protected, never fail over and keep cutting epochs. Prints their pause p99 (from
+      the per-epoch stats) before and during the failover and resync of the fourth; the numbers
+      never decide pass or fail.
 """
 import os
 import random
@@ -46,8 +53,10 @@ def events(v, kind):
     return [e for e in (v or {}).get('history', []) if e.get('event') == kind]
 
 
-def manual():
-    with Env('reprotect-manual') as env:
+def manual(kill_ftd=False):
+    """kill_ftd: kill -9 of the primary ftd instead (its guard kills QEMU): the standby sees
+    silence, the arbiter (none) agrees, and the twin still waits for --force."""
+    with Env('reprotect-manual' + ('-ftd' if kill_ftd else '')) as env:
         g = env.boot_guest(mem=256, dirty_kib_s=1024)
         g.serial.wait_ticks(3, 90)
         P = env.start_ftd('primary', listen=False)
@@ -71,8 +80,12 @@ def manual():
         tpid = S.vm(VM, 'standby')['twin_pid']
         t_kill = time.time()
         gone = watch_exit(g.pid)
-        os.kill(g.pid, signal.SIGKILL)
-        log('kill -9 of the primary QEMU pid %d' % g.pid)
+        if kill_ftd:
+            P.kill9()
+            log('kill -9 of the primary ftd (its guard kills QEMU pid %d)' % g.pid)
+        else:
+            os.kill(g.pid, signal.SIGKILL)
+            log('kill -9 of the primary QEMU pid %d' % g.pid)
         wait_for(gone, 10, 'primary QEMU exit')
 
         def waiting():
@@ -114,6 +127,77 @@ def manual():
         check(os.path.exists(env.path('standby-state', 'history', VM + '.json')), 'history not persisted')
         hs = S.ctl('status', VM).stdout
         check('FAILOVER' in hs and 'history' in hs, 'ftctl status shows no history:\n%s' % hs)
+
+
+def p99(xs):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * 0.99))] if xs else float('nan')
+
+
+def four_vms():
+    with Env('reprotect-four') as env:
+        # The smallest guests the harness boots (TCG, 2 host cores for 4 guests and 2 daemons).
+        guests = {}
+        for n in ('a1', 'a2', 'b1', 'b2'):
+            guests[n] = env.boot_guest(name=n, mem=128, dirty_kib_s=256)
+        for g in guests.values():
+            g.serial.wait_ticks(2, 120)
+        port_b = env.port
+        env.port = free_port()
+        A = env.start_ftd('a', listen=True)
+        port_a = env.port
+        env.port = port_b
+        B = env.start_ftd('b', listen=True)
+        home = {'a1': (A, port_b), 'a2': (A, port_b), 'b1': (B, port_a), 'b2': (B, port_a)}
+        for n, (P, sport) in home.items():
+            P.ctl('enable', '--qmp', guests[n].qmp, '--peer', '127.0.0.1:%d' % sport, '--name', n, '--timeout', '180',
+                  '--epoch-ms', '50')
+        others = ('a2', 'b1', 'b2')
+        time.sleep(5)
+        t_kill = time.time()
+        before = {n: home[n][0].vm(n, 'primary') for n in others}
+        gone = watch_exit(guests['a1'].pid)
+        os.kill(guests['a1'].pid, signal.SIGKILL)
+        log('kill -9 of a1\'s primary QEMU pid %d on host a' % guests['a1'].pid)
+        a = wait_for(lambda: activated_since_vm(B, 'a1', t_kill), 60, 'a1 to fail over to host b')
+        t_active = a['cont_wall_ms'] / 1000
+        check(gone() < t_active, 'the primary QEMU of a1 exited after its twin resumed')
+
+        def reprotected():
+            v = B.vm('a1', 'primary')
+            return v if v and v['state'] == 'protected' else None
+        wait_for(reprotected, 120, 'a1 protected again from host b towards host a (reprotect=auto)')
+        t_prot = time.time()
+        time.sleep(1)
+        log('a1: active on b %.2f s after the kill, protected again %.2f s after the kill' %
+            (t_active - t_kill, t_prot - t_kill))
+        for n in others:
+            P, _ = home[n]
+            v = P.vm(n, 'primary')
+            check(v['state'] == 'protected', '%s is %s (%s) during the failover of a1' % (n, v['state'], v['reason']))
+            check(v['epoch'] > before[n]['epoch'] + 5, '%s: epochs did not advance (%d -> %d)' %
+                  (n, before[n]['epoch'], v['epoch']))
+            check(not events(v, 'failover') and len(events(v, 'protected')) == 1,
+                  '%s: its history shows a failover or a resync: %s' % (n, v['history']))
+            S = B if P is A else A
+            sv = S.vm(n, 'standby')
+            check(sv and sv['state'] == 'protected', '%s: the standby session is %s' % (n, sv))
+            recs = [r for r in P.epochs(n)]
+            pre = [r['pause_us'] / 1000 for r in recs if t_kill - 5 <= r['wall_ms'] / 1000 < t_kill]
+            dur = [r['pause_us'] / 1000 for r in recs if t_kill <= r['wall_ms'] / 1000 < t_prot]
+            check(dur, '%s: no epoch acked while a1 failed over and resynchronized' % n)
+            log('%s: pause p99 %.2f ms before (%d epochs in 5 s), %.2f ms during the failover and resync of a1 '
+                '(%d epochs in %.1f s); status p99 %.2f ms; epoch %d -> %d' %
+                (n, p99(pre), len(pre), p99(dur), len(dur), t_prot - t_kill, v['pause_ms']['p99'] or 0,
+                 before[n]['epoch'], v['epoch']))
+
+
+def activated_since_vm(S, vm, t):
+    for x in S.status():
+        a = x.get('activation') or {}
+        if x['name'] == vm and x['state'] == 'active' and a.get('cont_wall_ms', 0) > t * 1000:
+            return a
+    return None
 
 
 def back_and_forth(auto=False):
@@ -279,4 +363,6 @@ def t0_protect_wait(t_failover, t_protected):
 
 if __name__ == '__main__':
     main({'back-and-forth': back_and_forth, 'auto': lambda: back_and_forth(auto=True),
-          'primary-restart': primary_restart, 'twin-dies': twin_dies, 'manual': manual})
+          'primary-restart': primary_restart, 'twin-dies': twin_dies, 'manual': manual,
+          'manual-kill-ftd': lambda: manual(kill_ftd=True),
+          'four-vms': four_vms})
