@@ -263,7 +263,9 @@ def back_and_forth(auto=False):
             primary, standby = standby, primary
             session_since = t_failover
         # The VM's history followed it from host to host: every failover, alternating.
-        v = hosts[primary][0].vm(VM, 'primary')
+        # (the status of the twin that took over last: the host it runs on now)
+        v = max((x for x in hosts[primary][0].status() if x['name'] == VM and x['state'] == 'active'),
+                key=lambda x: x['activation']['cont_wall_ms'])
         fo = events(v, 'failover')
         check(len(fo) == cycles, 'history holds %d failovers, expected %d: %s' % (len(fo), cycles, v.get('history')))
         check(all(x['from'] == y['to'] and x['to'] == y['from'] for x, y in zip(fo, fo[1:])),
