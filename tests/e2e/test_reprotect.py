@@ -16,7 +16,8 @@ fails over back and forth between two ftd daemons, each the standby of the other
       `ftctl failover --force` on the standby, which resumes it from the committed checkpoint
       (tick continuity); exit codes 5 (refused) and 0; the history shows the loss and the failover.
       manual-kill-ftd: the same after kill -9 of the primary ftd (silence + arbiter instead of
-      PrimaryLost).
+      PrimaryLost). manual-arbiter-wait: that with a fence-command arbiter failing at first:
+      `--force` exits 6 (retry) and the twin stays paused; once the fence succeeds, 0.
   four-vms: two ftd daemons, four VMs, two protected from each host towards the other; kill -9
       of one primary QEMU: it fails over and is protected again (reprotect=auto) while the other
       three stay protected, never fail over and keep cutting epochs. Prints their pause p99 (from
@@ -53,14 +54,24 @@ def events(v, kind):
     return [e for e in (v or {}).get('history', []) if e.get('event') == kind]
 
 
-def manual(kill_ftd=False):
+def manual(kill_ftd=False, arbiter_wait=False):
     """kill_ftd: kill -9 of the primary ftd instead (its guard kills QEMU): the standby sees
-    silence, the arbiter (none) agrees, and the twin still waits for --force."""
-    with Env('reprotect-manual' + ('-ftd' if kill_ftd else '')) as env:
+    silence, the arbiter (none) agrees, and the twin still waits for --force. arbiter_wait: the
+    same with a fence-command arbiter that fails (Wait) until a file exists: --force answers 6
+    (retry) until then, 0 after."""
+    kill_ftd = kill_ftd or arbiter_wait
+    with Env('reprotect-manual' + ('-ftd' if kill_ftd else '') + ('-wait' if arbiter_wait else '')) as env:
         g = env.boot_guest(mem=256, dirty_kib_s=1024)
         g.serial.wait_ticks(3, 90)
-        P = env.start_ftd('primary', listen=False)
-        S = env.start_ftd('standby')
+        arb = []
+        if arbiter_wait:
+            fence = env.path('fence-when-allowed.sh')
+            with open(fence, 'w') as f:
+                f.write('#!/bin/sh\ntest -e %s\n' % env.path('fence-ok'))
+            os.chmod(fence, 0o755)
+            arb = ['--arbiter', 'fence-command', '--fence-command', fence, '--fence-timeout-ms', '2000']
+        P = env.start_ftd('primary', listen=False, extra=arb)
+        S = env.start_ftd('standby', extra=arb)
         P.ctl('enable', '--qmp', g.qmp, '--peer', '127.0.0.1:%d' % env.port, '--name', VM, '--timeout', '120',
               '--failover', 'manual')
         v = P.vm(VM, 'primary')
@@ -87,6 +98,16 @@ def manual(kill_ftd=False):
             os.kill(g.pid, signal.SIGKILL)
             log('kill -9 of the primary QEMU pid %d' % g.pid)
         wait_for(gone, 10, 'primary QEMU exit')
+
+        if arbiter_wait:
+            # Silent, but the arbiter cannot tell (its fence fails): --force answers 6, and the
+            # twin stays paused; once the fence succeeds the standby waits for --force as usual.
+            wait_for(lambda: 'arbiter fence-command answers wait' in S.log_text(), 30, 'the arbiter to answer wait')
+            r = S.ctl('failover', '--force', VM, check_rc=False)
+            log('--force while the arbiter waits: rc %d: %s' % (r.returncode, r.stderr.strip()))
+            check(r.returncode == 6, 'force while the arbiter waits: rc %d %s' % (r.returncode, r.stderr))
+            check(not twin.ticks() and 'ACTIVATED' not in S.log_text(), 'the twin ran while the arbiter waited')
+            open(env.path('fence-ok'), 'w').close()
 
         def waiting():
             v = S.vm(VM)
@@ -367,4 +388,5 @@ if __name__ == '__main__':
     main({'back-and-forth': back_and_forth, 'auto': lambda: back_and_forth(auto=True),
           'primary-restart': primary_restart, 'twin-dies': twin_dies, 'manual': manual,
           'manual-kill-ftd': lambda: manual(kill_ftd=True),
+          'manual-arbiter-wait': lambda: manual(arbiter_wait=True),
           'four-vms': four_vms})
