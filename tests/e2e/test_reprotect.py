@@ -199,7 +199,7 @@ def four_vms():
             check(v['epoch'] > before[n]['epoch'] + 5, '%s: epochs did not advance (%d -> %d)' %
                   (n, before[n]['epoch'], v['epoch']))
             check(not events(v, 'failover') and len(events(v, 'protected')) == 1,
-                  '%s: its history shows a failover or a resync: %s' % (n, v['history']))
+                  '%s: its history shows a failover or a resync: %s' % (n, v.get('history')))
             S = B if P is A else A
             sv = S.vm(n, 'standby')
             check(sv and sv['state'] == 'protected', '%s: the standby session is %s' % (n, sv))
