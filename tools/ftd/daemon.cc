@@ -328,18 +328,25 @@ void Daemon::handshake_and_serve(transport::MultiListener::Pending p) {
         return false;
       },
       [this](const checkpoint::Resolve& r, const StandbySession& from) { return resolve(r, from); }, cfg_.arbiter);
-  s->set_reprotect([this](const std::string& vm, const std::string& qmp, const std::string& peer,
-                           const std::string& failover) {
+  s->set_reprotect([this](const std::string& vm, const std::string& qmp, const std::string& domain,
+                           const std::string& peer, const std::string& failover) {
     // reprotect=auto: the twin that took over is protected again, towards its old primary's
     // host, with the same failover policy; while that host is down the new session stays
-    // degraded and keeps retrying.
-    auto r = handle({{"cmd", "enable"}, {"qmp", qmp}, {"peer", peer}, {"name", vm}, {"reprotect", "auto"},
-                     {"failover", failover}});
+    // degraded and keeps retrying. A libvirt twin gets the ftvm element (the hook protects it
+    // on its next starts too).
+    nlohmann::json req = {{"cmd", "enable"}, {"peer", peer}, {"reprotect", "auto"}, {"failover", failover}};
+    if (domain.empty()) {
+      req["qmp"] = qmp;
+      req["name"] = vm;
+    } else {
+      req["domain"] = domain;
+    }
+    auto r = handle(req);
     if (r.value("ok", false))
       log::info("ftd", "{}: protected again after the failover: {}", vm, r.value("message", ""));
     else
-      log::error("ftd", "{}: reprotect=auto failed: {}; protect it with `ftctl enable --qmp {} --peer {}`", vm,
-                 r.value("error", "?"), qmp, peer);
+      log::error("ftd", "{}: reprotect=auto failed: {}; protect it with `ftctl enable {} --peer {}`", vm,
+                 r.value("error", "?"), domain.empty() ? "--qmp " + qmp : domain, peer);
   });
   {
     std::lock_guard<std::mutex> g(mu_);

@@ -1009,6 +1009,28 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
       if (!f || ::write(f.get(), text.data(), text.size()) < 0)
         log::error("standby", "{}: writing {} failed: {}", name(), mark, std::strerror(errno));
     }
+    // The VM's history continues here (history.h): what the primary sent, this session's
+    // events, the failover (before the state says "active": a reader of that state sees it).
+    // Written before re-protection starts from this host.
+    nlohmann::json ev = {{"wall_ms", wall_ms()}, {"event", "failover"}, {"host", History::node_name()},
+                         {"from", origin_.empty() ? peer_host_ : origin_}, {"to", History::node_name()},
+                         {"reason", reason.substr(0, 300)}, {"epoch", c.epoch},
+                         {"failover", failover_manual_ ? "manual" : "auto"}};
+    nlohmann::json local;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      local_events_.push_back(ev);
+      local = local_events_;
+    }
+    // A libvirt twin named with --twin-name-suffix is protected again under that name: its
+    // history is written under both.
+    std::vector<std::string> names = {name()};
+    if (!twin_uuid_.empty() && !cfg_.twin_name_suffix.empty()) names.push_back(name() + cfg_.twin_name_suffix);
+    for (const auto& n : names) {
+      History h(cfg_.state_dir, n);
+      h.adopt(history_in_);
+      for (const auto& e : local) h.append(e);
+    }
     set_state("active", reason);
     log::info("standby", "{}: ACTIVATED twin pid {} at epoch {}: query-status {}, load {:.1f} ms, total {:.1f} ms after "
               "the primary was declared dead", name(), twin_pid_, c.epoch, st, act["load_ms"].get<double>(),
@@ -1041,38 +1063,20 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
                  name(), e.what());
     }
   }
-  if (active_) {
-    // The VM's history continues here (history.h): what the primary sent, this session's
-    // events, the failover. Written before re-protection starts from this host.
-    nlohmann::json ev = {{"wall_ms", wall_ms()}, {"event", "failover"}, {"host", History::node_name()},
-                         {"from", origin_.empty() ? peer_host_ : origin_}, {"to", History::node_name()},
-                         {"reason", reason.substr(0, 300)}, {"epoch", c.epoch},
-                         {"failover", failover_manual_ ? "manual" : "auto"}};
-    nlohmann::json local;
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      local_events_.push_back(ev);
-      local = local_events_;
-    }
-    History h(cfg_.state_dir, name());
-    h.adopt(history_in_);
-    for (const auto& e : local) h.append(e);
-  }
   // The twin is the VM now (or broken, for an operator to inspect): ftd lets go of it.
   conn_->unregister_region(cp::kRegionRam);
   conn_->unregister_region(cp::kRegionStaging);
   twin_qmp_.reset();  // frees QEMU's single QMP connection for the operator
   if (active_ && reprotect_port_ && reprotect_) {
-    if (!twin_uuid_.empty()) {
-      log::info("standby", "{}: reprotect=auto is not automatic for libvirt domains yet: protect it with `ftctl enable "
-                "{} --peer {}:{}`", name(), name(), peer_host_, reprotect_port_);
-    } else {
-      const auto peer = (peer_host_.find(':') != std::string::npos ? "[" + peer_host_ + "]" : peer_host_) + ":" +
-                        std::to_string(reprotect_port_);
-      log::info("standby", "{}: reprotect=auto: protecting the VM again towards {} (its old primary host)", name(), peer);
-      reprotect_(name(), vm_dir_ + "/twin-qmp.sock", peer, failover_manual_ ? "manual" : "auto");
-    }
+    const auto peer = (peer_host_.find(':') != std::string::npos ? "[" + peer_host_ + "]" : peer_host_) + ":" +
+                      std::to_string(reprotect_port_);
+    log::info("standby", "{}: reprotect=auto: protecting the VM again towards {} (its old primary host)", name(), peer);
+    // A libvirt twin by its domain (UUID): protection writes the ftvm element into it, so the
+    // hook protects it whenever it starts again; a plain twin by its QMP socket.
+    reprotect_(name(), twin_uuid_.empty() ? vm_dir_ + "/twin-qmp.sock" : "", twin_uuid_, peer,
+               failover_manual_ ? "manual" : "auto");
   }
+
 }
 
 // The twin could not be resumed. Its state is uncertain (it may even run): kill it, so that the

@@ -61,9 +61,10 @@ class StandbySession {
   // Answers a Resolve (a fresh connection from a primary whose session broke); see protocol.h.
   using Resolver = std::function<checkpoint::Resolution(const checkpoint::Resolve&, const StandbySession& from)>;
   // Called on the session thread after the twin took over and the session let go of it, with
-  // the VM name, the twin's QMP socket and "host:port" to protect it towards (reprotect=auto).
-  using Reprotect = std::function<void(const std::string& vm, const std::string& qmp, const std::string& peer,
-                                       const std::string& failover)>;
+  // the VM name, the twin's QMP socket (plain QEMU) or libvirt domain UUID (the other one ""),
+  // "host:port" to protect it towards (reprotect=auto) and the VM's failover policy.
+  using Reprotect = std::function<void(const std::string& vm, const std::string& qmp, const std::string& domain,
+                                       const std::string& peer, const std::string& failover)>;
   void set_reprotect(Reprotect r) { reprotect_ = std::move(r); }
   StandbySession(const DaemonConfig& cfg, std::unique_ptr<transport::Connection> conn, Claim claim, Adopt adopt,
                  Resolver resolver, std::shared_ptr<checkpoint::Arbiter> arbiter);
