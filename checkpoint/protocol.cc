@@ -128,6 +128,8 @@ std::vector<std::byte> encode(const OpenSession& m) {
   w.str(m.libvirt_xml, kMaxDomainXml);
   w.str(m.arbiter);
   w.u32(m.reprotect_port);
+  w.str(m.second_path_host);
+  w.u64(m.ram_used);
   w.u32(static_cast<uint32_t>(m.failover));
   w.str(m.origin);
   w.str(m.history, kMaxHistory);
@@ -162,10 +164,14 @@ template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
   m.libvirt_xml = r.str(kMaxDomainXml);
   m.arbiter = r.str(64);
   m.reprotect_port = r.u32();
+  m.second_path_host = r.str(64);
+  m.ram_used = r.u64();
   m.failover = static_cast<FailoverPolicy>(r.u32());
   m.origin = r.str(256);
   m.history = r.str(kMaxHistory);
   r.done();
+  if (m.ram_used > m.ram_size)
+    throw ProtocolError(fmt::format("OpenSession: {} bytes of RAM in use exceed the RAM size {}", m.ram_used, m.ram_size));
   if (m.failover != FailoverPolicy::Auto && m.failover != FailoverPolicy::Manual)
     throw ProtocolError(fmt::format("OpenSession: failover policy {} unknown (1 auto, 2 manual)",
                                     static_cast<uint32_t>(m.failover)));
