@@ -99,6 +99,15 @@ const char* to_string(MsgType t) {
   return "Unknown";
 }
 
+const char* to_string(FailoverPolicy p) {
+  switch (p) {
+    case FailoverPolicy::Invalid: return "invalid";
+    case FailoverPolicy::Auto: return "auto";
+    case FailoverPolicy::Manual: return "manual";
+  }
+  return "invalid";
+}
+
 std::vector<std::byte> encode(const OpenSession& m) {
   Writer w;
   w.u32(m.version);
@@ -121,6 +130,9 @@ std::vector<std::byte> encode(const OpenSession& m) {
   w.u32(m.reprotect_port);
   w.str(m.second_path_host);
   w.u64(m.ram_used);
+  w.u32(static_cast<uint32_t>(m.failover));
+  w.str(m.origin);
+  w.str(m.history, kMaxHistory);
   return std::move(w.out);
 }
 template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
@@ -154,9 +166,15 @@ template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
   m.reprotect_port = r.u32();
   m.second_path_host = r.str(64);
   m.ram_used = r.u64();
+  m.failover = static_cast<FailoverPolicy>(r.u32());
+  m.origin = r.str(256);
+  m.history = r.str(kMaxHistory);
   r.done();
   if (m.ram_used > m.ram_size)
     throw ProtocolError(fmt::format("OpenSession: {} bytes of RAM in use exceed the RAM size {}", m.ram_used, m.ram_size));
+  if (m.failover != FailoverPolicy::Auto && m.failover != FailoverPolicy::Manual)
+    throw ProtocolError(fmt::format("OpenSession: failover policy {} unknown (1 auto, 2 manual)",
+                                    static_cast<uint32_t>(m.failover)));
   if (m.reprotect_port > 65535) throw ProtocolError(fmt::format("OpenSession: reprotect port {} out of range", m.reprotect_port));
   if (m.arbiter.empty()) throw ProtocolError("OpenSession: empty arbiter kind");
   if (m.page_size != 4096) throw ProtocolError(fmt::format("OpenSession: page size {} unsupported (4096 only)", m.page_size));

@@ -62,6 +62,8 @@
 //                                                      the replica stays at N-1, Ack says why)
 //   Syncing|Protected --Disable--> Closed (twin destroyed)
 //   Protected --PrimaryLost | Activate | silence > heartbeat timeout | link down--> Active
+//     (failover=manual: PrimaryLost or silence --> Lost instead: the twin stays paused;
+//      Lost --`ftctl failover --force` on the standby host--> Active; Lost --Resolve--> Closed)
 //   Syncing --PrimaryLost | silence | link down--> Closed (no committed checkpoint: the twin
 //                                                   is destroyed; nothing can be resumed)
 //   Active: the twin runs the guest; the session ends; the VM now lives on this host.
@@ -90,8 +92,8 @@ namespace ftvm::checkpoint {
 
 // 2: disks (OpenSession.disks, DiskWrite, Commit.disk_*); 3: SessionReady.heartbeat_timeout_ms,
 // Resolve/Resolution (split-brain arbitration after a lost link); 4: OpenSession.second_path_host,
-// OpenSession.ram_used
-inline constexpr uint32_t kProtocolVersion = 4;
+// OpenSession.ram_used; 5: OpenSession.failover, OpenSession.origin, OpenSession.history (issue 11)
+inline constexpr uint32_t kProtocolVersion = 5;
 inline constexpr uint32_t kRegionRam = 1;      // the twin's RAM (writable only while Syncing)
 inline constexpr uint32_t kRegionStaging = 2;  // one epoch: [u64 index * n][pages][devstate]
 
@@ -126,6 +128,9 @@ struct DiskInfo {
   uint64_t size = 0;   // guest-visible size in bytes (a multiple of 512)
 };
 
+enum class FailoverPolicy : uint32_t { Invalid = 0, Auto = 1, Manual = 2 };
+const char* to_string(FailoverPolicy p);
+
 struct OpenSession {
   uint32_t version = kProtocolVersion;
   uint64_t session_id = 0;
@@ -152,8 +157,18 @@ struct OpenSession {
   // Bytes of guest RAM that hold data now (the rest are holes the sync leaves out): what the
   // twin needs at once. The standby refuses a session it has not that much memory for.
   uint64_t ram_used = 0;
+  // What the standby does when the primary is lost (PrimaryLost, or silence with the arbiter's
+  // Yes): Auto resumes the twin at once; Manual keeps it paused until `ftctl failover --force`
+  // on the standby host. A planned Activate resumes it under either policy.
+  FailoverPolicy failover = FailoverPolicy::Auto;
+  // The primary ftd's name for history records ("hostname@listen-address"), at most 256 bytes.
+  std::string origin;
+  // The VM's event history so far (JSON array text, tools/ftd/history.h; at most kMaxHistory
+  // bytes): the standby continues it when its twin takes over, so the history follows the VM.
+  std::string history;
 };
 inline constexpr size_t kMaxDomainXml = 1 << 20;
+inline constexpr size_t kMaxHistory = 64 << 10;
 inline constexpr size_t kMaxDisks = 64;
 
 struct SessionReady {

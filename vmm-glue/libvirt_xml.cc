@@ -255,8 +255,10 @@ void validate(const Protection& p) {
     fail("ftvm protection: epoch-ms='{}' is out of range (use an integer from 1 to 10000 "
          "milliseconds; default 25)",
          p.epoch_ms);
-  if (p.failover != "auto")
-    fail("ftvm protection: failover='{}' is not accepted (the only policy is auto)", p.failover);
+  if (p.failover != "auto" && p.failover != "manual")
+    fail("ftvm protection: failover='{}' is not accepted (use auto: the standby resumes the twin when the primary "
+         "is lost; or manual: it waits for `ftctl failover --force`)",
+         p.failover);
   if (p.arbiter.size() > 32 ||
       !std::all_of(p.arbiter.begin(), p.arbiter.end(), [](char c) { return (c >= 'a' && c <= 'z') || c == '-'; }))
     fail("ftvm protection: arbiter='{}' is not an arbiter kind (none, fence-command, corosync, sanlock; empty = the host's)",

@@ -29,7 +29,7 @@ struct Protection {
   std::string peer;               // standby ftd: "host", "host:port", "[v6]:port" (required)
   std::string transport = "auto";  // auto | tcp | rdma
   unsigned epoch_ms = 25;          // 1..10000
-  std::string failover = "auto";   // auto (the only policy so far)
+  std::string failover = "auto";   // auto | manual (EnableRequest::failover)
   std::string arbiter = "";        // "" = the host's (ftd --arbiter); "none" = this VM opts out
   std::string peer_alt = "";       // the standby's second address (another network); "" = none
 

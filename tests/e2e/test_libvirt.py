@@ -14,6 +14,11 @@ daemons on loopback; the standby's twin is a libvirt domain of the same libvirtd
                  balloon fails naming each setting and the fixing command; `ftctl prepare --yes`
                  fixes the definition; after a restart `ftctl enable` protects it and writes the
                  element (live and persistent); `ftctl disable` removes it.
+  failback       a domain fails over (virsh destroy of the primary), its twin domain is protected
+                 again towards the first host by the standby ftd itself (reprotect=auto: the
+                 ftvm element is written into the twin domain) and fails back (virsh destroy of
+                 the twin): the tick counter continues both times and the history on the first
+                 host shows both failovers.
   hook-robust    ftd down when the domain starts: it starts anyway and the hook logs why; ftd
                  started later finds and protects it; a guest poweroff ends protection without
                  a failover.
@@ -25,7 +30,7 @@ import time
 import uuid as uuidlib
 
 import disk_records
-from ftvm_e2e import (BUILD, GUEST, Env, Serial, check, check_continuity, log, main, wait_for)
+from ftvm_e2e import (BUILD, GUEST, Env, Serial, check, check_continuity, free_port, log, main, wait_for)
 
 NS = 'https://ftvm.dev/xmlns/protection/1'
 URI = 'qemu:///system'
@@ -228,6 +233,61 @@ def hook_failover():
             lab.close()
 
 
+def failback():
+    with Env('lv-failback') as env:
+        lab = Lab(env)
+        try:
+            name = 'ftvmf%d' % os.getpid()
+            port_b = env.port
+            env.port = free_port()
+            # Host A (the first primary) listens too: the VM comes back to it. Both "hosts" share
+            # one libvirtd, so each standby names its twin domains with a suffix of its own.
+            A = env.start_ftd('a', extra=['--twin-name-suffix', '-back', '--disk-dir', env.path('replicas-a'),
+                                          '--state-dir', lab.state])
+            port_a = env.port
+            env.port = port_b
+            B = env.start_ftd('b', extra=['--twin-name-suffix', '-twin', '--disk-dir', env.path('replicas-b'),
+                                          '--state-dir', env.path('b-state')])
+            lab.hook_conf(A.control)
+            sock = lab.define(name, peer='127.0.0.1:%d' % port_b)
+            twin_name, back_name = name + '-twin', name + '-twin-back'
+            lab.domains.append(twin_name + '-back')  # removed at the end (with its '-twin' variant)
+            virsh('start', name)
+            ser = lab.serial(sock, name)
+            ser.wait_ticks(3, 120)
+            wait_protected(A, name)
+            twin = lab.serial(os.path.join(B.run_dir, 'vms', name, os.path.basename(sock)), twin_name)
+            time.sleep(1)
+            log('virsh destroy %s (the primary on host a)' % name)
+            virsh('destroy', name)
+            a1 = wait_for(lambda: (B.vm(name, 'active') or {}).get('activation'), 30, 'the twin to take over on b')
+            check(domstate(twin_name) == 'running', 'twin domain is %s' % domstate(twin_name))
+            check_continuity(ser, twin, A.committed_cut_ms(name, a1['epoch']))
+            wait_for(lambda: 'Persistent:     yes' in virsh('dominfo', twin_name).stdout, 15,
+                     'the twin domain to be defined persistently')
+            # reprotect=auto: nobody runs ftctl; b protects the twin domain towards a by itself.
+            wait_protected(B, twin_name)
+            log('%s protected again from b towards a %.1f s after it resumed (reprotect=auto)' %
+                (twin_name, time.time() - a1['cont_wall_ms'] / 1000))
+            check(NS in virsh('dumpxml', twin_name).stdout and str(port_a) in
+                  virsh('dumpxml', twin_name).stdout, 'the twin domain does not declare its protection towards a')
+            check(domstate(back_name) == 'paused', 'the twin on a (%s) is %s' % (back_name, domstate(back_name)))
+            back = lab.serial(os.path.join(A.run_dir, 'vms', twin_name, os.path.basename(sock)), back_name)
+            time.sleep(1)
+            log('virsh destroy %s (the primary on host b)' % twin_name)
+            virsh('destroy', twin_name)
+            a2 = wait_for(lambda: (A.vm(twin_name, 'active') or {}).get('activation'), 30, 'the VM to fail back to a')
+            check(domstate(back_name) == 'running', 'the domain on a is %s after the fail-back' % domstate(back_name))
+            check_continuity(twin, back, B.committed_cut_ms(twin_name, a2['epoch']))
+            v = A.vm(twin_name, 'active')
+            fo = [e for e in v.get('history', []) if e.get('event') == 'failover']
+            log('history on a: %s' % [(e['event'], e.get('from'), e.get('to')) for e in v.get('history', [])])
+            check(len(fo) == 2 and fo[0]['from'] == fo[1]['to'] and fo[0]['to'] == fo[1]['from'],
+                  'history on a after the fail-back: %s' % v.get('history'))
+        finally:
+            lab.close()
+
+
 def unprepared():
     with Env('lv-prepare') as env:
         lab = Lab(env)
@@ -321,4 +381,4 @@ def hook_robust():
 
 
 if __name__ == '__main__':
-    main({'hook-failover': hook_failover, 'unprepared': unprepared, 'hook-robust': hook_robust})
+    main({'failback': failback, 'hook-failover': hook_failover, 'unprepared': unprepared, 'hook-robust': hook_robust})

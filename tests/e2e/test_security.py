@@ -60,7 +60,7 @@ def xxh32(data, seed=0):
 # ---- frames and messages (transport/frame.h, checkpoint/protocol.h) ---------------------------
 HELLO, WRITE, CONTROL, HEARTBEAT, GOODBYE = 1, 2, 3, 4, 5
 OPEN_SESSION, SESSION_READY, EPOCH_BEGIN, COMMIT, ACK, ACTIVATE, ACTIVATE_DONE, ERROR = 1, 2, 5, 6, 7, 8, 9, 12
-PROTOCOL_VERSION = 3  # checkpoint/protocol.h kProtocolVersion
+PROTOCOL_VERSION = 5  # checkpoint/protocol.h kProtocolVersion
 WIRE_VERSION = 2      # transport/frame.h kWireVersion (2: Hello with nonce and key id)
 
 
@@ -78,7 +78,10 @@ def open_session(sid, name, ram, argv, disks=(), xml=''):
     b = struct.pack('<IQQI', PROTOCOL_VERSION, sid, ram, 4096) + s(name)
     b += struct.pack('<I', len(argv)) + b''.join(s(a) for a in argv)
     b += struct.pack('<I', len(disks)) + b''.join(s(i) + s(src) + struct.pack('<Q', sz) for i, src, sz in disks)
-    return b + s(xml) + s('none') + struct.pack('<I', 0)  # arbiter kind, reprotect port (manual)
+    # arbiter kind, reprotect port (manual), second-path host (none), RAM in use (0: unknown),
+    # failover policy (auto), origin, history
+    return (b + s(xml) + s('none') + struct.pack('<I', 0) + s('') + struct.pack('<QI', 0, 1) + s('fake-primary') +
+            s('[]'))
 
 
 class FakePrimary:

@@ -159,6 +159,20 @@ TEST_CASE("protocol messages round-trip and malformed bodies are rejected", "[ch
     auto e = encode(o);
     REQUIRE_THROWS_WITH(decode<OpenSession>(e), Catch::Contains("arbiter"));
   }
+  SECTION("the failover policy, origin and history travel in OpenSession (version 4)") {
+    REQUIRE(decode<OpenSession>(encode(o)).failover == FailoverPolicy::Auto);
+    o.failover = FailoverPolicy::Manual;
+    o.origin = "host-a@127.0.0.1:7410";
+    o.history = R"([{"event":"protected"}])";
+    auto d = decode<OpenSession>(encode(o));
+    REQUIRE(d.failover == FailoverPolicy::Manual);
+    REQUIRE(d.origin == o.origin);
+    REQUIRE(d.history == o.history);
+    o.failover = FailoverPolicy::Invalid;
+    REQUIRE_THROWS_WITH(decode<OpenSession>(encode(o)), Catch::Contains("failover policy"));
+    o.failover = static_cast<FailoverPolicy>(7);
+    REQUIRE_THROWS_AS(decode<OpenSession>(encode(o)), ProtocolError);
+  }
   SECTION("split-brain messages: SessionReady's timeout, Resolve, Resolution, Suspect") {
     auto r = decode<SessionReady>(encode(SessionReady{7, 4096, 1234, 400}));
     REQUIRE(r.heartbeat_timeout_ms == 400);

@@ -226,7 +226,8 @@ TEST_CASE("parse_protection rejects invalid elements naming the attribute", "[li
   CHECK(contains(bad("peer='h' epoch-ms='10001'"), "1 to 10000"));
   CHECK(contains(bad("peer='h' epoch-ms='25ms'"), "not an integer"));
   CHECK(contains(bad("peer='h' epoch-ms='-5'"), "not an integer"));
-  CHECK(contains(bad("peer='h' failover='manual'"), "failover='manual'"));
+  CHECK(contains(bad("peer='h' failover='later'"), "failover='later'"));
+  CHECK(parse_protection("<protection peer='h' failover='manual'/>")->failover == "manual");
   CHECK(contains(bad("peer='h' epoch_ms='30'"), "unknown attribute epoch_ms"));
   CHECK(parse_protection("<protection peer='h' epoch-ms='10000'/>")->epoch_ms == 10000);
   CHECK(parse_protection("<protection peer='h' epoch-ms='1'/>")->epoch_ms == 1);

@@ -3,9 +3,11 @@
 // Exit codes (stable; for scripts and cluster resource agents):
 //   0 success   1 operation failed   2 usage error / bad request   3 ftd unreachable
 //   4 no such VM   5 refused (VM cannot be protected, or wrong state)
+//   6 not now: the arbiter cannot tell yet (`failover --force`); retry
 #include <unistd.h>
 
 #include <chrono>
+#include <ctime>
 #include <cstdlib>
 #include <iostream>
 #include <thread>
@@ -23,13 +25,14 @@
 
 namespace {
 
-enum Exit { kOk = 0, kFailed = 1, kUsage = 2, kUnreachable = 3, kNotFound = 4, kRefused = 5 };
+enum Exit { kOk = 0, kFailed = 1, kUsage = 2, kUnreachable = 3, kNotFound = 4, kRefused = 5, kWait = 6 };
 
 int code_for(const nlohmann::json& r) {
   std::string c = r.value("code", "failed");
   if (c == "bad_request") return kUsage;
   if (c == "not_found") return kNotFound;
   if (c == "refused") return kRefused;
+  if (c == "wait") return kWait;
   return kFailed;
 }
 
@@ -42,6 +45,36 @@ struct Ctl {
 
 std::string fmt_ms(const nlohmann::json& v) { return v.is_number() ? fmt::format("{:.2f}", v.get<double>()) : "-"; }
 
+// The VM's history (tools/ftd/history.h), oldest first: the last 10 events (all in --json).
+void print_history(const nlohmann::json& v) {
+  if (!v.contains("history") || !v["history"].is_array() || v["history"].empty()) return;
+  const auto& h = v["history"];
+  const size_t from = h.size() > 10 ? h.size() - 10 : 0;
+  fmt::print("  history ({} events{}):\n", h.size(), from ? ", the last 10" : "");
+  for (size_t i = from; i < h.size(); i++) {
+    const auto& e = h[i];
+    const auto ms = static_cast<time_t>(e.value("wall_ms", 0.0) / 1000);
+    char when[32] = "?";
+    struct tm tmv {};
+    if (::gmtime_r(&ms, &tmv)) std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%SZ", &tmv);
+    const std::string ev = e.value("event", "?");
+    std::string what;
+    if (ev == "protected")
+      what = fmt::format("protected: {} -> {} (failover={})", e.value("primary", "?"), e.value("standby", "?"),
+                         e.value("failover", "auto"));
+    else if (ev == "failover")
+      what = fmt::format("FAILOVER {} -> {} at epoch {}: {}", e.value("from", "?"), e.value("to", "?"),
+                         e.value("epoch", 0), e.value("reason", ""));
+    else if (ev == "failover-planned")
+      what = fmt::format("planned failover to {} at epoch {}", e.value("to", "?"), e.value("epoch", 0));
+    else if (ev == "primary-lost")
+      what = fmt::format("primary lost (on {}): {}", e.value("host", "?"), e.value("reason", ""));
+    else
+      what = fmt::format("{} (on {})", ev, e.value("host", "?"));
+    fmt::print("    {}  {}\n", when, what);
+  }
+}
+
 void print_human(const nlohmann::json& vms) {
   if (vms.empty()) {
     fmt::print("no protected VMs on this host\n");
@@ -51,6 +84,10 @@ void print_human(const nlohmann::json& vms) {
     std::string reason = v.value("reason", "");
     fmt::print("{}  role={}  state={}{}\n", v.value("name", "?"), v.value("role", "?"), v.value("state", "?"),
                reason.empty() ? "" : "  (" + reason + ")");
+    if (v.contains("pair") && v["pair"].is_object())
+      fmt::print("  pair: primary {} -> standby {}  failover={}{}\n", v["pair"].value("primary", "?"),
+                 v["pair"].value("standby", "?"), v.value("failover", "auto"),
+                 v.contains("reprotect") ? "  reprotect=" + v.value("reprotect", "auto") : "");
     if (v.value("role", "") == "primary") {
       const auto& p = v["pause_ms"];
       const auto& l = v["link"];
@@ -106,6 +143,7 @@ void print_human(const nlohmann::json& vms) {
                    a.value("status_after", "?"));
       }
     }
+    print_history(v);
   }
 }
 
@@ -250,6 +288,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1u, 100u));
   std::string transport = "auto";
   std::string reprotect = "auto";
+  std::string failover = "auto";
   std::string arbiter;
   en->add_option("--arbiter", arbiter,
                  "Split-brain arbitration for this VM: default the hosts' (ftd --arbiter); none = opt out (a partition "
@@ -258,6 +297,12 @@ int main(int argc, char** argv) {
   en->add_option("--reprotect", reprotect,
                  "After a failover: auto = the standby protects the VM again towards this host as soon as it can "
                  "(needs this ftd to listen for replication); manual = only `ftctl enable` on the new host does")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "manual"}));
+  en->add_option("--failover", failover,
+                 "When the primary is lost (its QEMU died, or it went silent and the arbiter agrees): auto = the "
+                 "standby resumes the twin at once; manual = the twin stays paused until `ftctl failover --force VM` "
+                 "on the standby host (for a cluster manager); libvirt domains keep it in the metadata element")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "manual"}));
   en->add_option("--transport", transport, "rdma, tcp, or auto (RDMA when the peer is reachable over an RDMA device)")
@@ -291,9 +336,22 @@ int main(int argc, char** argv) {
   st->add_option("VM", st_name, "Only this VM");
   st->add_flag("--json", json, "Machine-readable output");
 
-  auto* fo = app.add_subcommand("failover", "Planned switchover: final checkpoint, twin resumes, primary stops");
+  auto* fo = app.add_subcommand(
+      "failover",
+      "On the primary: planned switchover (final checkpoint, twin resumes, primary stops). With --force on the "
+      "standby: resume the paused twin of a lost primary (failover=manual) from its last committed checkpoint. Exit "
+      "codes: 0 done (or already running here), 1 failed (the twin could not be resumed; it was killed), 2 usage, "
+      "3 ftd unreachable, 4 no such VM on this host, 5 refused (the primary is still heard on some path, nothing "
+      "committed, the arbiter says this side lost, or the wrong host), 6 the arbiter cannot tell yet: retry");
   std::string fo_name;
+  bool fo_force = false;
+  unsigned fo_timeout_s = 60;
   fo->add_option("VM", fo_name, "VM name")->required();
+  fo->add_flag("--force", fo_force,
+               "Standby host: the operator decides the VM runs here now. Overrides only failover=manual's hold (and "
+               "accepts losing the work since the last committed checkpoint); never resumes a twin whose primary is "
+               "heard on any path (unless it reported its QEMU dead), nor one the arbiter refuses");
+  fo->add_option("--timeout", fo_timeout_s, "Seconds to wait for the decision")->capture_default_str();
 
   auto* di = app.add_subcommand("disable", "End protection: destroy the twin, leave the guest running here");
   std::string di_name;
@@ -364,7 +422,7 @@ int main(int argc, char** argv) {
       }
       nlohmann::json req = {{"cmd", "enable"}, {"peer", peer}, {"name", name}, {"epoch_ms", epoch_ms},
                             {"max_sync_passes", passes}, {"transport", transport}, {"shared_disk", shared_disk},
-                            {"reprotect", reprotect}, {"arbiter", arbiter}};
+                            {"reprotect", reprotect}, {"failover", failover}, {"arbiter", arbiter}};
       if (!peer_alt.empty()) req["peer_alt"] = peer_alt;
       req["output_epoch_min_ms"] = output_min_ms;
       if (!domain.empty()) {
@@ -437,10 +495,11 @@ int main(int argc, char** argv) {
       return kOk;
     }
     if (*fo || *di || *fa) {
-      nlohmann::json req = *fo ? nlohmann::json{{"cmd", "failover"}, {"name", fo_name}}
+      nlohmann::json req = *fo ? nlohmann::json{{"cmd", "failover"}, {"name", fo_name}, {"force", fo_force},
+                                                {"timeout_ms", fo_timeout_s * 1000}}
                          : *di ? nlohmann::json{{"cmd", "disable"}, {"name", di_name}}
                                : nlohmann::json{{"cmd", "fault"}, {"name", fa_name}, {"fault", fa_kind}};
-      auto r = ctl.call(req);
+      auto r = ctl.call(req, *fo ? static_cast<int>(fo_timeout_s * 1000 + 10000) : 120000);
       if (!r.value("ok", false)) return fail_with(r);
       fmt::print("{}\n", r.value("message", "ok"));
       return kOk;

@@ -18,6 +18,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "tools/ftd/control.h"
+#include "tools/ftd/history.h"
 #include "vmm-glue/libvirt.h"
 #include "vmm-glue/libvirt_xml.h"
 
@@ -71,6 +72,7 @@ Daemon::Daemon(DaemonConfig cfg) : cfg_(std::move(cfg)) {
     else
       log::info("ftd", "arbiter {}: {}", st.kind, st.holds);
   }
+  History::set_node_name(cfg_.listen);
   std::filesystem::create_directories(cfg_.run_dir);
   // 0711: QEMU processes of other users (libvirt-qemu) must reach the sockets ftd makes for
   // them below it (nbd/, output commit); the control socket has its own mode.
@@ -337,15 +339,25 @@ void Daemon::handshake_and_serve(transport::MultiListener::Pending p) {
         return false;
       },
       [this](const checkpoint::Resolve& r, const StandbySession& from) { return resolve(r, from); }, cfg_.arbiter);
-  s->set_reprotect([this](const std::string& vm, const std::string& qmp, const std::string& peer) {
+  s->set_reprotect([this](const std::string& vm, const std::string& qmp, const std::string& domain,
+                           const std::string& peer, const std::string& failover) {
     // reprotect=auto: the twin that took over is protected again, towards its old primary's
-    // host; while that host is down the new session stays degraded and keeps retrying.
-    auto r = handle({{"cmd", "enable"}, {"qmp", qmp}, {"peer", peer}, {"name", vm}, {"reprotect", "auto"}});
+    // host, with the same failover policy; while that host is down the new session stays
+    // degraded and keeps retrying. A libvirt twin gets the ftvm element (the hook protects it
+    // on its next starts too).
+    nlohmann::json req = {{"cmd", "enable"}, {"peer", peer}, {"reprotect", "auto"}, {"failover", failover}};
+    if (domain.empty()) {
+      req["qmp"] = qmp;
+      req["name"] = vm;
+    } else {
+      req["domain"] = domain;
+    }
+    auto r = handle(req);
     if (r.value("ok", false))
       log::info("ftd", "{}: protected again after the failover: {}", vm, r.value("message", ""));
     else
-      log::error("ftd", "{}: reprotect=auto failed: {}; protect it with `ftctl enable --qmp {} --peer {}`", vm,
-                 r.value("error", "?"), qmp, peer);
+      log::error("ftd", "{}: reprotect=auto failed: {}; protect it with `ftctl enable {} --peer {}`", vm,
+                 r.value("error", "?"), domain.empty() ? "--qmp " + qmp : domain, peer);
   });
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -499,6 +511,7 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
   r.transport = req.value("transport", "auto");
   r.shared_disk = req.value("shared_disk", false);
   r.reprotect = req.value("reprotect", "auto");
+  r.failover = req.value("failover", "auto");
   r.arbiter = req.value("arbiter", "");
   std::shared_ptr<PrimarySession> s;
   try {
@@ -522,6 +535,7 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
       p.transport = r.transport;
       p.epoch_ms = r.epoch_ms;
       p.arbiter = r.arbiter;
+      p.failover = r.failover;
       p.peer_alt = r.peer_alt;
       s->set_protection_metadata(vmm::protection_element(p));
     } catch (const std::exception& e) {
@@ -558,12 +572,50 @@ nlohmann::json Daemon::cmd_status(const nlohmann::json& req) {
           {"insecure", !cfg_.key}};
 }
 
+// Without "force": a planned switchover, run on the primary. With "force" (the standby host): the
+// VM runs here now from its last committed checkpoint, under StandbySession::force_failover()'s
+// rules. Codes: ok; "refused" (the primary is heard, nothing committed, the arbiter says this side
+// lost, the wrong host); "wait" (the arbiter cannot tell yet: retry); "not_found"; "failed".
 nlohmann::json Daemon::cmd_failover(const nlohmann::json& req) {
   auto name = need_string(req, "name");
+  const auto timeout = std::chrono::milliseconds(opt_uint(req, "timeout_ms", 60000));
+  std::shared_ptr<StandbySession> sb, ran;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (auto& x : standbys_) {
+      if (x->transient() || x->name() != name) continue;
+      if (!x->finished()) sb = x;
+      else if (x->active() && x->twin_pid() > 0 && adopted_twin(name) == x->twin_pid()) ran = x;
+    }
+  }
+  if (req.value("force", false)) {
+    if (sb) {
+      const auto r = sb->force_failover(timeout);
+      using C = StandbySession::ForceCode;
+      switch (r.code) {
+        case C::Done: return {{"ok", true}, {"message", r.text}};
+        case C::Refused: return err("refused", r.text);
+        case C::Wait: return err("wait", r.text);
+        case C::Failed: return err("failed", r.text);
+      }
+      return err("failed", r.text);
+    }
+    if (ran || adopted_twin(name) > 0)
+      return {{"ok", true}, {"message", fmt::format("VM '{}' already runs on this host (its twin took over)", name)}};
+    if (auto p = primary(name); p && !p->finished())
+      return err("refused", fmt::format("VM '{}' is protected from this host (its primary runs here): --force is for "
+                                        "the standby host after the primary was lost; a planned switchover is `ftctl "
+                                        "failover {}` here, without --force", name, name));
+    return err("not_found", fmt::format("no standby session of VM '{}' on this host", name));
+  }
   auto s = primary(name);
+  if (!s && sb)
+    return err("refused", fmt::format("this host is the standby of VM '{}': a planned switchover runs on the primary "
+                                      "(`ftctl failover {}` there); after the primary was lost with failover=manual, "
+                                      "run `ftctl failover --force {}` here", name, name, name));
   if (!s) return err("not_found", fmt::format("no VM named '{}' is protected from this host (run ftctl on the primary)", name));
   try {
-    return {{"ok", true}, {"message", s->failover(std::chrono::milliseconds(opt_uint(req, "timeout_ms", 60000)))}};
+    return {{"ok", true}, {"message", s->failover(timeout)}};
   } catch (const std::exception& e) {
     return err("failed", e.what());
   }
@@ -631,6 +683,7 @@ nlohmann::json Daemon::cmd_hook(const nlohmann::json& req) {
     r.transport = p.value("transport", "auto");
     r.epoch_ms = opt_uint(p, "epoch_ms", 25);
     r.arbiter = p.value("arbiter", "");
+    r.failover = p.value("failover", "auto");
     r.peer_alt = p.value("peer_alt", "");
     if (cfg_.libvirt_uri.empty())
       return err("refused", "ftd runs without libvirt (--libvirt-uri ''); cannot protect domain " + name);
@@ -707,6 +760,7 @@ void Daemon::scan_libvirt() {
         r.transport = p->transport;
         r.epoch_ms = p->epoch_ms;
         r.arbiter = p->arbiter;
+        r.failover = p->failover;
         log::info("ftd", "{}: running domain declares ftvm protection (standby {}): protecting it", n, p->peer);
         protect_domain_async(d.uuid(), n, r, "found running at ftd start");
       } catch (const std::exception& e) {

@@ -160,6 +160,8 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req) : cfg
   }
   if (req_.reprotect != "auto" && req_.reprotect != "manual")
     problems.push_back(fmt::format("reprotect '{}' is not one of auto, manual", req_.reprotect));
+  if (req_.failover != "auto" && req_.failover != "manual")
+    problems.push_back(fmt::format("failover '{}' is not one of auto, manual", req_.failover));
   if (req_.shared_disk)
     problems.push_back("--shared-disk is refused: with one disk seen by both hosts, the twin would resume checkpoint N "
                        "on a disk that already holds the primary's writes made after N (a filesystem can be "
@@ -198,6 +200,7 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req) : cfg
     subj.guest_pid = qemu_pid_;
     arbiter_->runs_here(subj, std::chrono::seconds(30));
   }
+  history_ = std::make_unique<History>(cfg_.state_dir, name_);
 
   // The main RAM backend: the memdev the tracker and the copies work on.
   auto memdevs = qmp_->execute("query-memdev");
@@ -357,6 +360,9 @@ void PrimarySession::primary_lost(const std::string& why) {
     }
   }
   set_state("primary-lost", why);
+  history_->append({{"event", "primary-lost"}, {"reason", why.substr(0, 300)},
+                    {"standby", last_acked_ > 0 && conn_ ? (link_peer_.empty() ? req_.peer : link_peer_) : ""},
+                    {"failover", req_.failover}});
   if (conn_ && last_acked_ > 0) mark_failed_over(why);  // the standby resumes the twin
   else set_marker("protected", false, {});
 }
@@ -762,6 +768,9 @@ void PrimarySession::connect_and_sync() {
   o.qemu_argv = argv_;
   o.libvirt_xml = domain_xml_;
   o.arbiter = arbiter_->kind();
+  o.failover = req_.failover == "manual" ? cp::FailoverPolicy::Manual : cp::FailoverPolicy::Auto;
+  o.origin = History::node_name();
+  o.history = history_->dump();
   if (req_.reprotect == "auto" && !cfg_.listen.empty()) {
     try {
       o.reprotect_port = transport::tcp::parse_host_port(cfg_.listen).port;
@@ -1135,6 +1144,10 @@ void PrimarySession::handle(const transport::ControlMessage& m) {
         state_ = "protected";
         reason_.clear();
         log::info("primary", "{}: state -> protected (epoch {} committed on the standby)", name_, a.epoch);
+        history_->append({{"event", "protected"}, {"primary", History::node_name()},
+                          {"standby", link_peer_.empty() ? req_.peer : link_peer_},
+                          {"session", fmt::format("{:016x}", session_id_)}, {"failover", req_.failover},
+                          {"reprotect", req_.reprotect}});
       }
       return;
     }
@@ -1464,6 +1477,7 @@ std::string PrimarySession::do_failover() {
   conn_.reset();
   hb_.reset();
   set_state("failed-over", fmt::format("planned failover at epoch {}", epoch_));
+  history_->append({{"event", "failover-planned"}, {"to", link_peer_}, {"epoch", epoch_}});
   mark_failed_over("planned failover");
   return fmt::format("VM '{}' now runs on the standby ({}); final epoch {}, switchover took {:.1f} ms", name_,
                      link_peer_, epoch_, ms);
@@ -1487,6 +1501,7 @@ std::string PrimarySession::do_disable() {
   tracker_.reset();
   set_marker("protected", false, {});
   set_state("disabled");
+  history_->append({{"event", "disabled"}});
   return fmt::format("protection of VM '{}' ended; the twin on the standby is destroyed", name_);
 }
 
@@ -1530,6 +1545,10 @@ nlohmann::json PrimarySession::status() const {
       {"role", "primary"},
       {"state", state_},
       {"reason", reason_},
+      {"failover", req_.failover},
+      {"reprotect", req_.reprotect},
+      {"pair", {{"primary", History::node_name()}, {"standby", link_peer_.empty() ? req_.peer : link_peer_}}},
+      {"history", history_->events()},
       {"epoch", last_acked_},
       {"epochs_cut", epochs_cut_},
       {"epoch_ms", req_.epoch_ms},

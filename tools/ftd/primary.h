@@ -40,6 +40,7 @@
 #include "common/fd.h"
 #include "tools/ftd/disk_mirror.h"
 #include "tools/ftd/guard.h"
+#include "tools/ftd/history.h"
 #include "tools/ftd/output_buffer.h"
 #include "tools/ftd/session.h"
 #include "transport/select.h"
@@ -134,6 +135,7 @@ class PrimarySession {
   DaemonConfig cfg_;
   EnableRequest req_;
   std::string name_;
+  std::unique_ptr<History> history_;  // this VM's (history.h); set in the constructor
   std::string host_;
   uint16_t port_ = 0;
   // The standby's second address (`ftctl enable --peer-alt`, a second NIC); "" = none. The

@@ -105,6 +105,10 @@ struct EnableRequest {
   // After a failover the twin, now the VM, is protected again towards this host by the standby
   // ftd on its own ("auto", needs this ftd to listen), or only by `ftctl enable` ("manual").
   std::string reprotect = "auto";
+  // When this primary is lost (its QEMU died, or it went silent and the arbiter agrees): "auto"
+  // = the standby resumes the twin at once; "manual" = the twin stays paused until `ftctl
+  // failover --force VM` on the standby host (a cluster manager's decision).
+  std::string failover = "auto";
   // Split-brain arbitration for this VM: "" = this ftd's (--arbiter); "none" = this VM opts out
   // (split-brain unprotected, warned); anything else must name this ftd's arbiter.
   std::string arbiter;

@@ -20,6 +20,7 @@
 #include "checkpoint/digest.h"
 #include "common/error.h"
 #include "common/log.h"
+#include "tools/ftd/history.h"
 #include "transport/tcp/tcp_transport.h"
 #include "vmm-glue/qemu_cmdline.h"
 
@@ -172,6 +173,10 @@ bool StandbySession::arbiter_allows_activation(std::chrono::milliseconds silent_
     if (a == cp::ArbiterAnswer::Wait && state_ == "protected")
       reason_ = fmt::format("primary silent for {} ms; waiting for arbiter {}", silent_for.count(), arbiter_->kind());
   }
+  if (a == cp::ArbiterAnswer::Wait && force_pending())
+    answer_force(ForceCode::Wait, fmt::format("the primary of '{}' has been silent for {} ms but arbiter {} cannot tell "
+                                              "yet whether it is gone (Wait): the twin stays paused; retry",
+                                              name(), silent_for.count(), arbiter_->kind()));
   if (a == cp::ArbiterAnswer::Fence) {
     destroy_twin(fmt::format("primary silent for {} ms but arbiter {} says this side lost: the twin is dropped",
                              silent_for.count(), arbiter_->kind()));
@@ -282,6 +287,7 @@ void StandbySession::run() {
       }
       if (!poll_second_path()) break;
       check_twin_alive();
+      check_force(false);
       std::optional<transport::ControlMessage> m;
       try {
         m = conn_->poll(std::chrono::milliseconds(20));
@@ -299,6 +305,7 @@ void StandbySession::run() {
             finished_ = true;
             return;
           }
+          check_force(false);
           if (hb_ && hb_->idle_for() <= cfg_.heartbeat_timeout) {
             last_heard = Clock::now() - hb_->idle_for();
             if (Clock::now() - lost_at > 10 * cfg_.heartbeat_timeout) {
@@ -362,7 +369,17 @@ void StandbySession::run() {
     destroy_twin(std::string("error: ") + e.what());
   }
   conn_.reset();
-  finished_ = true;
+  {
+    std::lock_guard<std::mutex> g(force_mu_);
+    finished_ = true;
+    if (force_requested_ && !force_result_) {
+      std::lock_guard<std::mutex> g2(mu_);
+      force_result_ = active_ ? ForceResult{ForceCode::Done, fmt::format("the twin of '{}' runs on this host", name_)}
+                              : ForceResult{ForceCode::Refused, fmt::format("the session of '{}' ended ({}: {})", name_,
+                                                                            state_, reason_)};
+    }
+  }
+  force_cv_.notify_all();
 }
 
 vmm::TwinPolicy StandbySession::twin_policy() const {
@@ -436,6 +453,9 @@ void StandbySession::open(const cp::OpenSession& o) {
   }
   session_id_ = o.session_id;
   reprotect_port_ = o.reprotect_port;
+  failover_manual_ = o.failover == cp::FailoverPolicy::Manual;
+  origin_ = o.origin;
+  history_in_ = o.history;
   sid_ = o.session_id;
   vm_dir_ = cfg_.run_dir + "/vms/" + o.vm_name;
   std::filesystem::create_directories(vm_dir_);
@@ -649,7 +669,14 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
         committed_ = c.epoch;
         last_commit_wall_ms_ = wall_ms();
       }
-      if (state_ != "protected") set_state("protected");
+      if (state_ != "protected") {
+        set_state("protected");
+        std::lock_guard<std::mutex> g(mu_);
+        local_events_.push_back({{"wall_ms", wall_ms()}, {"event", "protected"}, {"host", History::node_name()},
+                                 {"primary", origin_.empty() ? peer_host_ : origin_}, {"standby", History::node_name()},
+                                 {"session", fmt::format("{:016x}", session_id_)},
+                                 {"failover", failover_manual_ ? "manual" : "auto"}});
+      }
       return true;
     }
     case MsgType::Activate: {
@@ -680,7 +707,7 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
     case MsgType::PrimaryLost: {
       auto p = cp::decode<cp::PrimaryLost>(m.body);
       check_sid(p.session_id);
-      primary_silent("primary reports its QEMU died: " + p.reason);  // no arbiter: the primary says it is gone
+      primary_silent("primary reports its QEMU died: " + p.reason, true);  // no arbiter: the primary says it is gone
       return false;
     }
     case MsgType::Disable: {
@@ -754,11 +781,17 @@ void StandbySession::start_libvirt_twin(const cp::OpenSession& o, const std::map
   twin_qmp_ = std::make_unique<vmm::LibvirtMonitor>(conn, twin);
 }
 
-void StandbySession::primary_silent(const std::string& why) {
-  const double declared = wall_ms();
+void StandbySession::primary_silent(const std::string& why_in, bool reported_dead) {
+  double declared = wall_ms();
+  std::string why = why_in;
   if (!replica_ || !replica_->has_checkpoint()) {
     destroy_twin(why + "; no committed checkpoint yet, nothing to resume");
     return;
+  }
+  if (failover_manual_) {
+    if (!await_operator(why, reported_dead)) return;
+    why = fmt::format("ftctl failover --force (failover=manual; {})", why);
+    declared = wall_ms();
   }
   if (!settle(Fate::Activating)) {
     destroy_twin("not activating (" + why + "): the primary already settled the session and runs on");
@@ -774,6 +807,154 @@ void StandbySession::primary_silent(const std::string& why) {
     }
   }
   activate(why, declared);
+  if (force_pending()) {
+    std::string text;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      text = active_ ? fmt::format("VM '{}' runs on this host now (twin pid {}, resumed from epoch {})", name_,
+                                   twin_pid_, committed_)
+                     : fmt::format("resuming the twin of '{}' failed: {}", name_, reason_);
+    }
+    answer_force(active_ ? ForceCode::Done : ForceCode::Failed, text);
+  }
+}
+
+bool StandbySession::force_pending() const {
+  std::lock_guard<std::mutex> g(force_mu_);
+  return force_requested_ && !force_result_;
+}
+
+void StandbySession::answer_force(ForceCode c, const std::string& text) {
+  {
+    std::lock_guard<std::mutex> g(force_mu_);
+    if (!force_requested_ || force_result_) return;
+    force_result_ = ForceResult{c, text};
+  }
+  log::warn("standby", "{}: ftctl failover --force: {}", name(), text);
+  force_cv_.notify_all();
+}
+
+StandbySession::ForceResult StandbySession::force_failover(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> l(force_mu_);
+  if (force_requested_) return {ForceCode::Refused, fmt::format("another `ftctl failover --force {}` is running", name())};
+  if (finished_) return {ForceCode::Refused, fmt::format("the session of '{}' has ended", name())};
+  force_requested_ = true;
+  force_result_.reset();
+  log::warn("standby", "{}: ftctl failover --force requested", name());
+  const bool answered = force_cv_.wait_for(l, timeout, [&] { return force_result_.has_value() || finished_.load(); });
+  ForceResult r = force_result_ ? *force_result_
+                                : ForceResult{ForceCode::Failed, answered ? fmt::format("the session of '{}' ended", name())
+                                                                          : fmt::format("no decision within {} ms",
+                                                                                        timeout.count())};
+  force_requested_ = false;
+  force_result_.reset();
+  return r;
+}
+
+void StandbySession::check_force(bool reported_dead) {
+  if (!force_pending()) return;
+  if (!replica_ || !replica_->has_checkpoint()) {
+    answer_force(ForceCode::Refused, fmt::format("the twin of '{}' holds no committed checkpoint yet: nothing to "
+                                                 "resume (the primary runs the guest)", name()));
+    return;
+  }
+  const auto q = silence();
+  if (!reported_dead && q < cfg_.heartbeat_timeout)
+    answer_force(ForceCode::Refused,
+                 fmt::format("the primary of '{}' ({}) is heard: last frame {} ms ago on {} (the timeout is {} ms); it "
+                             "runs the guest and two copies must never run. For a planned switchover run `ftctl "
+                             "failover {}` on the primary host",
+                             name(), peer_, q.count(), hb_ ? "one of two paths" : "the data path",
+                             cfg_.heartbeat_timeout.count(), name()));
+  // Silent for the timeout: the silence handling asks the arbiter (Wait is answered there).
+}
+
+bool StandbySession::await_operator(const std::string& why, bool reported_dead) {
+  auto set_waiting = [&] {
+    set_state("primary-lost", fmt::format("{}; failover=manual: the twin stays paused, waiting for `ftctl failover "
+                                          "--force {}` on this host", why, name()));
+  };
+  set_waiting();
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    local_events_.push_back({{"wall_ms", wall_ms()}, {"event", "primary-lost"}, {"host", History::node_name()},
+                             {"primary", origin_}, {"reason", why.substr(0, 300)}, {"failover", "manual"}});
+  }
+  bool data_up = conn_ != nullptr;
+  // Messages the primary may still send: PrimaryLost (its QEMU is dead), Disable and Error (it
+  // runs: the twin goes). Anything else means the primary runs on: a protocol error (the twin goes).
+  auto take = [&](const transport::ControlMessage& m) -> bool {
+    const auto type = static_cast<MsgType>(m.type);
+    switch (type) {
+      case MsgType::PrimaryLost:
+        if (!reported_dead) log::warn("standby", "{}: the primary reports its QEMU died: {}", name(),
+                                      cp::decode<cp::PrimaryLost>(m.body).reason);
+        reported_dead = true;
+        return true;
+      case MsgType::Disable:
+        destroy_twin("protection disabled by the primary");
+        return false;
+      case MsgType::Error:
+        destroy_twin("primary reported an error: " + cp::decode<cp::ErrorMsg>(m.body).text);
+        return false;
+      default:
+        throw ProtocolError(fmt::format("{} from the primary while its twin waits for `ftctl failover --force` (the "
+                                        "primary was declared lost)", cp::to_string(type)));
+    }
+  };
+  for (;;) {
+    if (abort_) {
+      std::string w;
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        w = abort_reason_;
+      }
+      destroy_twin(w);
+      return false;
+    }
+    check_twin_alive();
+    if (data_up) {
+      try {
+        if (auto m = conn_->poll(std::chrono::milliseconds(20)); m && !take(*m)) return false;
+      } catch (const LinkDown&) {
+        data_up = false;
+      }
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (pending_hb_) hb_ = std::move(pending_hb_);
+    }
+    if (hb_) {
+      try {
+        if (auto m = hb_->poll(std::chrono::milliseconds(0)); m && !take(*m)) return false;
+      } catch (const LinkDown&) {
+        hb_.reset();
+      }
+    }
+    if (!force_pending()) continue;
+    if (!reported_dead && silence() < cfg_.heartbeat_timeout) {
+      check_force(false);  // answers: the primary is heard
+      continue;
+    }
+    if (reported_dead) return true;
+    cp::ArbiterAnswer a = cp::ArbiterAnswer::Wait;
+    try {
+      a = arbiter_->may_activate({name(), peer_host_, silence()}, std::chrono::milliseconds(20));
+    } catch (const std::exception& e) {
+      log::error("standby", "{}: arbiter {}: {}", name(), arbiter_->kind(), e.what());
+    }
+    if (a == cp::ArbiterAnswer::Yes) return true;
+    if (a == cp::ArbiterAnswer::Fence) {
+      destroy_twin(fmt::format("ftctl failover --force: arbiter {} says this side lost: the twin is dropped",
+                               arbiter_->kind()));
+      return false;
+    }
+    answer_force(ForceCode::Wait, fmt::format("arbiter {} cannot tell yet whether the primary of '{}' is gone "
+                                              "(Wait): the twin stays paused; retry",
+                                              arbiter_->kind(), name()));
+  }
 }
 
 void StandbySession::activate(const std::string& reason, double declared_wall_ms) {
@@ -892,6 +1073,28 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
       if (!f || ::write(f.get(), text.data(), text.size()) < 0)
         log::error("standby", "{}: writing {} failed: {}", name(), mark, std::strerror(errno));
     }
+    // The VM's history continues here (history.h): what the primary sent, this session's
+    // events, the failover (before the state says "active": a reader of that state sees it).
+    // Written before re-protection starts from this host.
+    nlohmann::json ev = {{"wall_ms", wall_ms()}, {"event", "failover"}, {"host", History::node_name()},
+                         {"from", origin_.empty() ? peer_host_ : origin_}, {"to", History::node_name()},
+                         {"reason", reason.substr(0, 300)}, {"epoch", c.epoch},
+                         {"failover", failover_manual_ ? "manual" : "auto"}};
+    nlohmann::json local;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      local_events_.push_back(ev);
+      local = local_events_;
+    }
+    // A libvirt twin named with --twin-name-suffix is protected again under that name: its
+    // history is written under both.
+    std::vector<std::string> names = {name()};
+    if (!twin_uuid_.empty() && !cfg_.twin_name_suffix.empty()) names.push_back(name() + cfg_.twin_name_suffix);
+    for (const auto& n : names) {
+      History h(cfg_.state_dir, n);
+      h.adopt(history_in_);
+      for (const auto& e : local) h.append(e);
+    }
     set_state("active", reason);
     log::info("standby", "{}: ACTIVATED twin pid {} at epoch {}: query-status {}, load {:.1f} ms, total {:.1f} ms after "
               "the primary was declared dead", name(), twin_pid_, c.epoch, st, act["load_ms"].get<double>(),
@@ -929,16 +1132,15 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
   conn_->unregister_region(cp::kRegionStaging);
   twin_qmp_.reset();  // frees QEMU's single QMP connection for the operator
   if (active_ && reprotect_port_ && reprotect_) {
-    if (!twin_uuid_.empty()) {
-      log::info("standby", "{}: reprotect=auto is not automatic for libvirt domains yet: protect it with `ftctl enable "
-                "{} --peer {}:{}`", name(), name(), peer_host_, reprotect_port_);
-    } else {
-      const auto peer = (peer_host_.find(':') != std::string::npos ? "[" + peer_host_ + "]" : peer_host_) + ":" +
-                        std::to_string(reprotect_port_);
-      log::info("standby", "{}: reprotect=auto: protecting the VM again towards {} (its old primary host)", name(), peer);
-      reprotect_(name(), vm_dir_ + "/twin-qmp.sock", peer);
-    }
+    const auto peer = (peer_host_.find(':') != std::string::npos ? "[" + peer_host_ + "]" : peer_host_) + ":" +
+                      std::to_string(reprotect_port_);
+    log::info("standby", "{}: reprotect=auto: protecting the VM again towards {} (its old primary host)", name(), peer);
+    // A libvirt twin by its domain (UUID): protection writes the ftvm element into it, so the
+    // hook protects it whenever it starts again; a plain twin by its QMP socket.
+    reprotect_(name(), twin_uuid_.empty() ? vm_dir_ + "/twin-qmp.sock" : "", twin_uuid_, peer,
+               failover_manual_ ? "manual" : "auto");
   }
+
 }
 
 // The twin could not be resumed. Its state is uncertain (it may even run): kill it, so that the
@@ -1002,6 +1204,7 @@ void StandbySession::destroy_twin(const std::string& why) {
   disk_paths_.clear();
   update_disk_status();
   set_state("closed", why);
+  answer_force(ForceCode::Refused, "the twin was dropped: " + why);
 }
 
 void StandbySession::check_twin_alive() {
@@ -1043,7 +1246,21 @@ nlohmann::json StandbySession::status() const {
           {"verified_commits", verified_commits_},
           {"last_commit_age_ms", last_commit_wall_ms_ > 0 ? wall_ms() - last_commit_wall_ms_ : 0.0},
           {"activation", activation_},
-          {"disk", disk_status_}};
+          {"disk", disk_status_},
+          {"failover", failover_manual_ ? "manual" : "auto"},
+          {"pair", {{"primary", origin_}, {"standby", History::node_name()}}},
+          {"history", [&] {
+             nlohmann::json h = nlohmann::json::array();
+             if (!history_in_.empty()) {
+               try {
+                 h = nlohmann::json::parse(history_in_);
+                 if (!h.is_array()) h = nlohmann::json::array();
+               } catch (const std::exception&) {
+               }
+             }
+             for (const auto& e : local_events_) h.push_back(e);
+             return h;
+           }()}};
 }
 
 void make_run_dir_reachable(const std::string& vm_dir, const std::string& run_dir) {

@@ -4,7 +4,9 @@
 // Activation happens exactly when the twin holds a committed checkpoint and one of: the
 // primary reports its QEMU dead (PrimaryLost), a planned failover (Activate), or the primary
 // is silent (no frame, including heartbeats, for DaemonConfig::heartbeat_timeout; a closed
-// connection counts as silence from the moment of the last frame). A protocol violation or an
+// connection counts as silence from the moment of the last frame). With failover=manual
+// (OpenSession.failover) PrimaryLost and silence only make the session wait ("primary-lost",
+// twin paused) for force_failover() (`ftctl failover --force VM` on this host). A protocol violation or an
 // explicit Disable destroys the twin instead: the primary is alive then, and two running
 // copies must never exist. A session without a committed checkpoint never activates.
 //
@@ -18,6 +20,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <functional>
 #include <map>
 #include <memory>
@@ -58,8 +61,10 @@ class StandbySession {
   // Answers a Resolve (a fresh connection from a primary whose session broke); see protocol.h.
   using Resolver = std::function<checkpoint::Resolution(const checkpoint::Resolve&, const StandbySession& from)>;
   // Called on the session thread after the twin took over and the session let go of it, with
-  // the VM name, the twin's QMP socket and "host:port" to protect it towards (reprotect=auto).
-  using Reprotect = std::function<void(const std::string& vm, const std::string& qmp, const std::string& peer)>;
+  // the VM name, the twin's QMP socket (plain QEMU) or libvirt domain UUID (the other one ""),
+  // "host:port" to protect it towards (reprotect=auto) and the VM's failover policy.
+  using Reprotect = std::function<void(const std::string& vm, const std::string& qmp, const std::string& domain,
+                                       const std::string& peer, const std::string& failover)>;
   void set_reprotect(Reprotect r) { reprotect_ = std::move(r); }
   StandbySession(const DaemonConfig& cfg, std::unique_ptr<transport::Connection> conn, Claim claim, Adopt adopt,
                  Resolver resolver, std::shared_ptr<checkpoint::Arbiter> arbiter);
@@ -106,6 +111,23 @@ class StandbySession {
 
   enum class Fate { Open, Dropped, Activating };
 
+  // `ftctl failover --force VM` on this host: the operator (or a cluster manager) decides that
+  // the VM runs here now, from the last committed checkpoint. Thread-safe; blocks until the
+  // session thread answered or `timeout`. It overrides only the failover=manual hold (and works
+  // the same for failover=auto, whose twin resumes by itself anyway); never the safety rules:
+  //  * Refused while the primary is heard on any path within the heartbeat timeout, unless it
+  //    reported its QEMU dead (PrimaryLost): that primary runs the guest.
+  //  * Refused without a committed checkpoint (nothing to resume).
+  //  * On silence the arbiter is asked again: Yes resumes; Wait answers Code::Wait (retry);
+  //    Fence drops the twin (Code::Refused): this side lost.
+  //  * A Resolve from the primary that came first (it runs on alone) wins: Refused.
+  enum class ForceCode { Done, Refused, Wait, Failed };
+  struct ForceResult {
+    ForceCode code = ForceCode::Failed;
+    std::string text;
+  };
+  ForceResult force_failover(std::chrono::milliseconds timeout);
+
  private:
   // Moves the fate from Open to `f` (true), or reports whether it already is `f`.
   bool settle(Fate f);
@@ -117,7 +139,24 @@ class StandbySession {
   void check_memory_for(const checkpoint::OpenSession& o);
   vmm::TwinPolicy twin_policy() const;  // what this session's twin may run and touch
   bool handle(const transport::ControlMessage& m);  // false = session over
-  void primary_silent(const std::string& why);
+  // `reported_dead`: the primary itself said its QEMU is gone (PrimaryLost).
+  void primary_silent(const std::string& why, bool reported_dead = false);
+  // failover=manual: keeps the paused twin until force_failover() (true: resume now) or until
+  // the session ends otherwise (false: Resolve, Disable, abort, arbiter Fence; twin destroyed).
+  bool await_operator(const std::string& why, bool reported_dead);
+  // Session thread: answers a pending force_failover() that cannot proceed now (the primary is
+  // heard, nothing committed); no-op otherwise.
+  void check_force(bool reported_dead);
+  bool force_pending() const;
+  void answer_force(ForceCode c, const std::string& text);
+  mutable std::mutex force_mu_;
+  std::condition_variable force_cv_;
+  bool force_requested_ = false;           // under force_mu_
+  std::optional<ForceResult> force_result_;  // under force_mu_
+  bool failover_manual_ = false;            // from OpenSession
+  std::string origin_;                      // the primary ftd's node name (OpenSession)
+  std::string history_in_;                  // the VM's history as received in OpenSession
+  nlohmann::json local_events_ = nlohmann::json::array();  // under mu_: recorded by this session
   void activate(const std::string& reason, double declared_wall_ms);
   void activation_failed(const std::string& why);
   void destroy_twin(const std::string& why);

@@ -19,7 +19,7 @@
 //                              failover="auto"/></metadata>
 // it sends ftd one JSON line on its control socket and logs ftd's one-line answer:
 //   started, reconnect: {"cmd":"hook","phase":P,"domain":NAME,"uuid":UUID,
-//                        "protection":{"peer":..,"transport":..,"epoch_ms":N,"failover":"auto"}}
+//                        "protection":{"peer":..,"transport":..,"epoch_ms":N,"failover":"auto|manual"}}
 //   stopped, release:   {"cmd":"hook","phase":P,"domain":NAME,"uuid":UUID}
 // ftd protects (or forgets) the domain asynchronously; the hook does not wait for that.
 //
@@ -377,8 +377,10 @@ std::optional<DomainInfo> parse_domain(const std::string& xml, std::string& why)
         }
         if (auto f = attr(m, "failover")) {
           std::string v(trim(*f));
-          if (v != "auto")
-            problems.push_back(fmt::format("failover='{}' is not 'auto' (the only policy)", clean(*f, 64)));
+          if (v != "auto" && v != "manual")
+            problems.push_back(fmt::format("failover='{}' is not one of auto, manual", clean(*f, 64)));
+          else
+            p.failover = v;
         }
         if (auto a = attr(m, "arbiter")) {
           std::string v(trim(*a));
