@@ -57,13 +57,12 @@ wait_for() {
   done
 }
 
-# Replication key (issue 12). RDMA connections are not authenticated yet: with --transport rdma
-# both ftd run --insecure (the lab's fabric is a private Soft-RoCE link). Over TCP both use a key:
+# Replication key (issue 12). Both transports authenticate (RDMA: handshake in the first SENDs,
+# tagged SENDs, keyed Commit digest over the one-sided epoch writes), so both ftd use a key:
 # $LAB/lab-peer.key when it was copied in (the two-host tests do: the same file on both guests,
 # made at build time with `ftd --generate-key`), else single mode generates one. Prints ftd's
 # arguments on stdout (messages go to stderr).
 security_args() {  # TRANSPORT
-  if [ "$1" = rdma ]; then echo "--insecure"; return; fi
   if [ -f "$LAB/lab-peer.key" ]; then
     cp "$LAB/lab-peer.key" "$W/peer.key" && chmod 600 "$W/peer.key" || { say "copying lab-peer.key failed" >&2; echo "--insecure"; return; }
   elif [ "$mode" = single ]; then
