@@ -346,7 +346,7 @@ void run_rdma(const char* name, void (*fn)(const Backend&), bool with_key) {
 }
 #define FTVM_RDMA_CASE(NAME, FN)                                                          \
   TEST_CASE("rdma conformance: " NAME, "[.][rdma]") { run_rdma(NAME, FN, false); }        \
-  TEST_CASE("rdma+auth conformance: " NAME, "[.][rdma]") { run_rdma(NAME, FN, true); }
+  TEST_CASE("rdma+auth conformance: " NAME, "[.][rdma][rdma-auth]") { run_rdma(NAME, FN, true); }
 #else
 #define FTVM_RDMA_CASE(NAME, FN)
 #endif
@@ -1332,7 +1332,7 @@ std::pair<std::string, std::string> try_rdma_handshake(const RdmaTarget& t, Opti
 }
 }  // namespace
 
-TEST_CASE("rdma auth: the right key connects, exchanges, and derives the same epoch key", "[.][rdma]") {
+TEST_CASE("rdma auth: the right key connects, exchanges, and derives the same epoch key", "[.][rdma][rdma-auth]") {
   auto t = require_rdma("auth: right key");
   Options o = test_options();
   o.key = test_key();
@@ -1360,7 +1360,7 @@ TEST_CASE("rdma auth: the right key connects, exchanges, and derives the same ep
   check_keyed_digest(*pr.a, *pr.b, true);
 }
 
-TEST_CASE("rdma auth: a wrong key or a missing key is refused on both sides, naming the key ids", "[.][rdma]") {
+TEST_CASE("rdma auth: a wrong key or a missing key is refused on both sides, naming the key ids", "[.][rdma][rdma-auth]") {
   auto t = require_rdma("auth: wrong key");
   Options with = test_options();
   with.key = test_key();
@@ -1396,7 +1396,7 @@ TEST_CASE("rdma auth: a wrong key or a missing key is refused on both sides, nam
   }
 }
 
-TEST_CASE("rdma auth: a tampered or untagged control message fails its tag", "[.][rdma]") {
+TEST_CASE("rdma auth: a tampered or untagged control message fails its tag", "[.][rdma][rdma-auth]") {
   auto t = require_rdma("auth: tampered control message");
   Options o = test_options();
   o.key = test_key();

@@ -147,11 +147,13 @@ void refuse_encrypt(const Options& o) {
 
 // "ftvm-rdma" || initiator's hello || responder's hello, as sent (the transcript's prefix).
 std::vector<std::byte> transcript_prefix(std::span<const std::byte> initiator, std::span<const std::byte> responder) {
-  std::vector<std::byte> t;
-  auto* l = reinterpret_cast<const std::byte*>(kTranscriptLabel);
-  t.insert(t.end(), l, l + sizeof kTranscriptLabel - 1);
-  t.insert(t.end(), initiator.begin(), initiator.begin() + kHelloWireSize);
-  t.insert(t.end(), responder.begin(), responder.begin() + kHelloWireSize);
+  constexpr size_t kLabel = sizeof kTranscriptLabel - 1;
+  if (initiator.size() < kHelloWireSize || responder.size() < kHelloWireSize)
+    throw Error("transcript_prefix: a hello shorter than its wire size (decoded before, cannot happen)");
+  std::vector<std::byte> t(kLabel + 2 * kHelloWireSize);
+  std::memcpy(t.data(), kTranscriptLabel, kLabel);
+  std::memcpy(t.data() + kLabel, initiator.data(), kHelloWireSize);
+  std::memcpy(t.data() + kLabel + kHelloWireSize, responder.data(), kHelloWireSize);
   return t;
 }
 
