@@ -115,7 +115,12 @@ enable() {  # PEER_IP TRANSPORT (a standby not listening yet is retried by the p
     { cat "$W/primary-status.json"; die "the primary does not use the soft-dirty tracker"; }
   grep -q "\"transport\": \"$2\"" "$W/primary-status.json" ||
     { cat "$W/primary-status.json"; die "the link does not use transport $2"; }
-  say "protected over $2 with the soft-dirty tracker"
+  # With a key (every variant but a two-host run without lab-peer.key) the link is authenticated.
+  if ! security_args "$2" 2>/dev/null | grep -q -- --insecure; then
+    grep -q '"security": "authenticated' "$W/primary-status.json" ||
+      { cat "$W/primary-status.json"; die "the $2 link is not authenticated although both ftd have a key"; }
+  fi
+  say "protected over $2 with the soft-dirty tracker ($(grep -m1 -o '"security": "[^"]*"' "$W/primary-status.json"))"
 }
 
 run_protected() {
