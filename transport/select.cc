@@ -129,11 +129,13 @@ std::optional<MultiListener::Pending> MultiListener::accept_pending(std::chrono:
     if (r < 0 && errno != EINTR) throw SysError(errno, "poll replication listeners");
     if (r <= 0) return std::nullopt;
     if (p[1].revents) {
-      auto c = impl_->rdma->accept(std::chrono::milliseconds(0));
-      if (!c) return std::nullopt;
-      Pending pd{c->peer(), tcp::peer_host(c->peer()), {}};
-      auto holder = std::make_shared<std::unique_ptr<Connection>>(std::move(c));
-      pd.handshake = [holder] { return std::move(*holder); };
+      // The CM exchange here (key ids checked); the authentication, which waits for the
+      // client's first SENDs, on the caller's handshake thread: an idle client delays no one.
+      auto e = impl_->rdma->accept_established(std::chrono::milliseconds(0));
+      if (!e) return std::nullopt;
+      Pending pd{e->conn->peer(), tcp::peer_host(e->conn->peer()), {}};
+      auto holder = std::make_shared<std::unique_ptr<rdma::RdmaListener::Established>>(std::move(e));
+      pd.handshake = [holder] { return rdma::RdmaListener::finish(std::move(*holder)); };
       return pd;
     }
     return wrap_tcp(std::chrono::milliseconds(0));

@@ -1397,6 +1397,32 @@ TEST_CASE("rdma auth: a wrong key or a missing key is refused on both sides, nam
   }
 }
 
+TEST_CASE("rdma auth: the listener establishes clients without waiting for their authentication",
+          "[.][rdma][rdma-auth]") {
+  // MultiListener hands finish() to a handshake thread: a client whose handshake is pending
+  // (here: A, whose finish() has not run, so it waits for our nonce) delays no other client.
+  auto t = require_rdma("auth: accept without waiting for the handshake");
+  Options o = test_options();
+  o.key = test_key();
+  rdma::RdmaListener l(t.addr, 0, o);
+  auto a = std::async(std::launch::async, [&] { return rdma::connect_rdma(t.addr, l.bound_port(), o); });
+  auto ea = l.accept_established(10s);
+  REQUIRE(ea);
+  auto b = std::async(std::launch::async, [&] { return rdma::connect_rdma(t.addr, l.bound_port(), o); });
+  auto eb = l.accept_established(10s);
+  REQUIRE(eb);
+  auto sb = rdma::RdmaListener::finish(std::move(eb));
+  auto cb = b.get();
+  CHECK(a.wait_for(0s) == std::future_status::timeout);  // A is still waiting for its handshake
+  cb->send_control(3, as_bytes("b first"));
+  CHECK(poll_until(*sb).type == 3);
+  auto sa = rdma::RdmaListener::finish(std::move(ea));
+  auto ca = a.get();
+  CHECK(ca->key_id() == test_key()->id_hex());
+  ca->send_control(4, as_bytes("a"));
+  CHECK(poll_until(*sa).type == 4);
+}
+
 TEST_CASE("rdma auth: a tampered or untagged control message fails its tag", "[.][rdma][rdma-auth]") {
   auto t = require_rdma("auth: tampered control message");
   Options o = test_options();

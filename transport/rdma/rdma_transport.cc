@@ -346,6 +346,20 @@ int RdmaListener::fd() const { return ch_->fd; }
 std::string RdmaListener::device_name() const { return dev_name(id_->verbs); }
 
 std::unique_ptr<Connection> RdmaListener::accept(std::chrono::milliseconds timeout) {
+  auto e = accept_established(timeout);
+  if (!e) return nullptr;
+  return finish(std::move(e));
+}
+
+std::unique_ptr<Connection> RdmaListener::finish(std::unique_ptr<Established> e) {
+  if (e->opts.key)
+    e->conn->authenticate(false, std::move(e->transcript_prefix), Clock::now() + e->opts.connect_timeout);
+  log::debug("transport", "rdma connection from {} established on {}, {}", e->conn->peer(), e->conn->device_name(),
+             e->conn->security());
+  return std::move(e->conn);
+}
+
+std::unique_ptr<RdmaListener::Established> RdmaListener::accept_established(std::chrono::milliseconds timeout) {
   auto deadline = Clock::now() + timeout;
   for (;;) {
     auto ev = next_event(ch_, deadline, "listener " + local_);
@@ -384,11 +398,11 @@ std::unique_ptr<Connection> RdmaListener::accept(std::chrono::milliseconds timeo
       throw LinkDown(fmt::format("connection from {}: {} (status {}) during the handshake", peer, event_name(e->type),
                                  e->status));
     }
-    std::string dev = dev_name(r->id->verbs);
-    auto c = std::make_unique<RdmaConnection>(std::move(r), opts_, peer, hello);
-    if (opts_.key) c->authenticate(false, transcript_prefix(ev->private_data, mine), hs_deadline);
-    log::debug("transport", "rdma connection from {} established on {}, {}", peer, dev, c->security());
-    return c;
+    auto e = std::make_unique<Established>();
+    e->conn = std::make_unique<RdmaConnection>(std::move(r), opts_, peer, hello);
+    e->transcript_prefix = transcript_prefix(ev->private_data, mine);
+    e->opts = opts_;
+    return e;
   }
 }
 

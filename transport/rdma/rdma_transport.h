@@ -124,6 +124,19 @@ class RdmaListener {
   // Error when it arrived on a device other than `rdma_dev`; the listener stays usable.
   std::unique_ptr<Connection> accept(std::chrono::milliseconds timeout);
 
+  // accept() in two steps, so that a caller can run the authentication (Options::key), which
+  // waits for the client's first SENDs, on another thread: accept_established() waits for a
+  // client and completes the CM exchange (key ids checked: a mismatch is refused there) and
+  // returns nullptr on timeout; finish() runs the authenticated handshake (bounded by
+  // Options::connect_timeout from its call) and returns the connection. Throws like accept().
+  struct Established {
+    std::unique_ptr<RdmaConnection> conn;
+    std::vector<std::byte> transcript_prefix;  // for RdmaConnection::authenticate
+    Options opts;
+  };
+  std::unique_ptr<Established> accept_established(std::chrono::milliseconds timeout);
+  static std::unique_ptr<Connection> finish(std::unique_ptr<Established> e);
+
  private:
   rdma_event_channel* ch_ = nullptr;
   rdma_cm_id* id_ = nullptr;
