@@ -63,6 +63,28 @@ uint64_t digest_ram(std::span<const std::byte> ram) {
   return d.value();
 }
 
+uint64_t zero_page_hash() {
+  static const uint64_t h = [] {
+    alignas(64) static const std::byte zeros[kPageSize] = {};
+    return digest_page(zeros);
+  }();
+  return h;
+}
+
+uint64_t digest_ram_sparse(std::span<const std::byte> ram, const std::vector<std::pair<uint64_t, uint64_t>>& data) {
+  if (ram.size() % kPageSize != 0) fail("digest_ram_sparse: RAM size {} is not a multiple of {}", ram.size(), kPageSize);
+  const uint64_t pages = ram.size() / kPageSize;
+  RamDigest d(pages);
+  uint64_t prev_end = 0;
+  for (const auto& [first, end] : data) {
+    if (first < prev_end || end < first || end > pages)
+      fail("digest_ram_sparse: data range [{}, {}) is out of order or beyond {} pages", first, end, pages);
+    for (uint64_t i = first; i < end; i++) d.update(i, ram.data() + i * kPageSize);
+    prev_end = end;
+  }
+  return d.value();
+}
+
 void RamDigest::reset_from(std::span<const std::byte> ram) {
   if (ram.size() != hashes_.size() * kPageSize)
     fail("RamDigest: RAM size {} does not match {} pages", ram.size(), hashes_.size());

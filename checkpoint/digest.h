@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace ftvm::checkpoint {
@@ -40,9 +41,19 @@ uint64_t digest_file(const std::string& path);
 // Full-RAM digest computed from memory: XXH3 over the per-page hashes of `ram`.
 uint64_t digest_ram(std::span<const std::byte> ram);
 
+// The same value, reading only the pages inside `data` (sorted, disjoint [first page, end page)
+// ranges: where the RAM's memfd has data, vmm::MappedRam::data_ranges()); every other page is a
+// hole and hashes as zeros without being touched (reading a memfd hole through a mapping
+// allocates it: a sparse 16 GiB twin would become 16 GiB resident).
+uint64_t digest_ram_sparse(std::span<const std::byte> ram, const std::vector<std::pair<uint64_t, uint64_t>>& data);
+
+// digest_page() of a page of zeros (a hole).
+uint64_t zero_page_hash();
+
 class RamDigest {
  public:
-  explicit RamDigest(uint64_t page_count) : hashes_(page_count, 0) {}
+  // Every page starts as a page of zeros (a hole): update() the ones that hold data.
+  explicit RamDigest(uint64_t page_count) : hashes_(page_count, zero_page_hash()) {}
   // Records the content of page `index` (4 KiB at `page`).
   void update(uint64_t index, const std::byte* page) { hashes_.at(index) = digest_page(page); }
   // Recomputes every page from `ram` (size page_count * kPageSize).

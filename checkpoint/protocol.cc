@@ -127,6 +127,8 @@ std::vector<std::byte> encode(const OpenSession& m) {
   w.str(m.libvirt_xml, kMaxDomainXml);
   w.str(m.arbiter);
   w.u32(m.reprotect_port);
+  w.str(m.second_path_host);
+  w.u64(m.ram_used);
   return std::move(w.out);
 }
 template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
@@ -158,7 +160,11 @@ template <> OpenSession decode<OpenSession>(std::span<const std::byte> b) {
   m.libvirt_xml = r.str(kMaxDomainXml);
   m.arbiter = r.str(64);
   m.reprotect_port = r.u32();
+  m.second_path_host = r.str(64);
+  m.ram_used = r.u64();
   r.done();
+  if (m.ram_used > m.ram_size)
+    throw ProtocolError(fmt::format("OpenSession: {} bytes of RAM in use exceed the RAM size {}", m.ram_used, m.ram_size));
   if (m.reprotect_port > 65535) throw ProtocolError(fmt::format("OpenSession: reprotect port {} out of range", m.reprotect_port));
   if (m.arbiter.empty()) throw ProtocolError("OpenSession: empty arbiter kind");
   if (m.page_size != 4096) throw ProtocolError(fmt::format("OpenSession: page size {} unsupported (4096 only)", m.page_size));

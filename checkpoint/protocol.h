@@ -48,7 +48,8 @@
 //   (a primary that receives it was only stalled, not dead:   before the standby activates
 //    it kills its own QEMU at once: no two running copies)    on silence)
 //   Disable{} ---------------------------------------------->  destroy twin, end session
-//   [RDMA sessions: a second path, a TCP connection to the same host:port]
+//   [a second path: a TCP connection to the standby's second address (OpenSession's
+//    second_path_host is where it comes from) or, without one, to the same host:port]
 //   HeartbeatLink{session_id} ------------------------------->  attached to the session; its
 //   heartbeats count as life; Disable/PrimaryLost/Takeover      silence = silence on BOTH paths
 //   may travel on it when the data path is broken
@@ -92,9 +93,9 @@
 namespace ftvm::checkpoint {
 
 // 2: disks (OpenSession.disks, DiskWrite, Commit.disk_*); 3: SessionReady.heartbeat_timeout_ms,
-// Resolve/Resolution (split-brain arbitration after a lost link); 4: Commit.staged_tag (keyed
-// epoch digest on authenticated connections)
-inline constexpr uint32_t kProtocolVersion = 4;
+// Resolve/Resolution (split-brain arbitration after a lost link); 4: OpenSession.second_path_host,
+// OpenSession.ram_used; 5: Commit.staged_tag (keyed epoch digest on authenticated connections)
+inline constexpr uint32_t kProtocolVersion = 5;
 inline constexpr uint32_t kRegionRam = 1;      // the twin's RAM (writable only while Syncing)
 inline constexpr uint32_t kRegionStaging = 2;  // one epoch: [u64 index * n][pages][devstate]
 
@@ -147,6 +148,14 @@ struct OpenSession {
   // reprotect=auto: the port this primary's ftd listens on for replication. When the twin takes
   // over, the standby protects it again towards <this primary's address>:port (0 = manual).
   uint32_t reprotect_port = 0;
+  // The primary's own address on the network of the second path (a second NIC), when the
+  // second path goes to another address of the standby ("" = from the data connection's host).
+  // The standby accepts HeartbeatLink and Resolve for this session only from the data
+  // connection's host or from this one; it arrives on the authenticated data connection.
+  std::string second_path_host;
+  // Bytes of guest RAM that hold data now (the rest are holes the sync leaves out): what the
+  // twin needs at once. The standby refuses a session it has not that much memory for.
+  uint64_t ram_used = 0;
 };
 inline constexpr size_t kMaxDomainXml = 1 << 20;
 inline constexpr size_t kMaxDisks = 64;

@@ -1,11 +1,20 @@
 #include "checkpoint/staging.h"
 
+#include <algorithm>
+
 #include <cstring>
 
 #include "checkpoint/tracker.h"
 #include "common/error.h"
 
 namespace ftvm::checkpoint {
+
+void merge_page_lists(std::vector<uint64_t>& dirty, std::vector<uint64_t>& carry) {
+  dirty.insert(dirty.end(), carry.begin(), carry.end());
+  std::sort(dirty.begin(), dirty.end());
+  dirty.erase(std::unique(dirty.begin(), dirty.end()), dirty.end());
+  carry.clear();
+}
 
 void EpochStager::stage_pages(std::span<const uint64_t> pages, std::span<const std::byte> ram) {
   const uint64_t ram_pages = ram.size() / kPageSize;

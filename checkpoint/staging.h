@@ -18,6 +18,14 @@
 
 namespace ftvm::checkpoint {
 
+// Merges `carry` (pages written during the last sync pass, collected while the guest ran: any
+// order, duplicates possible) into `dirty` (this pause's scan, any order): afterwards `dirty`
+// is strictly ascending without duplicates (what EpochStager::stage_pages and the standby's
+// Replica require) and `carry` is empty. Issue 17: epoch 1 used std::set_union on the
+// unsorted carried list and the standby rejected it ("page index ... is out of range or not
+// ascending"), in a resync loop for 4 GiB guests.
+void merge_page_lists(std::vector<uint64_t>& dirty, std::vector<uint64_t>& carry);
+
 class EpochStager {
  public:
   // Copies `pages` (ascending page numbers) from `ram` and records their indices. Resets any

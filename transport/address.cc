@@ -2,6 +2,9 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <cerrno>
+#include <cstring>
+#include <unistd.h>
 
 #include "common/error.h"
 
@@ -33,6 +36,34 @@ void resolve(const std::string& host, uint16_t port, bool passive, AddrInfo& out
   if (rc != 0)
     throw Error(fmt::format("resolve address '{}' port {}: {} (check the host name or use an IP address)", host, port,
                             gai_strerror(rc)));
+}
+
+std::string source_host_for(const std::string& host, uint16_t port) {
+  AddrInfo ai;
+  resolve(host, port, false, ai, true);
+  std::string last;
+  for (addrinfo* a = ai.ai; a; a = a->ai_next) {
+    const int fd = ::socket(a->ai_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+      last = fmt::format("socket: {}", std::strerror(errno));
+      continue;
+    }
+    sockaddr_storage local{};
+    socklen_t len = sizeof local;
+    const bool ok = ::connect(fd, a->ai_addr, a->ai_addrlen) == 0 &&
+                    ::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) == 0;
+    if (!ok) last = std::strerror(errno);
+    ::close(fd);
+    if (!ok) continue;
+    char buf[INET6_ADDRSTRLEN] = {};
+    if (local.ss_family == AF_INET)
+      inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(&local)->sin_addr, buf, sizeof buf);
+    else
+      inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(&local)->sin6_addr, buf, sizeof buf);
+    return buf;
+  }
+  throw Error(fmt::format("no route from this host to {} port {} ({}): check the address and the routing table", host,
+                          port, last.empty() ? "no address" : last));
 }
 
 }  // namespace ftvm::transport

@@ -29,4 +29,10 @@ struct AddrInfo {
 // ftvm::Error naming the host, the port and the resolver's reason.
 void resolve(const std::string& host, uint16_t port, bool passive, AddrInfo& out, bool addrconfig);
 
+// The address this host would send from to reach host:port (the routing table's choice, read
+// with getsockname() on a connected UDP socket; no packet is sent), numeric and without the
+// port, as a peer's address reads on the other side ("10.2.0.1", "fd00::1"). Throws
+// ftvm::Error/SysError naming the destination when there is no route to it.
+std::string source_host_for(const std::string& host, uint16_t port);
+
 }  // namespace ftvm::transport

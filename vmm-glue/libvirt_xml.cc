@@ -243,6 +243,12 @@ void validate(const Protection& p) {
                      p.peer);
     check_port(p.peer, p.peer.substr(c + 1));
   }  // otherwise a host name, IPv4 address or bare IPv6 address without a port
+  if (!p.peer_alt.empty() &&
+      (p.peer_alt.size() > 255 || !std::all_of(p.peer_alt.begin(), p.peer_alt.end(), [](char c) {
+         return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == ':' || c == '-' || c == '[' ||
+                c == ']' || c == '_';
+       })))
+    fail("ftvm protection: peer-alt='{}' is not HOST[:PORT] (the standby's address on a second network)", p.peer_alt);
   if (p.transport != "auto" && p.transport != "tcp" && p.transport != "rdma")
     fail("ftvm protection: transport='{}' is not accepted (use auto, tcp or rdma)", p.transport);
   if (p.epoch_ms < 1 || p.epoch_ms > 10000)
@@ -261,7 +267,9 @@ std::string protection_attrs(const Protection& p) {
   validate(p);
   return fmt::format("peer=\"{}\" transport=\"{}\" epoch-ms=\"{}\" failover=\"{}\"{}",
                      escape_attr(p.peer), escape_attr(p.transport), p.epoch_ms,
-                     escape_attr(p.failover), p.arbiter.empty() ? "" : " arbiter=\"" + escape_attr(p.arbiter) + "\"");
+                     escape_attr(p.failover),
+                     (p.arbiter.empty() ? "" : " arbiter=\"" + escape_attr(p.arbiter) + "\"") +
+                         (p.peer_alt.empty() ? "" : " peer-alt=\"" + escape_attr(p.peer_alt) + "\""));
 }
 
 std::string local_name(xmlNode* n) {
@@ -287,6 +295,8 @@ Protection read_protection(xmlNode* e) {
       p.failover = v;
     } else if (name == "arbiter") {
       p.arbiter = v;
+    } else if (name == "peer-alt") {
+      p.peer_alt = v;
     } else if (name == "epoch-ms") {
       if (!all_digits(v) || v.size() > 6)
         fail("ftvm protection: epoch-ms='{}' is not an integer (use 1 to 10000 milliseconds; "
@@ -295,7 +305,7 @@ Protection read_protection(xmlNode* e) {
       p.epoch_ms = static_cast<unsigned>(std::stoul(v));
     } else {
       fail("ftvm protection: unknown attribute {}='{}' (accepted: peer, transport, epoch-ms, "
-           "failover, arbiter)",
+           "failover, arbiter, peer-alt)",
            name, v);
     }
   }

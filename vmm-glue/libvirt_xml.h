@@ -20,7 +20,8 @@ namespace ftvm::vmm {
 //
 // A protected domain carries in its <metadata>:
 //   <ftvm:protection xmlns:ftvm="https://ftvm.dev/xmlns/protection/1"
-//                    peer="HOST[:PORT]" transport="auto|tcp|rdma" epoch-ms="25" failover="auto"/>
+//                    peer="HOST[:PORT]" transport="auto|tcp|rdma" epoch-ms="25" failover="auto"
+//                    [arbiter="KIND"] [peer-alt="HOST[:PORT]"]/>
 constexpr const char* kProtectionNs = "https://ftvm.dev/xmlns/protection/1";
 constexpr const char* kProtectionPrefix = "ftvm";  // the `key` for virDomainSetMetadata
 
@@ -30,6 +31,7 @@ struct Protection {
   unsigned epoch_ms = 25;          // 1..10000
   std::string failover = "auto";   // auto (the only policy so far)
   std::string arbiter = "";        // "" = the host's (ftd --arbiter); "none" = this VM opts out
+  std::string peer_alt = "";       // the standby's second address (another network); "" = none
 
   bool operator==(const Protection&) const = default;
 };

@@ -9,6 +9,7 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <fstream>
@@ -201,6 +202,34 @@ void MappedRam::map(const std::string& what) {
     throw SysError(errno, fmt::format("mmap {} bytes of {}", size_, what),
                    access_ == Access::ReadWrite ? "is the descriptor open read-write?" : "");
   data_ = static_cast<uint8_t*>(p);
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> MappedRam::data_ranges() const {
+  constexpr uint64_t kPage = 4096;
+  const uint64_t pages = size_ / kPage;
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  off_t pos = 0;
+  while (static_cast<uint64_t>(pos) < size_) {
+    const off_t data = ::lseek(fd_.get(), pos, SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) break;  // no data from pos on
+      if (errno == EINVAL && out.empty() && pos == 0) return {{0, pages}};  // no SEEK_DATA here
+      throw SysError(errno, fmt::format("lseek(SEEK_DATA) at {} on guest RAM memfd", pos));
+    }
+    if (static_cast<uint64_t>(data) >= size_) break;
+    off_t hole = ::lseek(fd_.get(), data, SEEK_HOLE);
+    if (hole < 0) throw SysError(errno, fmt::format("lseek(SEEK_HOLE) at {} on guest RAM memfd", data));
+    const uint64_t first = static_cast<uint64_t>(data) / kPage;
+    const uint64_t end = std::min<uint64_t>(pages, (static_cast<uint64_t>(hole) + kPage - 1) / kPage);
+    if (end > first) {
+      if (!out.empty() && out.back().second >= first)
+        out.back().second = std::max(out.back().second, end);
+      else
+        out.emplace_back(first, end);
+    }
+    pos = hole;
+  }
+  return out;
 }
 
 void MappedRam::unmap() noexcept {

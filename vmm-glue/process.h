@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/fd.h"
@@ -74,6 +75,12 @@ class MappedRam {
   bool writable() const { return access_ == Access::ReadWrite; }
   // The open memfd (e.g. to hand to QEMU with add-fd, or to pread/pwrite/sendfile).
   int fd() const { return fd_.get(); }
+  // The 4 KiB pages of the mapping that hold data, as sorted, disjoint [first, end) page
+  // ranges, from lseek(SEEK_DATA/SEEK_HOLE) on the memfd: nothing is read or faulted in, holes
+  // (never-touched guest RAM) are left out. A page may turn from hole to data right after (the
+  // guest runs): callers track writes from before the call. A filesystem without SEEK_DATA
+  // reports the whole mapping as data. Throws SysError on other lseek failures.
+  std::vector<std::pair<uint64_t, uint64_t>> data_ranges() const;
 
  private:
   void map(const std::string& what);

@@ -51,6 +51,14 @@ class UffdWpTracker final : public checkpoint::DirtyTracker {
   uint64_t features() const { return features_; }
   // Number of 2 MiB chunks re-split after the first collect because a huge page became
   // PMD-mapped again (for tests and stats; the initial split pass is not counted).
+  // Parallel steady-state scan: the range is split into `threads` slices of at least
+  // `min_slice` bytes (2 MiB aligned), each walked by its own thread. Defaults: 2 GiB slices,
+  // min(4, hardware threads / 2) threads (guests under 4 GiB, and 2-core hosts, scan on one). For tests (small
+  // ranges in many slices) and tuning; call before collect_and_reset().
+  void set_scan_slices(uint64_t min_slice, unsigned threads) {
+    scan_slice_ = min_slice;
+    scan_threads_ = threads;
+  }
   uint64_t thp_splits() const { return thp_splits_; }
 
  private:
@@ -58,6 +66,16 @@ class UffdWpTracker final : public checkpoint::DirtyTracker {
   // include kPageIsWritten into regions_ (cleared first). Throws a clear Error when the target
   // is gone or the range is no longer registered.
   void scan(uint64_t start, uint64_t end, uint64_t flags);
+  // scan() into `out` instead of regions_ (thread-safe: PAGEMAP_SCAN walks under the mmap
+  // read lock, so disjoint ranges may be scanned concurrently).
+  void scan_into(uint64_t start, uint64_t end, uint64_t flags, std::vector<uapi::PageRegion>& out) const;
+  // The steady-state re-arming scan of the whole range into regions_: split into slices of at
+  // least kParallelSlice scanned on up to kScanThreads threads (issue 17: the scan walks every
+  // page-table entry of the range, so its cost grows with RAM size, not with the dirty rate).
+  void scan_all_parallel(uint64_t flags);
+  uint64_t scan_slice_ = uint64_t{2} << 30;
+  unsigned scan_threads_ = 0;  // 0 = min(4, hardware threads / 2)
+  std::vector<std::vector<uapi::PageRegion>> slice_regions_;
   // Throws if the target has exited; called after every scan so a dead target is never
   // mistaken for one that wrote nothing.
   void check_alive(const char* step) const;

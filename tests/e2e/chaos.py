@@ -21,7 +21,11 @@ Checked after every fault:
     ticks and the twin's never overlap in time;
   * the client's counter totals are exactly 1, 2, 3, ... (never back, never a jump: a total the
     client saw is part of the state that survives), and the connection survives;
-  * the survivor continues from a committed checkpoint (tick continuity at a failover).
+  * the survivor continues from a committed checkpoint (tick continuity at a failover);
+  * never two copies, seen through /proc independently of the guest: every 50 ms the CPU time of
+    the vCPU threads ("CPU n/TCG", "CPU n/KVM") of the primary QEMU and of the current twin is
+    read from /proc/PID/task/*/stat; a paused (QMP `stop`, or `-S -incoming`) QEMU's vCPU threads
+    use no CPU. Both advancing in two consecutive samples is a split brain.
 
 Usage: chaos.py [--seeds N] [--first-seed S] [--seed S] [--faults K] [--minutes M] [--report FILE]
 A failing seed is printed with its schedule; `chaos.py --seed S` replays the same schedule (the
@@ -134,6 +138,73 @@ class Hosts:
             sh('ip', 'netns', 'exec', self.nsS, 'iptables', '-w', '-I' if on else '-D', *r, ok=not on)
 
 
+def vcpu_time(pid):
+    """Clock ticks of CPU time used so far by `pid`'s vCPU threads (None when it is gone)."""
+    try:
+        tids = os.listdir('/proc/%d/task' % pid)
+    except OSError:
+        return None
+    total = 0
+    for t in tids:
+        try:
+            with open('/proc/%d/task/%s/stat' % (pid, t)) as f:
+                st = f.read()
+        except OSError:
+            continue
+        comm = st[st.index('(') + 1:st.rindex(')')]
+        if not comm.startswith('CPU '):
+            continue
+        fields = st[st.rindex(')') + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total
+
+
+class CpuWatch:
+    """Samples the vCPU CPU time of the primary QEMU and the current twin every 50 ms (see the
+    module doc). `overlaps` lists (time, pids) of consecutive samples in which more than one copy
+    executed guest code; `max_running` is the most copies seen running in one sample."""
+
+    def __init__(self, primary_pid, twin_pid_file):
+        self.primary_pid, self.twin_pid_file = primary_pid, twin_pid_file
+        self.last, self.prev_running = {}, set()
+        self.overlaps, self.max_running, self.samples = [], 0, 0
+        self.running_samples = {}  # pid -> samples in which it executed guest code
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def pids(self):
+        ps = [self.primary_pid]
+        try:
+            ps.append(int(open(self.twin_pid_file()).read()))
+        except (OSError, ValueError, AttributeError):  # no twin (yet), or no standby started yet
+            pass
+        return ps
+
+    def run(self):
+        while not self.stop.is_set():
+            running = set()
+            for pid in self.pids():
+                v = vcpu_time(pid)
+                if v is None:
+                    self.last.pop(pid, None)
+                    continue
+                if pid in self.last and v > self.last[pid]:
+                    running.add(pid)
+                    self.running_samples[pid] = self.running_samples.get(pid, 0) + 1
+                self.last[pid] = v
+            self.samples += 1
+            self.max_running = max(self.max_running, len(running))
+            if len(running) > 1 and len(self.prev_running) > 1:
+                self.overlaps.append((time.time(), sorted(running)))
+            self.prev_running = running
+            time.sleep(0.05)
+
+    def check(self):
+        check(not self.overlaps, 'SPLIT BRAIN (/proc): two QEMUs executed guest code in consecutive 50 ms samples at '
+              '%s' % self.overlaps[:3])
+
+
 class Chaos:
     def __init__(self, seed, faults):
         self.seed, self.nfaults = seed, faults
@@ -219,11 +290,14 @@ class Chaos:
         with Hosts() as h, Env('chaos-%d' % self.seed) as env:
             write_fence(env, VM)
             g = env.boot_guest(dirty_kib_s=256, extra_append=' ftvm_ip=%s/24' % h.gip,
-                               extra_args=['-netdev', 'tap,id=n0,ifname=%s,script=no,downscript=no' % h.ptap,
+                               extra_args=['-name', '%s,debug-threads=on' % VM,  # vCPU threads named (CpuWatch)
+                                           '-netdev', 'tap,id=n0,ifname=%s,script=no,downscript=no' % h.ptap,
                                            '-device', 'virtio-net-pci,netdev=n0,mac=%s,romfile=' % h.mac])
             wait_for(lambda: any('INIT: eth0' in l for _, l in g.serial.all()), 90, 'guest network up')
             g.serial.wait_ticks(2, 90)
             gone = watch_exit(g.pid)
+            cpu = CpuWatch(g.pid, lambda: os.path.join(self.S.run_dir, 'vms', VM, 'twin.pid'))
+            self.cpu = cpu
             with open(env.path('primary.qemu.pid'), 'w') as f:
                 f.write('%d\n' % g.pid)
             P = self.start_ftd(env, h, 'primary')
@@ -256,6 +330,7 @@ class Chaos:
                 # Let it settle; then the invariants.
                 time.sleep(3.0)
                 self.no_overlap(g.serial, twins)
+                cpu.check()
                 active = self.state(S, 'active') == 'active'
                 if active or gone():
                     v = wait_for(lambda: S.vm(VM, 'active') if self.state(S, 'active') == 'active' else None, 30,
@@ -282,8 +357,14 @@ class Chaos:
             cp.wait(90)
             nums = self.client_ok(out)
             self.no_overlap(g.serial, twins)
-            log('seed %d: %d faults %s; client totals 1..%d consecutive; %.0f s' %
-                (self.seed, len(self.done), [f for f, _ in self.done], nums[-1] if nums else 0, time.time() - t0))
+            cpu.stop.set()
+            cpu.check()
+            check(cpu.samples > 0 and cpu.max_running >= 1, '/proc watch never saw a QEMU execute (%d samples)' %
+                  cpu.samples)
+            log('seed %d: %d faults %s; client totals 1..%d consecutive; /proc: %d samples, vCPU busy per pid %s, '
+                'never two at once; %.0f s' % (self.seed, len(self.done), [f for f, _ in self.done],
+                                               nums[-1] if nums else 0, cpu.samples, cpu.running_samples,
+                                               time.time() - t0))
         return self.done
 
     def wait_protected(self, env, h, P, S, what, timeout=120):

@@ -60,7 +60,7 @@ def xxh32(data, seed=0):
 # ---- frames and messages (transport/frame.h, checkpoint/protocol.h) ---------------------------
 HELLO, WRITE, CONTROL, HEARTBEAT, GOODBYE = 1, 2, 3, 4, 5
 OPEN_SESSION, SESSION_READY, EPOCH_BEGIN, COMMIT, ACK, ACTIVATE, ACTIVATE_DONE, ERROR = 1, 2, 5, 6, 7, 8, 9, 12
-PROTOCOL_VERSION = 4  # checkpoint/protocol.h kProtocolVersion (4: Commit.staged_tag)
+PROTOCOL_VERSION = 5  # checkpoint/protocol.h kProtocolVersion (5: Commit.staged_tag)
 WIRE_VERSION = 3      # transport/frame.h kWireVersion (3: RDMA handshake and tags; TCP framing as in 2)
 
 
@@ -78,7 +78,8 @@ def open_session(sid, name, ram, argv, disks=(), xml=''):
     b = struct.pack('<IQQI', PROTOCOL_VERSION, sid, ram, 4096) + s(name)
     b += struct.pack('<I', len(argv)) + b''.join(s(a) for a in argv)
     b += struct.pack('<I', len(disks)) + b''.join(s(i) + s(src) + struct.pack('<Q', sz) for i, src, sz in disks)
-    return b + s(xml) + s('none') + struct.pack('<I', 0)  # arbiter kind, reprotect port (manual)
+    # arbiter kind, reprotect port (manual), second path host (none), RAM in use (0: unknown)
+    return b + s(xml) + s('none') + struct.pack('<I', 0) + s('') + struct.pack('<Q', 0)
 
 
 class FakePrimary:

@@ -346,10 +346,111 @@ def per_vm_arbiter():
         check(v['arbiter']['kind'] == 'fence-command', 'default is not the host arbiter: %s' % v.get('arbiter'))
 
 
+class TwoNetworks:
+    """Two "hosts" (network namespaces P and S) joined by two independent networks A and B (a veth
+    pair each: two NICs per host). `cut(net)` takes that network down on P's side (both
+    directions); everything is removed on exit, pass or fail."""
+
+    def __init__(self):
+        tag = os.urandom(3).hex()
+        self.nsP, self.nsS = 'ftvm-2np-' + tag, 'ftvm-2ns-' + tag
+        b = os.urandom(1)[0] % 50
+        self.net = {'A': '10.%d.1' % (200 + b), 'B': '10.%d.2' % (200 + b)}
+        self.dev = {'A': 'n2a' + tag, 'B': 'n2b' + tag}
+
+    def sh(self, *a, ok=False):
+        r = subprocess.run(list(a), capture_output=True, text=True)
+        check(ok or r.returncode == 0, '%s failed: %s' % (' '.join(a), r.stderr))
+        return r
+
+    def ip(self, host, net):
+        return self.net[net] + ('.1' if host == 'P' else '.2')
+
+    def __enter__(self):
+        try:
+            for ns in (self.nsP, self.nsS):
+                self.sh('ip', 'netns', 'add', ns)
+                self.sh('ip', '-n', ns, 'link', 'set', 'lo', 'up')
+            for n, dev in self.dev.items():
+                self.sh('ip', 'link', 'add', dev + 'p', 'netns', self.nsP, 'type', 'veth', 'peer', 'name', dev + 's',
+                        'netns', self.nsS)
+                for host, ns, d in (('P', self.nsP, dev + 'p'), ('S', self.nsS, dev + 's')):
+                    self.sh('ip', '-n', ns, 'addr', 'add', self.ip(host, n) + '/24', 'dev', d)
+                    self.sh('ip', '-n', ns, 'link', 'set', d, 'up')
+        except Exception:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def cut(self, net, on):
+        log('network %s %s' % (net, 'cut' if on else 'restored'))
+        self.sh('ip', '-n', self.nsP, 'link', 'set', self.dev[net] + 'p', 'down' if on else 'up')
+
+    def __exit__(self, *a):
+        for ns in (self.nsP, self.nsS):
+            for pid in self.sh('ip', 'netns', 'pids', ns, ok=True).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            self.sh('ip', 'netns', 'del', ns, ok=True)
+        return False
+
+
+def second_network():
+    """Issue 10: a TCP session's second heartbeat path travels on a second network (the standby's
+    `--listen-also`, `ftctl enable --peer-alt`). With no arbiter at all, losing either network
+    for longer than the timeout never makes the standby take over a live primary: it hears the
+    primary on the other one. The primary pauses, settles (Resolve over the network that works),
+    runs on and protects the VM again over the surviving network; both ways round. Without
+    --peer-alt (FTVM_TEST_NO_PEER_ALT=1, the behaviour before) the twin takes over on a cut of
+    network A and this test fails."""
+    with Env('sb-second-net') as env, TwoNetworks() as n:
+        g = env.boot_guest(mem=256, dirty_kib_s=1024)
+        g.serial.wait_ticks(3, 90)
+        P = env.start_ftd('primary', listen=False, prefix=['ip', 'netns', 'exec', n.nsP])
+        S = env.start_ftd('standby', prefix=['ip', 'netns', 'exec', n.nsS], listen_host=n.ip('S', 'A'),
+                          extra=['--listen-also', '%s:%d' % (n.ip('S', 'B'), env.port)])
+        args = ['enable', '--qmp', g.qmp, '--peer', '%s:%d' % (n.ip('S', 'A'), env.port), '--name', VM,
+                '--timeout', '120']
+        if os.environ.get('FTVM_TEST_NO_PEER_ALT') != '1':
+            args += ['--peer-alt', '%s:%d' % (n.ip('S', 'B'), env.port)]
+        P.ctl(*args)
+        twin = env.twin_serial(S, VM)
+        v = P.vm(VM, 'primary')
+        log('status link: %s' % json.dumps(v['link']))
+        check(v['link']['second_path']['state'] == 'up', 'the second path is not up: %s' % v['link'])
+        first_pid = g.pid
+        for net in ('A', 'B'):
+            other = 'B' if net == 'A' else 'A'
+            wait_for(lambda: state(P, 'primary') == 'protected' and
+                     P.vm(VM, 'primary')['link']['second_path']['state'] == 'up', 60,
+                     'protection with both paths up before cutting network %s' % net)
+            n.cut(net, True)
+            try:
+                # Well past the standby's timeout (1 s): it would have taken over by now.
+                time.sleep(4)
+                check('ACTIVATED' not in S.log_text(), 'the standby resumed the twin although the primary was alive '
+                      'on network %s:\n%s' % (other, [l for l in S.log_text().splitlines() if 'activat' in l.lower()][-5:]))
+                check(pid_alive(first_pid), 'the primary QEMU died when network %s was cut' % net)
+                ticks_advance(g.serial, 'the primary guest with network %s cut' % net)
+                wait_for(lambda: state(P, 'primary') == 'protected', 120,
+                         'protection again over network %s while %s is cut' % (other, net))
+                peer = P.vm(VM, 'primary')['link']['peer']
+                log('protected again over %s while network %s is cut' % (peer, net))
+                check(peer.startswith(n.ip('S', other)), 'data path %s is not on network %s' % (peer, other))
+            finally:
+                n.cut(net, False)
+        check(not twin.all(), 'SPLIT BRAIN: the twin printed output: %s' % twin.all()[:3])
+        text = P.log_text()
+        check('standby says: dropped' in text, 'the primary did not settle the broken session with the standby')
+        log('either network cut for 4 s: the standby never took over, the primary re-protected over the other one')
+
+
 if __name__ == '__main__':
     main({'reset': reset, 'stall-ftd': stall_ftd, 'short-stall': short_stall,
           'partition-both': partition('both'), 'partition-to-standby': partition('to-standby'),
           'partition-to-primary': partition('to-primary'),
           'standby-restart': standby_restart_keeps_active_twin, 'planned-lost-answer': planned_lost_answer,
-          'per-vm-arbiter': per_vm_arbiter, 'partition-corosync-primary': partition_corosync('primary'),
+          'per-vm-arbiter': per_vm_arbiter, 'second-network': second_network, 'partition-corosync-primary': partition_corosync('primary'),
           'partition-corosync-standby': partition_corosync('standby')})

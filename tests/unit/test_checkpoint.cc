@@ -1,5 +1,9 @@
 // Staging, commit and replica invariants (checkpoint/), and the session protocol codec.
 #include <catch2/catch.hpp>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <set>
 
 #include <cstring>
 #include <random>
@@ -146,6 +150,11 @@ TEST_CASE("protocol messages round-trip and malformed bodies are rejected", "[ch
     o.reprotect_port = 7410;
     REQUIRE(decode<OpenSession>(encode(o)).arbiter == "fence-command");
     REQUIRE(decode<OpenSession>(encode(o)).reprotect_port == 7410);
+    o.second_path_host = "10.1.0.1";
+    REQUIRE(decode<OpenSession>(encode(o)).second_path_host == "10.1.0.1");
+    o.second_path_host = std::string(65, 'a');  // an address, not a payload
+    REQUIRE_THROWS(decode<OpenSession>(encode(o)));
+    o.second_path_host.clear();
     o.arbiter = "";
     auto e = encode(o);
     REQUIRE_THROWS_WITH(decode<OpenSession>(e), Catch::Contains("arbiter"));
@@ -351,5 +360,43 @@ TEST_CASE("Commit carries the keyed tag on the wire", "[checkpoint][security]") 
   CHECK(d.staged_tag == c.staged_tag);
   auto body = encode(c);
   body.pop_back();
-  CHECK_THROWS_AS(decode<Commit>(body), ProtocolError);  // a version-3 Commit (no tag) is refused
+  CHECK_THROWS_AS(decode<Commit>(body), ProtocolError);  // a Commit without the tag (version 4) is refused
+}
+
+TEST_CASE("epoch 1: the carried pages merge into an ascending list the standby accepts (issue 17)", "[checkpoint]") {
+  using namespace ftvm::checkpoint;
+  std::mt19937_64 rng(17);
+  for (int round = 0; round < 200; round++) {
+    // The last sync pass's list, collected while the guest ran (any order, repeats), and the
+    // pause's scan (any order).
+    std::vector<uint64_t> carry, dirty;
+    for (int i = 0; i < 300; i++) carry.push_back(rng() % 5000);
+    for (int i = 0; i < 300; i++) dirty.push_back(rng() % 5000);
+    std::set<uint64_t> want(carry.begin(), carry.end());
+    want.insert(dirty.begin(), dirty.end());
+    merge_page_lists(dirty, carry);
+    REQUIRE(carry.empty());
+    REQUIRE(std::vector<uint64_t>(want.begin(), want.end()) == dirty);  // strictly ascending, nothing lost
+  }
+}
+
+TEST_CASE("a sparse RAM digest equals the full one without touching holes (issue 17)", "[checkpoint]") {
+  using namespace ftvm::checkpoint;
+  constexpr uint64_t kPages = 256;
+  int fd = ::memfd_create("ftvm-test-sparse", MFD_CLOEXEC);
+  REQUIRE(fd >= 0);
+  REQUIRE(::ftruncate(fd, kPages * kPageSize) == 0);
+  auto* p = static_cast<std::byte*>(::mmap(nullptr, kPages * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  REQUIRE(p != MAP_FAILED);
+  for (uint64_t pg : {3, 10, 11, 12, 200}) std::memset(p + pg * kPageSize, int(pg), kPageSize);
+  const std::vector<std::pair<uint64_t, uint64_t>> data = {{3, 4}, {10, 13}, {200, 201}};
+  struct stat before{}, after{};
+  REQUIRE(::fstat(fd, &before) == 0);
+  const uint64_t sparse = digest_ram_sparse({p, kPages * kPageSize}, data);
+  REQUIRE(::fstat(fd, &after) == 0);
+  REQUIRE(after.st_blocks == before.st_blocks);  // no hole was allocated by the digest
+  REQUIRE(sparse == digest_ram({p, kPages * kPageSize}));  // reads every page: same value
+  REQUIRE_THROWS(digest_ram_sparse({p, kPages * kPageSize}, {{10, 13}, {3, 4}}));  // out of order
+  ::munmap(p, kPages * kPageSize);
+  ::close(fd);
 }

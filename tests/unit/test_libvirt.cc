@@ -804,3 +804,16 @@ TEST_CASE("twin_xml with the standby's policy accepts a real libvirt domain", "[
   o.policy = &strict;
   CHECK(contains(error_of([&] { twin_xml(kDomainXml, o); }), "seed.iso"));
 }
+
+TEST_CASE("protection element: peer-alt round-trips and is validated", "[libvirt]") {
+  ftvm::vmm::Protection p;
+  p.peer = "10.0.0.2:7410";
+  p.peer_alt = "10.1.0.2:7410";
+  const auto el = ftvm::vmm::protection_element(p);
+  REQUIRE(el.find("peer-alt=\"10.1.0.2:7410\"") != std::string::npos);
+  auto back = ftvm::vmm::parse_protection(el);
+  REQUIRE(back);
+  REQUIRE(back->peer_alt == "10.1.0.2:7410");
+  p.peer_alt = "10.1.0.2;rm -rf /";
+  REQUIRE_THROWS_WITH(ftvm::vmm::protection_element(p), Catch::Contains("peer-alt="));
+}

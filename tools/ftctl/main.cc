@@ -65,6 +65,8 @@ void print_human(const nlohmann::json& vms) {
       fmt::print("  link {} via {} ({})  {}  idle {} ms   tracker {}  QEMU pid {}  RAM {} MiB\n", l.value("peer", "?"),
                  l.value("transport", "?"), l.value("security", "?"), l.value("healthy", false) ? "healthy" : "DOWN",
                  fmt_ms(l["idle_ms"]), v.value("tracker", "?"), v.value("qemu_pid", 0), v.value("ram_mib", 0));
+      if (l.contains("second_path") && l["second_path"].is_object() && !l["second_path"].value("peer", "").empty())
+        fmt::print("  second path {}  {}\n", l["second_path"].value("peer", "?"), l["second_path"].value("state", "?"));
       if (v.contains("arbiter") && v["arbiter"].is_object()) {
         const auto& a = v["arbiter"];
         const double at = a.value("last_confirmed_wall_ms", 0.0);
@@ -230,6 +232,10 @@ int main(int argc, char** argv) {
   en->add_option("--connect,-c", uri, "libvirt URI (default: ftd's --libvirt-uri, qemu:///system)");
   en->add_option("--qmp", qmp, "Plain QEMU: the guest's QMP unix socket (ftd takes that connection)");
   en->add_option("--peer", peer, "Standby ftd address HOST[:PORT] (port 7410 by default)")->required();
+  std::string peer_alt;
+  en->add_option("--peer-alt", peer_alt,
+                 "The standby ftd's address on a second network, HOST[:PORT] (its --listen-also): the second "
+                 "heartbeat path goes there, so the standby takes over only when both networks are silent");
   en->add_option("--name", name, "VM name (default: QEMU's -name, else the QMP socket's file name)");
   en->add_option("--epoch-ms", epoch_ms, "Guest run time between checkpoints")->capture_default_str()->check(
       CLI::Range(1u, 10000u));
@@ -353,6 +359,7 @@ int main(int argc, char** argv) {
       nlohmann::json req = {{"cmd", "enable"}, {"peer", peer}, {"name", name}, {"epoch_ms", epoch_ms},
                             {"max_sync_passes", passes}, {"transport", transport}, {"shared_disk", shared_disk},
                             {"reprotect", reprotect}, {"arbiter", arbiter}};
+      if (!peer_alt.empty()) req["peer_alt"] = peer_alt;
       if (!domain.empty()) {
         req["domain"] = domain;
         if (!uri.empty()) req["uri"] = uri;
@@ -388,6 +395,13 @@ int main(int argc, char** argv) {
           return kOk;
         }
         if (state == "primary-lost" || state == "disabled" || state == "failed-over") return kFailed;
+        if (state == "degraded" && v.value("reason", "").find("standby refused the session") != std::string::npos) {
+          // The standby's own decision (its policy, its memory, another owner): waiting changes
+          // nothing soon. ftd retries every reconnect interval; `ftctl disable` stops that.
+          fmt::print(stderr, "ftctl: {}: {}\nftctl: the guest runs on unprotected; ftd retries on its own (`ftctl "
+                             "disable {}` stops it)\n", vm, v.value("reason", ""), vm);
+          return kRefused;
+        }
         if (state == "degraded" && !v.value("reason", "").empty() && std::chrono::steady_clock::now() > deadline) {
           fmt::print(stderr, "ftctl: {} is degraded: {}\n", vm, v.value("reason", ""));
           return kFailed;

@@ -96,6 +96,13 @@ Daemon::Daemon(DaemonConfig cfg) : cfg_(std::move(cfg)) {
     o.encrypt = cfg_.encrypt;
     listener_ = std::make_unique<transport::MultiListener>(hp.host, hp.port, o);
     listen_address_ = listener_->describe();
+    for (const auto& a : cfg_.listen_also) {
+      auto ap = transport::tcp::parse_host_port(a);
+      listeners_also_.push_back(std::make_unique<transport::MultiListener>(ap.host, ap.port ? ap.port : hp.port, o));
+      listen_address_ += "; " + listeners_also_.back()->describe();
+    }
+  } else if (!cfg_.listen_also.empty()) {
+    throw Error("--listen-also needs --listen (the first replication address)");
   }
 }
 
@@ -155,7 +162,7 @@ checkpoint::Resolution Daemon::resolve(const checkpoint::Resolve& r, const Stand
     for (auto& s : standbys_)
       if (!s->transient() && s->session_id() == r.session_id) hit = s;
   }
-  if (hit && (hit->peer_host() != from.peer_host() || hit->key_id() != from.key_id()))
+  if (hit && (!hit->is_primary_host(from.peer_host()) || hit->key_id() != from.key_id()))
     fail("Resolve for session {:016x} of '{}' from {} (key {}), but that session belongs to {} (key {}): refused, the "
          "session is untouched", r.session_id, r.vm_name, from.peer(), from.key_id().empty() ? "none" : from.key_id(),
          hit->peer(), hit->key_id().empty() ? "none" : hit->key_id());
@@ -182,7 +189,9 @@ int Daemon::run() {
             listen_address_.empty() ? "(not listening)" : listen_address_, security_,
             cfg_.allow_peers.empty() ? "" : ", peers allowed: " + fmt::format("{}", fmt::join(cfg_.allow_peers, " ")));
   std::thread lt;
-  if (listener_) lt = std::thread([this] { listen_loop(); });
+  std::vector<std::thread> lt_also;
+  if (listener_) lt = std::thread([this] { listen_loop(*listener_); });
+  for (auto& l : listeners_also_) lt_also.emplace_back([this, lp = l.get()] { listen_loop(*lp); });
   if (!cfg_.libvirt_uri.empty()) {
     std::lock_guard<std::mutex> g(mu_);
     workers_.emplace_back([this] { scan_libvirt(); });
@@ -213,6 +222,7 @@ int Daemon::run() {
   }
   stop_ = true;
   if (lt.joinable()) lt.join();
+  for (auto& t : lt_also) t.join();
   std::vector<std::thread> workers;
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -257,16 +267,17 @@ bool Daemon::peer_allowed(const std::string& host) const {
 // Accepts replication clients. The loop never reads from a client: it filters by address
 // (--allow-peer), caps the handshakes in progress, and hands each client to a thread of its own
 // that runs the handshake (bounded by the connect timeout) and then the session.
-void Daemon::listen_loop() {
+void Daemon::listen_loop(transport::MultiListener& listener) {
+  std::vector<HandshakeThread> hs_threads;  // this listener's handshakes (joined when done and at the end)
   while (!stop_) {
-    std::erase_if(hs_threads_, [](HandshakeThread& h) {
+    std::erase_if(hs_threads, [](HandshakeThread& h) {
       if (!*h.done) return false;
       h.t.join();
       return true;
     });
     std::optional<transport::MultiListener::Pending> p;
     try {
-      p = listener_->accept_pending(std::chrono::milliseconds(200));
+      p = listener.accept_pending(std::chrono::milliseconds(200));
     } catch (const std::exception& e) {
       log::warn("ftd", "rejected an incoming replication connection: {}", e.what());
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -292,14 +303,14 @@ void Daemon::listen_loop() {
       ++handshaking_total_;
     }
     auto done = std::make_shared<std::atomic<bool>>(false);
-    hs_threads_.push_back(HandshakeThread{std::thread([this, p = std::move(*p), done]() mutable {
+    hs_threads.push_back(HandshakeThread{std::thread([this, p = std::move(*p), done]() mutable {
                                             handshake_and_serve(std::move(p));
                                             *done = true;
                                           }),
                                           done});
   }
-  for (auto& h : hs_threads_) h.t.join();
-  hs_threads_.clear();
+  for (auto& h : hs_threads) h.t.join();
+  hs_threads.clear();
 }
 
 void Daemon::handshake_and_serve(transport::MultiListener::Pending p) {
@@ -372,7 +383,8 @@ void Daemon::claim_standby(const std::string& name, StandbySession* self) {
     for (auto& s : standbys_) {
       if (s.get() == self || s->name() != name) continue;
       if (s->active() || s->finished()) continue;  // a running twin was checked above (adopted_twin)
-      if (s->peer_host() != self->peer_host() || s->key_id() != self->key_id())
+      if (!(s->is_primary_host(self->peer_host()) || self->is_primary_host(s->peer_host())) ||
+          s->key_id() != self->key_id())
         fail("VM '{}' is already protected by a session from {} (key {}); refusing this session from {} (key {}) "
              "and leaving that session untouched: disable protection on that primary first (`ftctl disable {}`)",
              name, s->peer(), s->key_id().empty() ? "none" : s->key_id(), self->peer(),
@@ -479,6 +491,7 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
   }
   else r.qmp_socket = need_string(req, "qmp");
   r.peer = need_string(req, "peer");
+  r.peer_alt = req.value("peer_alt", "");
   r.name = req.value("name", "");
   r.epoch_ms = opt_uint(req, "epoch_ms", 25);
   r.max_sync_passes = opt_uint(req, "max_sync_passes", 8);
@@ -508,6 +521,7 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
       p.transport = r.transport;
       p.epoch_ms = r.epoch_ms;
       p.arbiter = r.arbiter;
+      p.peer_alt = r.peer_alt;
       s->set_protection_metadata(vmm::protection_element(p));
     } catch (const std::exception& e) {
       return err("failed", fmt::format("writing the ftvm metadata element into domain '{}' failed: {}", s->name(), e.what()));
@@ -616,6 +630,7 @@ nlohmann::json Daemon::cmd_hook(const nlohmann::json& req) {
     r.transport = p.value("transport", "auto");
     r.epoch_ms = opt_uint(p, "epoch_ms", 25);
     r.arbiter = p.value("arbiter", "");
+    r.peer_alt = p.value("peer_alt", "");
     if (cfg_.libvirt_uri.empty())
       return err("refused", "ftd runs without libvirt (--libvirt-uri ''); cannot protect domain " + name);
     if (is_own_listener(r.peer))

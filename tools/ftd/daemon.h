@@ -31,7 +31,7 @@ class Daemon {
   nlohmann::json handle(const nlohmann::json& req);
 
  private:
-  void listen_loop();
+  void listen_loop(transport::MultiListener& l);
   // Runs one accepted client's handshake (its own thread) and, if it succeeds, its session.
   void handshake_and_serve(transport::MultiListener::Pending p);
   bool peer_allowed(const std::string& host) const;
@@ -67,6 +67,7 @@ class Daemon {
   std::vector<std::shared_ptr<StandbySession>> standbys_;
   std::atomic<bool> stop_{false};
   std::unique_ptr<transport::MultiListener> listener_;
+  std::vector<std::unique_ptr<transport::MultiListener>> listeners_also_;  // --listen-also
   std::string listen_address_;
   std::string security_;  // "authenticated (key ID, FILE)" / "INSECURE ..." for status and logs
   // Handshakes in progress (listen_loop): per client address, and their threads (joined when
@@ -78,7 +79,6 @@ class Daemon {
     std::thread t;
     std::shared_ptr<std::atomic<bool>> done;
   };
-  std::vector<HandshakeThread> hs_threads_;  // listen_loop only
 };
 
 }  // namespace ftvm::ftd

@@ -3,6 +3,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 
 #include <CLI/CLI.hpp>
@@ -32,6 +33,9 @@ int main(int argc, char** argv) {
   app.add_option("--listen", cfg.listen,
                  "Standby: address for replication connections from primaries, HOST:PORT (e.g. 10.0.0.2:7410); "
                  "not given or '' = this ftd is not a standby");
+  app.add_option("--listen-also", cfg.listen_also,
+                 "Standby: a further replication address HOST:PORT on another network (repeatable), for primaries "
+                 "whose second heartbeat path comes that way (`ftctl enable --peer-alt`); needs --listen");
   std::string generate_key;
   app.add_option("--generate-key", generate_key,
                  "Write a new random replication key (32 bytes, mode 0600) to FILE and exit; copy it to the peer host "
@@ -158,6 +162,17 @@ int main(int argc, char** argv) {
                "RAM at that checkpoint (digest; costs a full RAM read per epoch)");
   app.add_flag("--no-verify-activation", no_verify, "Do not verify (the default)");
   app.add_flag("--enable-fault-injection", cfg.fault_injection, "Accept `ftctl fault` (for tests only)");
+  uint64_t reserve_mib = 256;
+  app.add_option("--memory-reserve-mib", reserve_mib,
+                 "Standby: memory (MiB) to keep free for this host; a VM whose RAM in use does not fit in "
+                 "MemAvailable minus this is refused (ftctl enable exits 5) instead of being OOM-killed later")
+      ->capture_default_str();
+  int oom_adj = -900;
+  app.add_option("--oom-score-adj", oom_adj,
+                 "OOM killer preference for ftd and its guard (-1000..1000): the kernel should kill almost anything "
+                 "else first, since ftd's death fences the primary guest (twins it starts get 0 again)")
+      ->capture_default_str()
+      ->check(CLI::Range(-1000, 1000));
   int nice_value = -10;
   app.add_option("--nice", nice_value,
                  "Scheduling niceness of ftd (heartbeats and checkpoints must not starve behind guests)")
@@ -235,6 +250,7 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "ftd: --fence-command is only used with --arbiter fence-command\n");
     return 2;
   }
+  cfg.memory_reserve_bytes = reserve_mib << 20;
   cfg.heartbeat_timeout = std::chrono::milliseconds(hb_ms);
   cfg.heartbeat_interval = std::chrono::milliseconds(hb_interval_ms);
   cfg.ack_timeout = std::chrono::milliseconds(ack_ms);
@@ -281,6 +297,13 @@ int main(int argc, char** argv) {
     if (!log_file.empty()) ftvm::log::set_file(log_file);
     // Before any thread exists, so every thread inherits it. Best effort: a standby that is
     // starved of CPU takes a live primary for dead.
+    {
+      // Inherited by the guard (forked later); twins set theirs back to 0 before exec.
+      std::FILE* f = std::fopen("/proc/self/oom_score_adj", "w");
+      if (!f || std::fprintf(f, "%d\n", oom_adj) < 0 || std::fclose(f) != 0)
+        ftvm::log::warn("ftd", "setting /proc/self/oom_score_adj to {} failed: {}; the OOM killer may pick ftd (and "
+                        "so fence the guests it protects) before other processes", oom_adj, std::strerror(errno));
+    }
     if (setpriority(PRIO_PROCESS, 0, nice_value) != 0)
       ftvm::log::warn("ftd", "setpriority({}) failed: {}; ftd runs at the default priority", nice_value,
                       std::strerror(errno));

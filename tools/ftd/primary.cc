@@ -14,6 +14,7 @@
 #include "common/log.h"
 #include "transport/tcp/tcp_transport.h"
 #include "vmm-glue/qemu_cmdline.h"
+#include "transport/address.h"
 #include "transport/select.h"
 #ifdef FTVM_HAVE_RDMA
 #include "transport/rdma/rdma_transport.h"
@@ -88,6 +89,14 @@ PrimarySession::PrimarySession(const DaemonConfig& cfg, EnableRequest req) : cfg
   auto hp = transport::tcp::parse_host_port(req_.peer);
   host_ = hp.host;
   port_ = hp.port ? hp.port : 7410;
+  if (!req_.peer_alt.empty()) {
+    auto alt = transport::tcp::parse_host_port(req_.peer_alt);
+    alt_host_ = alt.host;
+    alt_port_ = alt.port ? alt.port : port_;
+    if (alt_host_ == host_ && alt_port_ == port_)
+      fail("--peer-alt {} is the same address as --peer {}: give the standby's address on a second network (its "
+           "`ftd --listen-also`), or leave --peer-alt out", req_.peer_alt, req_.peer);
+  }
   std::vector<std::string> problems;
   if (!req_.domain.empty()) {
     // A libvirt domain: libvirt owns QEMU's monitor; ftd goes through libvirt's QMP passthrough.
@@ -544,8 +553,23 @@ std::optional<cp::Resolution> PrimarySession::try_resolve(uint64_t sid) {
   o.encrypt = cfg_.encrypt;
   // connect() blocks without pinging the guard: stay well inside its watchdog.
   o.connect_timeout = std::max(std::chrono::milliseconds(30), std::min(standby_timeout_ / 2, guard_watchdog_ / 3));
+  // Both of the standby's addresses: a Resolve must get through whichever network still works.
+  std::vector<std::pair<std::string, uint16_t>> to{{host_, port_}};
+  if (!alt_host_.empty()) to.emplace_back(alt_host_, alt_port_);
+  std::string failures;
+  for (const auto& [h, p] : to) {
+    if (auto r = try_resolve_at(sid, h, p, o, failures)) return r;
+    ping_guard();
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  reason_ = fmt::format("settling: standby unreachable ({})", failures);
+  return std::nullopt;
+}
+
+std::optional<cp::Resolution> PrimarySession::try_resolve_at(uint64_t sid, const std::string& host, uint16_t port,
+                                                             const transport::Options& o, std::string& failures) {
   try {
-    auto c = transport::tcp::connect_tcp(host_, port_, o);
+    auto c = transport::tcp::connect_tcp(host, port, o);
     send_msg(*c, cp::Resolve{sid, name_});
     c->flush();
     const auto deadline = Clock::now() + std::max(std::chrono::milliseconds(1000), 2 * standby_timeout_);
@@ -564,9 +588,8 @@ std::optional<cp::Resolution> PrimarySession::try_resolve(uint64_t sid) {
     }
     throw LinkDown("no Resolution within the deadline");
   } catch (const std::exception& e) {
-    log::debug("primary", "{}: Resolve: {}", name_, e.what());
-    std::lock_guard<std::mutex> g(mu_);
-    reason_ = fmt::format("settling: standby {}:{} unreachable ({})", host_, port_, e.what());
+    log::debug("primary", "{}: Resolve at {}:{}: {}", name_, host, port, e.what());
+    failures += fmt::format("{}{}:{}: {}", failures.empty() ? "" : "; ", host, port, e.what());
     return std::nullopt;
   }
 }
@@ -688,7 +711,31 @@ void PrimarySession::connect_and_sync() {
   pending_.clear();
   pending_hb_.clear();
   link_error_.clear();
-  conn_ = transport::connect(host_, port_, transport_kind_, opts, {}, &chosen);
+  std::string data_host = host_;
+  uint16_t data_port = port_;
+  try {
+    conn_ = transport::connect(host_, port_, transport_kind_, opts, {}, &chosen);
+  } catch (const std::exception& e) {
+    if (alt_host_.empty()) throw;
+    // The standby's first address is unreachable (that network is down?): its second one
+    // carries the session, and the second path goes to the first (it may come back).
+    log::warn("primary", "{}: standby {}:{} unreachable ({}); trying its second address {}:{}", name_, host_, port_,
+              e.what(), alt_host_, alt_port_);
+    conn_ = transport::tcp::connect_tcp(alt_host_, alt_port_, opts);
+    chosen = "tcp (second address)";
+    data_host = alt_host_;
+    data_port = alt_port_;
+  }
+  if (alt_host_.empty()) {
+    hb_host_ = host_;
+    hb_port_ = port_;
+  } else if (data_host == host_ && data_port == port_) {
+    hb_host_ = alt_host_;
+    hb_port_ = alt_port_;
+  } else {
+    hb_host_ = host_;
+    hb_port_ = port_;
+  }
   log::info("primary", "{}: connected to the standby {} over {}, {}{}", name_, conn_->peer(), chosen,
             conn_->security(), conn_->key_id().empty() ? " (--insecure: NOT AUTHENTICATED)" : " (key " + conn_->key_id() + ")");
   {
@@ -713,6 +760,16 @@ void PrimarySession::connect_and_sync() {
       log::warn("primary", "{}: reprotect=auto but --listen '{}' does not parse ({}): manual", name_, cfg_.listen, e.what());
     }
   }
+  if (!alt_host_.empty()) {
+    // Where the second path will come from: the standby binds it (and Resolve) to that host.
+    try {
+      o.second_path_host = transport::source_host_for(hb_host_, hb_port_);
+    } catch (const std::exception& e) {
+      log::warn("primary", "{}: second address {}:{}: {}; the second path may be refused", name_, hb_host_, hb_port_,
+                e.what());
+    }
+  }
+  for (const auto& [first, end] : ram_->data_ranges()) o.ram_used += (end - first) * kPageSize;
   if (disks_) o.disks = disks_->infos();
   send_msg(*conn_, o);
   auto deadline = Clock::now() + std::chrono::seconds(60);
@@ -736,19 +793,25 @@ void PrimarySession::connect_and_sync() {
   hb_.reset();
   {
     // The second path: a separate TCP connection (RDMA sessions: beside the RDMA data path;
-    // TCP sessions: beside the data connection) whose heartbeats keep the standby from taking
-    // a live primary for dead when one connection breaks (activation needs silence on both).
+    // TCP sessions: beside the data connection; to the standby's second address when it has
+    // one) whose heartbeats keep the standby from taking a live primary for dead when one
+    // connection or network breaks (activation needs silence on both).
     try {
-      hb_ = transport::tcp::connect_tcp(host_, port_, opts);
+      hb_ = transport::tcp::connect_tcp(hb_host_, hb_port_, opts);
       send_msg(*hb_, cp::HeartbeatLink{session_id_});
       hb_->flush();
+      set_hb_state("up");
       log::info("primary", "{}: second path (tcp {}) carries heartbeats beside the {} data path", name_, hb_->peer(),
                 conn_->backend());
     } catch (const std::exception& e) {
-      log::warn("primary", "{}: no second path to the standby ({}); heartbeats use the data path only", name_,
-                e.what());
+      log::warn("primary", "{}: no second path to the standby ({}:{}: {}); heartbeats use the data path only until it "
+                "is re-dialed", name_, hb_host_, hb_port_, e.what());
+      set_hb_state(fmt::format("down ({})", e.what()));
       hb_.reset();
     }
+    hb_dial_at_ = Clock::now();
+    std::lock_guard<std::mutex> g(mu_);
+    hb_peer_ = fmt::format("{}:{}", hb_host_, hb_port_);
   }
   log::info("primary", "{}: standby {} ready (twin pid {}, staging {} KiB); full sync of {} MiB", name_,
             conn_->peer(), ready.twin_pid, capacity_ >> 10, ram_size_ >> 20);
@@ -764,8 +827,18 @@ void PrimarySession::connect_and_sync() {
   carry_.clear();
   dirty_.clear();
   tracker_->collect_and_reset(dirty_);  // arms tracking before the copy; reports every page
-  dirty_.resize(ram_size_ / kPageSize);
-  for (uint64_t i = 0; i < dirty_.size(); i++) dirty_[i] = i;
+  // Only the pages that hold data: holes in the guest's memfd (RAM the guest never touched) read
+  // as zeros on both sides and stay holes in the twin; reading them here would allocate them
+  // (a sparse 16 GiB guest cost 16 GiB resident on each host). A hole the guest writes from now
+  // on is reported by the tracker armed above and goes in a later pass or epoch.
+  dirty_.clear();
+  const auto extents = ram_->data_ranges();
+  for (const auto& [first, end] : extents)
+    for (uint64_t i = first; i < end; i++) dirty_.push_back(i);
+  log::info("primary", "{}: {} of {} MiB of guest RAM hold data ({} extents); holes are not copied", name_,
+            dirty_.size() * kPageSize >> 20, ram_size_ >> 20, extents.size());
+  // The digest of this session starts from zeros: every page sent updates its hash.
+  ram_digest_ = std::make_unique<cp::RamDigest>(ram_size_ / kPageSize);
   uint64_t total = 0;
   unsigned pass = 0;
   const uint64_t small = std::max<uint64_t>(256, ram_size_ / kPageSize / 512);
@@ -864,6 +937,47 @@ void PrimarySession::send_both(const T& m) {
   conn_->flush();
 }
 
+// A lost second path is dialed again in the background, at most once a second, while the
+// session is protected: the second network may come back, and until it does the data path is
+// the only thing keeping the standby from taking over. A dial that finishes after its session
+// ended is dropped (its HeartbeatLink named the old session).
+void PrimarySession::dial_second_path_async() {
+  transport::Options o;
+  o.heartbeat_interval = cfg_.heartbeat_interval;
+  o.key = cfg_.key;
+  o.encrypt = cfg_.encrypt;
+  o.connect_timeout = std::max(std::chrono::milliseconds(100), standby_timeout_);
+  hb_dial_at_ = Clock::now();
+  hb_dial_sid_ = session_id_;
+  set_hb_state("redialing");
+  hb_dial_ = std::async(std::launch::async, [host = hb_host_, port = hb_port_, o, sid = session_id_] {
+    auto c = transport::tcp::connect_tcp(host, port, o);
+    send_msg(*c, cp::HeartbeatLink{sid});
+    c->flush();
+    return c;
+  });
+}
+
+void PrimarySession::adopt_redialed_second_path() {
+  if (hb_dial_.valid()) {
+    if (hb_dial_.wait_for(std::chrono::seconds(0)) != std::future_status::ready) return;
+    try {
+      auto c = hb_dial_.get();
+      if (hb_dial_sid_ == session_id_ && conn_) {
+        hb_ = std::move(c);
+        set_hb_state("up");
+        log::info("primary", "{}: second path (tcp {}) re-established", name_, hb_->peer());
+      }
+    } catch (const std::exception& e) {
+      set_hb_state(fmt::format("down ({})", e.what()));
+      log::debug("primary", "{}: re-dialing the second path: {}", name_, e.what());
+    }
+    return;
+  }
+  if (state_ == "protected" && !hb_host_.empty() && Clock::now() - hb_dial_at_ >= std::chrono::seconds(1))
+    dial_second_path_async();
+}
+
 // Takes QEMU's queued events: the mirror jobs' to the disk mirror; a guest-initiated SHUTDOWN
 // ends protection (GuestShutdown). STOP/RESUME of every epoch are dropped (must not pile up).
 void PrimarySession::process_events() {
@@ -945,10 +1059,13 @@ void PrimarySession::pump(std::chrono::milliseconds timeout) {
     try {
       if (auto hm = hb_->poll(std::chrono::milliseconds(0))) handle(*hm);
     } catch (const LinkDown& e) {
-      log::warn("primary", "{}: second path to the standby lost: {}; the data path carries heartbeats alone",
-                name_, e.what());
+      log::warn("primary", "{}: second path to the standby lost: {}; the data path carries heartbeats alone "
+                "until it is re-dialed", name_, e.what());
+      set_hb_state(fmt::format("down ({})", e.what()));
       hb_.reset();
     }
+  } else {
+    adopt_redialed_second_path();
   }
   auto m = next_message(timeout);
   {
@@ -1097,16 +1214,7 @@ void PrimarySession::checkpoint(bool final) {
   const auto t1 = Clock::now();
   dirty_.clear();
   tracker_->collect_and_reset(dirty_);
-  if (!carry_.empty()) {
-    // set_union needs both sorted; the carried list was collected while the guest ran.
-    std::sort(carry_.begin(), carry_.end());
-    carry_.erase(std::unique(carry_.begin(), carry_.end()), carry_.end());
-    std::sort(dirty_.begin(), dirty_.end());
-    std::vector<uint64_t> merged;
-    std::set_union(dirty_.begin(), dirty_.end(), carry_.begin(), carry_.end(), std::back_inserter(merged));
-    dirty_.swap(merged);
-    carry_.clear();
-  }
+  if (!carry_.empty()) cp::merge_page_lists(dirty_, carry_);
   const auto t2 = Clock::now();
   stager_.stage_pages(dirty_, as_span(*ram_));
   const auto t3 = Clock::now();
@@ -1443,6 +1551,7 @@ nlohmann::json PrimarySession::status() const {
       {"sync", {{"passes", sync_passes_}, {"pages", sync_pages_}, {"ms", sync_ms_}}},
       {"link",
        {{"peer", link_peer_.empty() ? req_.peer : link_peer_},
+        {"second_path", {{"peer", hb_peer_}, {"state", hb_state_}}},
         {"transport", link_backend_.empty() ? "tcp" : link_backend_},
         {"security", link_security_},
         {"idle_ms", link_idle_ms_},

@@ -108,6 +108,8 @@ class PrimarySession {
   bool settle_broken_session(const std::string& why, bool activate_sent);
   // One Resolve round trip on a fresh connection; nullopt when the standby cannot be reached.
   std::optional<checkpoint::Resolution> try_resolve(uint64_t sid);
+  std::optional<checkpoint::Resolution> try_resolve_at(uint64_t sid, const std::string& host, uint16_t port,
+                                                       const transport::Options& o, std::string& failures);
   void fence_self(const std::string& why);
   std::chrono::milliseconds standby_silence() const;
   std::chrono::milliseconds suspect_after() const { return standby_timeout_ / 2; }
@@ -134,6 +136,10 @@ class PrimarySession {
   std::string name_;
   std::string host_;
   uint16_t port_ = 0;
+  // The standby's second address (`ftctl enable --peer-alt`, a second NIC); "" = none. The
+  // second path goes there, Resolve tries it after host_, and the data path falls back to it.
+  std::string alt_host_;
+  uint16_t alt_port_ = 0;
 
   // libvirt domains: fresh handles are opened by UUID when needed (libvirtd may restart).
   std::string libvirt_uri_, domain_uuid_, domain_xml_;  // all "" for plain QEMU
@@ -161,7 +167,22 @@ class PrimarySession {
 
   // Replication state (session thread).
   std::unique_ptr<transport::Connection> conn_;
-  std::unique_ptr<transport::Connection> hb_;  // second path (TCP) beside an RDMA session
+  std::unique_ptr<transport::Connection> hb_;  // the second path (TCP) beside the data path
+  // Where the second path goes this session (the address the data path does not use when
+  // there are two; else the data path's) and the re-dial of a lost second path, off-thread
+  // (a connect must not stall an epoch): started at most once a second while protected.
+  std::string hb_host_, hb_peer_;
+  uint16_t hb_port_ = 0;
+  std::future<std::unique_ptr<transport::Connection>> hb_dial_;
+  std::chrono::steady_clock::time_point hb_dial_at_{};
+  uint64_t hb_dial_sid_ = 0;  // the session the re-dial announces itself for
+  std::string hb_state_ = "none";  // for status: "up", "down (...)", "redialing", "none"
+  void dial_second_path_async();
+  void set_hb_state(std::string s) {
+    std::lock_guard<std::mutex> g(mu_);
+    hb_state_ = std::move(s);
+  }
+  void adopt_redialed_second_path();
   template <typename T> void send_both(const T& m);
   transport::Kind transport_kind_ = transport::Kind::Auto;
   std::span<const std::byte> registered_staging_;  // RDMA: the staging allocation registered as a source

@@ -21,6 +21,9 @@ struct DaemonConfig {
   std::string run_dir = "/run/ftvm";          // control socket, twins' run dirs, logs
   std::string control_socket;                 // default: run_dir/ftd.sock
   std::string listen;                         // replication listener HOST:PORT ("" = primary-only host)
+  // Further replication listeners (--listen-also), e.g. on a second network for the second
+  // heartbeat path of primaries that name it (`ftctl enable --peer-alt`).
+  std::vector<std::string> listen_also;
   // Replication security (issue 12; docs/ARCHITECTURE.md "Security"). Every replication
   // connection, both directions, proves knowledge of `key` (loaded from key_file) and tags
   // every frame; without a key ftd runs only with `insecure` (loud warnings, status shows it).
@@ -74,6 +77,10 @@ struct DaemonConfig {
   // standby: the most bytes of disk writes spilled to files per VM (--disk-spill-max-mib);
   // beyond it the session ends (the primary resynchronizes) instead of filling the disk.
   uint64_t disk_spill_max_bytes = uint64_t{4} << 30;
+  // standby: memory kept free for the host (--memory-reserve-mib). A session whose twin needs
+  // more than MemAvailable minus this now (the primary's RAM in use) is refused at OpenSession,
+  // instead of the OOM killer ending the twin or ftd later.
+  uint64_t memory_reserve_bytes = uint64_t{256} << 20;
 };
 
 // What `ftctl enable` asks for.
@@ -82,6 +89,9 @@ struct EnableRequest {
   std::string domain;      // a libvirt domain (name or UUID) on libvirt_uri
   std::string libvirt_uri;  // "" = DaemonConfig::libvirt_uri
   std::string peer;  // host:port of the standby ftd
+  // host:port of the same standby ftd on a second network (its --listen-also); "" = none. The
+  // second heartbeat path goes there, so the standby activates only when both networks are silent.
+  std::string peer_alt;
   std::string name;  // VM name; default from QEMU (-name) or the QMP socket's file name
   unsigned epoch_ms = 25;
   unsigned max_sync_passes = 8;

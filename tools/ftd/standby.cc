@@ -15,6 +15,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 
 #include "checkpoint/digest.h"
 #include "common/error.h"
@@ -73,6 +74,11 @@ pid_t spawn(const std::vector<std::string>& argv, const std::string& log_path) {
   if (pid == 0) {
     ::setsid();
     ::setpriority(PRIO_PROCESS, 0, 0);  // the twin runs the guest: not at ftd's raised priority
+    if (int fd = ::open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC); fd >= 0) {  // nor its OOM shield
+      ssize_t w = ::write(fd, "0\n", 2);
+      (void)w;
+      ::close(fd);
+    }
     ::dup2(nullfd.get(), 0);
     ::dup2(logfd.get(), 1);
     ::dup2(logfd.get(), 2);
@@ -179,9 +185,10 @@ bool StandbySession::adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<t
   // The second path must come from the host the data connection came from, with the same key:
   // another peer (even one holding the key) must not keep a session alive or end it.
   const auto host = transport::tcp::peer_host(conn->peer());
-  if (host != peer_host_ || conn->key_id() != key_id_) {
+  if (!is_primary_host(host) || conn->key_id() != key_id_) {
     log::warn("standby", "{}: refused a second path from {} (key {}) for session {:016x}: the session's data "
-              "connection comes from {} (key {}); a second path must come from the same host with the same key",
+              "connection comes from {} (key {}); a second path must come from the same host (or the second "
+              "address its OpenSession declared) with the same key",
               name(), conn->peer(), conn->key_id().empty() ? "none" : conn->key_id(), session_id, peer_,
               key_id_.empty() ? "none" : key_id_);
     return false;
@@ -366,6 +373,45 @@ vmm::TwinPolicy StandbySession::twin_policy() const {
   return p;
 }
 
+namespace {
+// MemAvailable and SwapFree from /proc/meminfo, in bytes (0 when unreadable).
+std::pair<uint64_t, uint64_t> mem_available() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  uint64_t v = 0, avail = 0, swap = 0;
+  std::string unit;
+  while (f >> key >> v) {
+    std::getline(f, unit);
+    if (key == "MemAvailable:") avail = v << 10;
+    if (key == "SwapFree:") swap = v << 10;
+  }
+  return {avail, swap};
+}
+}  // namespace
+
+// Issue 17: a twin that cannot get the memory the guest uses now is refused up front (the
+// primary's `ftctl enable` exits 5 with this text) rather than being OOM-killed during the sync,
+// or having the OOM killer pick something else on this host. A guest that later touches more
+// of its RAM can still outgrow the host: that is logged as a warning here.
+void StandbySession::check_memory_for(const cp::OpenSession& o) {
+  const auto [avail, swap] = mem_available();
+  if (avail == 0) {
+    log::warn("standby", "{}: cannot read MemAvailable from /proc/meminfo; admitting the twin unchecked", o.vm_name);
+    return;
+  }
+  const uint64_t reserve = cfg_.memory_reserve_bytes;
+  const uint64_t need = o.ram_used + (64u << 20);  // the guest's data + QEMU's own overhead
+  if (need + reserve > avail)
+    fail("this standby host has {} MiB of memory available and keeps {} MiB free (--memory-reserve-mib); the twin "
+         "of VM '{}' needs {} MiB now ({} MiB of its {} MiB of RAM in use, plus 64 MiB for QEMU): free memory on the "
+         "standby, lower its --memory-reserve-mib, or protect the VM towards another host",
+         avail >> 20, reserve >> 20, o.vm_name, need >> 20, o.ram_used >> 20, o.ram_size >> 20);
+  if (o.ram_size + reserve > avail + swap)
+    log::warn("standby", "{}: the guest may grow to {} MiB, more than this host has available ({} MiB + {} MiB "
+              "swap, {} MiB reserved); if it does, the OOM killer ends the twin (never ftd: oom_score_adj)",
+              o.vm_name, o.ram_size >> 20, avail >> 20, swap >> 20, reserve >> 20);
+}
+
 void StandbySession::open(const cp::OpenSession& o) {
   if (!safe_name(o.vm_name))
     throw ProtocolError(fmt::format("VM name '{}' is not usable as a file name ([A-Za-z0-9._-], up to 128)", o.vm_name));
@@ -376,7 +422,12 @@ void StandbySession::open(const cp::OpenSession& o) {
     fail("VM '{}' asks for arbiter '{}' but this ftd arbitrates with '{}'; configure both hosts alike (ftd --arbiter)",
          o.vm_name, o.arbiter, arbiter_->kind());
   }
+  check_memory_for(o);
   // Claim before taking the name: a refused session must not show up as that VM's session.
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    second_path_host_ = o.second_path_host;
+  }
   claim_(o.vm_name, this);
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -583,7 +634,7 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
       }
       if (cfg_.verify_every_commit) {
         // Test mode: the whole twin RAM must now equal the primary's RAM at this checkpoint.
-        const uint64_t d = cp::digest_ram(as_span(*twin_ram_));
+        const uint64_t d = cp::digest_ram_sparse(as_span(*twin_ram_), twin_ram_->data_ranges());
         if (d != c.ram_digest)
           fail("after applying epoch {} the twin's RAM digest is {:016x}, the primary's is {:016x}", c.epoch, d,
                c.ram_digest);
@@ -746,7 +797,7 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
     nlohmann::json act = {{"reason", reason}, {"epoch", c.epoch}, {"declared_wall_ms", declared_wall_ms}};
     if (cfg_.verify_activation) {
       const auto v0 = Clock::now();
-      uint64_t d = cp::digest_ram(as_span(*twin_ram_));
+      uint64_t d = cp::digest_ram_sparse(as_span(*twin_ram_), twin_ram_->data_ranges());
       act["verify_ms"] = ms_since(v0);
       act["ram_digest"] = fmt::format("{:016x}", d);
       act["expected_ram_digest"] = fmt::format("{:016x}", c.ram_digest);
@@ -834,9 +885,9 @@ void StandbySession::activate(const std::string& reason, double declared_wall_ms
               wall_ms() - declared_wall_ms);
     // Evidence that the guest executes: its RAM keeps changing after resuming (off the
     // activation path: the twin already runs).
-    const uint64_t d0 = cp::digest_ram(as_span(*twin_ram_));
+    const uint64_t d0 = cp::digest_ram_sparse(as_span(*twin_ram_), twin_ram_->data_ranges());
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
-    const uint64_t d1 = cp::digest_ram(as_span(*twin_ram_));
+    const uint64_t d1 = cp::digest_ram_sparse(as_span(*twin_ram_), twin_ram_->data_ranges());
     auto st2 = twin_qmp_->execute("query-status").value("status", "");
     const bool executing = d0 != d1 && st2 == "running";
     log::info("standby", "{}: twin {} 300 ms after activation: status {}, RAM {}", name(),

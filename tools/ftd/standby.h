@@ -80,13 +80,20 @@ class StandbySession {
   const std::string& peer() const { return peer_; }
   const std::string& peer_host() const { return peer_host_; }
   const std::string& key_id() const { return key_id_; }
+  // Whether `host` is this session's primary: the data connection's host, or the address the
+  // OpenSession declared for the second path (a second network). Thread-safe.
+  bool is_primary_host(const std::string& host) const {
+    std::lock_guard<std::mutex> g(mu_);
+    return host == peer_host_ || (!second_path_host_.empty() && host == second_path_host_);
+  }
   // Whether a checkpoint was ever committed (the twin holds a usable replica).
   bool committed_any() const {
     std::lock_guard<std::mutex> g(mu_);
     return committed_ > 0;
   }
   // Thread-safe: takes `conn` as this session's second path if `session_id` is ours and `conn`
-  // comes from the data connection's host with the same key (else logs why and returns false).
+  // comes from the primary's host (is_primary_host) with the same key (else logs why and
+  // returns false).
   bool adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<transport::Connection>& conn);
   nlohmann::json status() const;
   uint64_t session_id() const { return sid_; }
@@ -107,6 +114,7 @@ class StandbySession {
   bool arbiter_allows_activation(std::chrono::milliseconds silent_for);
   void run();
   void open(const checkpoint::OpenSession& o);
+  void check_memory_for(const checkpoint::OpenSession& o);
   vmm::TwinPolicy twin_policy() const;  // what this session's twin may run and touch
   bool handle(const transport::ControlMessage& m);  // false = session over
   void primary_silent(const std::string& why);
@@ -122,6 +130,7 @@ class StandbySession {
   Resolver resolver_;
   Reprotect reprotect_;
   uint32_t reprotect_port_ = 0;  // from OpenSession
+  std::string second_path_host_;  // from OpenSession (guarded by mu_)
   std::shared_ptr<checkpoint::Arbiter> arbiter_;
   bool suspect_sent_ = false;
   std::chrono::steady_clock::time_point arbiter_log_{};

@@ -275,6 +275,7 @@ struct Protection {
   int epoch_ms = 25;
   std::string failover = "auto";
   std::string arbiter;  // "" = the host's
+  std::string peer_alt;  // the standby's second address; "" = none
 };
 
 struct DomainInfo {
@@ -385,6 +386,16 @@ std::optional<DomainInfo> parse_domain(const std::string& xml, std::string& why)
             problems.push_back(fmt::format("arbiter='{}' is not an arbiter kind", clean(*a, 64)));
           else
             p.arbiter = v;
+        }
+        if (auto a = attr(m, "peer-alt")) {
+          std::string v(trim(*a));
+          if (v.size() > 255 || !std::all_of(v.begin(), v.end(), [](char c) {
+                return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == ':' || c == '-' || c == '[' ||
+                       c == ']' || c == '_';
+              }))
+            problems.push_back(fmt::format("peer-alt='{}' is not HOST[:PORT]", clean(*a, 64)));
+          else
+            p.peer_alt = v;
         }
         if (problems.empty()) {
           info.protection = p;
@@ -709,6 +720,7 @@ int run(int argc, char** argv) {
     req["protection"] = {{"peer", p.peer}, {"transport", p.transport}, {"epoch_ms", p.epoch_ms},
                          {"failover", p.failover}};
     if (!p.arbiter.empty()) req["protection"]["arbiter"] = p.arbiter;  // the VM's own arbiter choice
+    if (!p.peer_alt.empty()) req["protection"]["peer_alt"] = p.peer_alt;
   }
   notify_ftd(cfg, phase, req);
   return 0;
