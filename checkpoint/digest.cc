@@ -1,6 +1,7 @@
 #include "checkpoint/digest.h"
 
 #include <fcntl.h>
+#include <sodium.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -12,6 +13,26 @@
 #include "common/fd.h"
 
 namespace ftvm::checkpoint {
+
+static_assert(crypto_onetimeauth_BYTES == kStagedTagSize && crypto_onetimeauth_KEYBYTES == 32);
+
+StagedTag staged_tag(const EpochKey& epoch_key, uint64_t epoch, std::span<const std::byte> staged) {
+  unsigned char nonce[crypto_stream_chacha20_ietf_NONCEBYTES] = {};
+  for (int i = 0; i < 8; ++i) nonce[i] = static_cast<unsigned char>(epoch >> (8 * i));
+  unsigned char otk[crypto_onetimeauth_KEYBYTES];
+  crypto_stream_chacha20_ietf(otk, sizeof otk, nonce, epoch_key.data());
+  StagedTag t;
+  crypto_onetimeauth(reinterpret_cast<unsigned char*>(t.data()), reinterpret_cast<const unsigned char*>(staged.data()),
+                     staged.size(), otk);
+  sodium_memzero(otk, sizeof otk);
+  return t;
+}
+
+bool staged_tag_ok(const EpochKey& epoch_key, uint64_t epoch, std::span<const std::byte> staged, const StagedTag& tag) {
+  auto t = staged_tag(epoch_key, epoch, staged);
+  return crypto_verify_16(reinterpret_cast<const unsigned char*>(t.data()),
+                          reinterpret_cast<const unsigned char*>(tag.data())) == 0;
+}
 
 uint64_t digest_file(const std::string& path) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));

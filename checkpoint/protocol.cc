@@ -43,6 +43,14 @@ class Reader {
     pos_ += n;
     return s;
   }
+  template <size_t N>
+  std::array<std::byte, N> fixed() {
+    need(N);
+    std::array<std::byte, N> a;
+    std::memcpy(a.data(), b_.data() + pos_, N);
+    pos_ += N;
+    return a;
+  }
   // The bytes not read yet (consumed).
   std::span<const std::byte> rest() {
     auto r = b_.subspan(pos_);
@@ -262,6 +270,7 @@ std::vector<std::byte> encode(const Commit& m) {
   w.u32(m.flags);
   w.u64(m.disk_ops);
   w.u64(m.disk_digest);
+  w.out.insert(w.out.end(), m.staged_tag.begin(), m.staged_tag.end());
   return std::move(w.out);
 }
 template <> Commit decode<Commit>(std::span<const std::byte> b) {
@@ -276,6 +285,7 @@ template <> Commit decode<Commit>(std::span<const std::byte> b) {
   m.flags = r.u32();
   m.disk_ops = r.u64();
   m.disk_digest = r.u64();
+  m.staged_tag = r.fixed<16>();
   r.done();
   if (m.epoch == 0) throw ProtocolError("Commit: epoch 0 is invalid (epochs start at 1)");
   if (m.flags & ~Commit::kFinal) throw ProtocolError(fmt::format("Commit: unknown flags {:#x}", m.flags));

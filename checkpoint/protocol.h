@@ -30,7 +30,10 @@
 //   EpochBegin{N, bytes} ----------------------------------->  (logged; torn-epoch diagnosis)
 //   write(region 2, 0, [indices | pages | device state])
 //   Commit{N, pages, devstate bytes, staged digest,
-//          RAM digest, flags, disk ops, disk digest} ------>  verify digest + indices and the
+//          RAM digest, flags, disk ops, disk digest,
+//          staged tag} ------------------------------------>  verify digest (keyed tag on an
+//                                                             authenticated connection) +
+//                                                             indices and the
 //                                                             epoch's disk ops; apply pages to
 //                                                             twin RAM and disk ops to the
 //                                                             images; keep devstate N
@@ -82,6 +85,7 @@
 // reused. Type 0 is Invalid in every enum here. All integers are little-endian.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -92,7 +96,8 @@ namespace ftvm::checkpoint {
 
 // 2: disks (OpenSession.disks, DiskWrite, Commit.disk_*); 3: SessionReady.heartbeat_timeout_ms,
 // Resolve/Resolution (split-brain arbitration after a lost link); 4: OpenSession.second_path_host,
-// OpenSession.ram_used; 5: OpenSession.failover, OpenSession.origin, OpenSession.history (issue 11)
+// OpenSession.ram_used; 5: OpenSession.failover, OpenSession.origin, OpenSession.history (issue 11),
+// Commit.staged_tag (keyed epoch digest on authenticated connections)
 inline constexpr uint32_t kProtocolVersion = 5;
 inline constexpr uint32_t kRegionRam = 1;      // the twin's RAM (writable only while Syncing)
 inline constexpr uint32_t kRegionStaging = 2;  // one epoch: [u64 index * n][pages][devstate]
@@ -203,11 +208,20 @@ struct Commit {
   uint64_t epoch = 0;
   uint64_t page_count = 0;
   uint64_t devstate_bytes = 0;
-  uint64_t staged_digest = 0;  // digest_bytes() over the staged bytes [0, staged_size())
+  // Integrity of the staged bytes [0, staged_size()), which arrive by one-sided writes:
+  //  * unauthenticated connection (--insecure): staged_digest = digest_bytes() (XXH3-64, against
+  //    accidents), staged_tag all zero;
+  //  * authenticated connection (Connection::epoch_key() != nullptr): staged_tag =
+  //    staged_tag(epoch_key, epoch, staged bytes) (checkpoint/digest.h: Poly1305 under a
+  //    per-epoch key derived from the session's handshake; against an attacker who can write
+  //    into the staging region), staged_digest 0 and ignored.
+  // The standby checks the one its connection calls for; the other proves nothing.
+  uint64_t staged_digest = 0;
   uint64_t ram_digest = 0;     // primary's full-RAM digest at this checkpoint
   uint32_t flags = 0;
   uint64_t disk_ops = 0;     // DiskWrites tagged with this epoch
   uint64_t disk_digest = 0;  // DiskOpDigest (checkpoint/disk_journal.h) over them, in wire order
+  std::array<std::byte, 16> staged_tag{};  // see staged_digest; 16 raw bytes on the wire, last
   uint64_t staged_size() const { return page_count * (8 + 4096) + devstate_bytes; }
 };
 

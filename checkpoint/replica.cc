@@ -30,7 +30,7 @@ uint64_t Replica::grow_staging(uint64_t bytes) {
   return staging_.size();
 }
 
-void Replica::apply(const Commit& c) {
+void Replica::apply(const Commit& c, const EpochKey* epoch_key) {
   if (last_ && c.epoch != last_->epoch + 1)
     throw ProtocolError(fmt::format("epoch {} committed out of order (last applied epoch is {})", c.epoch,
                                     last_->epoch));
@@ -42,11 +42,20 @@ void Replica::apply(const Commit& c) {
     throw ProtocolError(fmt::format("epoch {}: staged size {} exceeds the staging area of {} bytes", c.epoch, size,
                                     staging_.size()));
   const std::span<const std::byte> staged(staging_.data(), size);
-  const uint64_t d = digest_bytes(staged);
-  if (d != c.staged_digest)
-    throw ProtocolError(fmt::format("epoch {}: digest mismatch (staged {:016x}, commit record {:016x}); the epoch "
-                                    "was torn or corrupted in transit",
-                                    c.epoch, d, c.staged_digest));
+  if (epoch_key) {
+    if (!staged_tag_ok(*epoch_key, c.epoch, staged, c.staged_tag))
+      throw ProtocolError(fmt::format("epoch {}: keyed digest mismatch (the Poly1305 tag of the {} staged bytes under "
+                                      "this session's key differs from the commit record's); the epoch was torn, "
+                                      "corrupted or altered in transit (a write into the staging area by someone "
+                                      "without the session key?)",
+                                      c.epoch, size));
+  } else {
+    const uint64_t d = digest_bytes(staged);
+    if (d != c.staged_digest)
+      throw ProtocolError(fmt::format("epoch {}: digest mismatch (staged {:016x}, commit record {:016x}); the epoch "
+                                      "was torn or corrupted in transit",
+                                      c.epoch, d, c.staged_digest));
+  }
   const std::byte* idx = staging_.data();
   uint64_t prev = 0;
   for (uint64_t i = 0; i < c.page_count; i++) {

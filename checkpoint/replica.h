@@ -4,7 +4,8 @@
 // primary writes epoch N, and it is the only code that changes the twin's RAM after the
 // initial sync. Invariants:
 //  * apply() changes RAM only after the whole staged epoch has been verified (digest of the
-//    staged bytes equals the commit record's, every page index is inside RAM, indices strictly
+//    staged bytes equals the commit record's: the keyed tag (Commit.staged_tag) when the session
+//    is authenticated, the XXH3 digest otherwise; every page index is inside RAM, indices strictly
 //    ascending, sizes fit the staging area); a failed check throws ProtocolError and leaves
 //    RAM, the committed epoch and its device state exactly as they were.
 //  * device_state() is always the device state of committed_epoch(), never of a later epoch.
@@ -17,6 +18,7 @@
 #include <span>
 #include <vector>
 
+#include "checkpoint/digest.h"
 #include "checkpoint/protocol.h"
 
 namespace ftvm::checkpoint {
@@ -36,7 +38,10 @@ class Replica {
   uint64_t grow_staging(uint64_t bytes);
 
   // Verifies the staged epoch described by `c` and applies it. See the invariants above.
-  void apply(const Commit& c);
+  // `epoch_key`: the connection's key for the keyed epoch digest (Connection::epoch_key());
+  // non-null = authenticated session: c.staged_tag must verify under it (c.staged_digest is
+  // ignored); null = unauthenticated: c.staged_digest must equal the XXH3 digest.
+  void apply(const Commit& c, const EpochKey* epoch_key = nullptr);
 
   bool has_checkpoint() const { return last_.has_value(); }
   uint64_t committed_epoch() const { return last_ ? last_->epoch : 0; }

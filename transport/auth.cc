@@ -136,6 +136,7 @@ SessionKeys derive(const Key& key, std::span<const std::byte> transcript) {
   crypto_kdf_derive_from_key(s.proof_responder.data(), 32, 2, kKdfContext, master);
   crypto_kdf_derive_from_key(s.frame_i2r.data(), 32, 3, kKdfContext, master);
   crypto_kdf_derive_from_key(s.frame_r2i.data(), 32, 4, kKdfContext, master);
+  crypto_kdf_derive_from_key(s.epoch.data(), 32, 5, kKdfContext, master);
   sodium_memzero(master, sizeof master);
   sodium_memzero(&h, sizeof h);
   return s;

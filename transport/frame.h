@@ -5,7 +5,7 @@
 //
 //   offset size field
 //        0    4 magic     'F' 'T' 'V' 'M' (reads as 0x4D565446 little-endian)
-//        4    2 version   wire version, currently kWireVersion (2)
+//        4    2 version   wire version, currently kWireVersion (3)
 //        6    1 kind      FrameKind; 0 is Invalid and never sent
 //        7    1 flags     must be 0 (no flags defined in version 1)
 //        8    4 field     Write: region id (nonzero); Control: message type (1..65535);
@@ -27,7 +27,9 @@
 // and vice versa.
 //
 // Version history: 1 = 16-byte Hello, no authentication; 2 = 64-byte Hello with nonce and
-// key id, Auth frames, per-frame tags, minimum max_write_payload.
+// key id, Auth frames, per-frame tags, minimum max_write_payload; 3 = the RDMA fabric (which
+// shares this version number in its CM private data) authenticates: key id in its hello,
+// AuthNonce/AuthProof messages, a tag on every SEND (transport/auth.h); TCP framing as in 2.
 //
 // Versioning rule: magic and version stay at offsets 0 and 4 forever. Any change that an
 // older receiver would misread (header layout, kind numbering, payload encodings, meaning of
@@ -57,7 +59,7 @@
 namespace ftvm::transport {
 
 inline constexpr uint32_t kFrameMagic = 0x4D565446;  // bytes "FTVM"
-inline constexpr uint16_t kWireVersion = 2;
+inline constexpr uint16_t kWireVersion = 3;
 inline constexpr size_t kFrameHeaderSize = 32;
 // Largest Write payload a receiver accepts; senders split larger writes.
 inline constexpr uint32_t kMaxWritePayload = 16u << 20;

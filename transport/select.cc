@@ -40,11 +40,12 @@ std::unique_ptr<Connection> connect(const std::string& host, uint16_t port, Kind
   auto say = [&](const std::string& s) {
     if (chosen) *chosen = s;
   };
-  if (opts.key && kind == Kind::Rdma)
-    fail("--transport rdma: RDMA connections are not authenticated yet and this ftd has a key (--key-file); use "
-         "--transport tcp (or auto), or run both ftd with --insecure on a trusted, isolated fabric");
-  if (opts.key && kind == Kind::Auto) {
-    say("tcp (auto: RDMA connections are not authenticated yet, and this ftd has a key)");
+  // RDMA authenticates like TCP (transport/auth.h) but cannot encrypt one-sided writes.
+  if (opts.encrypt && kind == Kind::Rdma)
+    fail("--transport rdma: the RDMA transport does not encrypt and this ftd asks for encryption (--encrypt); use "
+         "--transport tcp (or auto), or drop --encrypt (RDMA sessions are authenticated, not encrypted)");
+  if (opts.encrypt && kind == Kind::Auto) {
+    say("tcp (auto: --encrypt, which the RDMA transport does not do)");
     return tcp::connect_tcp(host, port, opts);
   }
 #ifdef FTVM_HAVE_RDMA
@@ -80,9 +81,10 @@ MultiListener::MultiListener(const std::string& host, uint16_t port, Options opt
 #ifdef FTVM_HAVE_RDMA
   std::string dev;
   const std::string probe = host.empty() || host == "*" || host == "::" || host == "0.0.0.0" ? "" : host;
-  if (!probe.empty() && opts.key && rdma::rdma_reachable(probe, &dev)) {
-    log::warn("transport", "not listening for RDMA on {} ({}): RDMA connections are not authenticated yet and this "
-              "ftd has a key; primaries connect over TCP (run both ftd with --insecure to allow RDMA)", host, dev);
+  if (!probe.empty() && opts.encrypt && rdma::rdma_reachable(probe, &dev)) {
+    log::warn("transport", "not listening for RDMA on {} ({}): this ftd asks for encryption (--encrypt), which the "
+              "RDMA transport does not do; primaries must connect over TCP (give them --encrypt too, or "
+              "--transport tcp)", host, dev);
   } else if (!probe.empty() && rdma::rdma_reachable(probe, &dev)) {
     try {
       impl_->rdma = std::make_unique<rdma::RdmaListener>(host, impl_->tcp->bound_port(), opts);
@@ -127,11 +129,13 @@ std::optional<MultiListener::Pending> MultiListener::accept_pending(std::chrono:
     if (r < 0 && errno != EINTR) throw SysError(errno, "poll replication listeners");
     if (r <= 0) return std::nullopt;
     if (p[1].revents) {
-      auto c = impl_->rdma->accept(std::chrono::milliseconds(0));
-      if (!c) return std::nullopt;
-      Pending pd{c->peer(), tcp::peer_host(c->peer()), {}};
-      auto holder = std::make_shared<std::unique_ptr<Connection>>(std::move(c));
-      pd.handshake = [holder] { return std::move(*holder); };
+      // The CM exchange here (key ids checked); the authentication, which waits for the
+      // client's first SENDs, on the caller's handshake thread: an idle client delays no one.
+      auto e = impl_->rdma->accept_established(std::chrono::milliseconds(0));
+      if (!e) return std::nullopt;
+      Pending pd{e->conn->peer(), tcp::peer_host(e->conn->peer()), {}};
+      auto holder = std::make_shared<std::unique_ptr<rdma::RdmaListener::Established>>(std::move(e));
+      pd.handshake = [holder] { return rdma::RdmaListener::finish(std::move(*holder)); };
       return pd;
     }
     return wrap_tcp(std::chrono::milliseconds(0));

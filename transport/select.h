@@ -26,13 +26,14 @@ bool rdma_built();
 
 // Connects to host:port over the chosen fabric. `chosen` (if given) receives a sentence for
 // the log saying which fabric and why. Throws like connect_tcp/connect_rdma; an explicit
-// "rdma" without an RDMA route throws ftvm::Error saying so. RDMA connections are not
-// authenticated yet: with a key (opts.key) "auto" means TCP and "rdma" is refused.
+// "rdma" without an RDMA route throws ftvm::Error saying so. Both fabrics authenticate with
+// opts.key (transport/auth.h); only TCP encrypts: with opts.encrypt "auto" means TCP and
+// "rdma" is refused.
 std::unique_ptr<Connection> connect(const std::string& host, uint16_t port, Kind kind, Options opts,
                                     const std::string& rdma_dev = {}, std::string* chosen = nullptr);
 
-// Listens on host:port over TCP and, where an RDMA device serves that address and no key is
-// configured (RDMA is not authenticated yet), over RDMA too.
+// Listens on host:port over TCP and, where an RDMA device serves that address and encryption
+// is not asked for (the RDMA transport authenticates but does not encrypt), over RDMA too.
 class MultiListener {
  public:
   MultiListener(const std::string& host, uint16_t port, Options opts);

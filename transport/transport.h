@@ -21,6 +21,7 @@
 // `Listener`/`connect_*` in each backend's folder (transport/tcp/ now, transport/rdma/ later).
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -118,6 +119,10 @@ class Connection {
   virtual std::string key_id() const { return {}; }
   // "insecure", "authenticated" or "authenticated+encrypted", for logs and status.
   virtual std::string security() const { return key_id().empty() ? "insecure" : "authenticated"; }
+  // The key for the keyed epoch digest (transport/auth.h, checkpoint/digest.h staged_tag()),
+  // derived from this connection's handshake and the same on both sides; nullptr on an
+  // unauthenticated connection. Valid as long as the connection.
+  virtual const std::array<unsigned char, 32>* epoch_key() const { return nullptr; }
 };
 
 // After a Connection method throws LinkDown or ProtocolError, every later call (except the
@@ -135,9 +140,11 @@ struct Options {
   // Pre-shared key (transport/auth.h). With a key, the handshake proves both sides hold it and
   // every later frame is tagged; a peer without the same key is refused. Without one
   // (ftd --insecure) the connection is unauthenticated and a peer that has a key refuses it.
-  // Fabrics that cannot authenticate yet (RDMA) refuse to connect or listen with a key.
+  // TCP and RDMA authenticate the same way (transport/auth.h).
   std::shared_ptr<const auth::Key> key;
-  // Ask for encrypted payloads (needs `key`; TCP). Either side asking turns it on.
+  // Ask for encrypted payloads (needs `key`; TCP only: the RDMA fabric refuses it, and
+  // transport::connect/MultiListener keep such connections on TCP). Either side asking turns it
+  // on.
   bool encrypt = false;
   // Connecting side: bind the socket to this local address first ("" = the kernel picks).
   std::string source_address;

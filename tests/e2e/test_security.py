@@ -60,8 +60,8 @@ def xxh32(data, seed=0):
 # ---- frames and messages (transport/frame.h, checkpoint/protocol.h) ---------------------------
 HELLO, WRITE, CONTROL, HEARTBEAT, GOODBYE = 1, 2, 3, 4, 5
 OPEN_SESSION, SESSION_READY, EPOCH_BEGIN, COMMIT, ACK, ACTIVATE, ACTIVATE_DONE, ERROR = 1, 2, 5, 6, 7, 8, 9, 12
-PROTOCOL_VERSION = 5  # checkpoint/protocol.h kProtocolVersion
-WIRE_VERSION = 2      # transport/frame.h kWireVersion (2: Hello with nonce and key id)
+PROTOCOL_VERSION = 5  # checkpoint/protocol.h kProtocolVersion (5: failover/origin/history, Commit.staged_tag)
+WIRE_VERSION = 3      # transport/frame.h kWireVersion (3: RDMA handshake and tags; TCP framing as in 2)
 
 
 def frame(kind, field=0, payload=b'', offset=0):
@@ -231,7 +231,7 @@ def ram_locked(S, port, base):
     check(typ == SESSION_READY, 'synthvm twin: expected SessionReady, got %d %r' % (typ, p[:200]))
     fp.sock.sendall(frame(WRITE, 1, b'\xab' * 4096, offset=0))  # sync: allowed
     # A Commit that does not verify (digest 0): Ack Rejected, but the sync is over.
-    fp.control(COMMIT, struct.pack('<QQQQQQIQQ', sid, 1, 0, 0, 0, 0, 0, 0, 0))
+    fp.control(COMMIT, struct.pack('<QQQQQQIQQ', sid, 1, 0, 0, 0, 0, 0, 0, 0) + b'\0' * 16)
     typ, p = fp.reply()
     check(typ == ACK and struct.unpack_from('<QQI', p)[2] == 2, 'expected Ack Rejected, got %d' % typ)
     fp.sock.sendall(frame(WRITE, 1, b'\xcd' * 4096, offset=0))

@@ -33,7 +33,7 @@ put('protocol_fuzz', 'open-session-xml', b'\x00' + open_session(7, 'vm1', 64 << 
 put('protocol_fuzz', 'session-ready', b'\x01' + struct.pack('<QQq', 7, 8 << 20, 1234))
 put('protocol_fuzz', 'staging-grow', b'\x02' + struct.pack('<QQ', 7, 16 << 20))
 put('protocol_fuzz', 'epoch-begin', b'\x04' + struct.pack('<QQQ', 7, 3, 4096))
-put('protocol_fuzz', 'commit', b'\x05' + struct.pack('<QQQQQQIQQ', 7, 3, 2, 100, 1, 2, 1, 1, 5))
+put('protocol_fuzz', 'commit', b'\x05' + struct.pack('<QQQQQQIQQ', 7, 3, 2, 100, 1, 2, 1, 1, 5) + bytes(range(16)))
 put('protocol_fuzz', 'ack', b'\x06' + struct.pack('<QQI', 7, 3, 2) + s('digest mismatch'))
 put('protocol_fuzz', 'activate-done', b'\x08' + struct.pack('<QI', 7, 1) + s('twin running'))
 put('protocol_fuzz', 'error', b'\x0b' + s('refused'))
@@ -45,6 +45,7 @@ def rec(flags, epoch, pages, dev, staged):
 page = struct.pack('<Q', 3) + b'\x11' * 4096
 put('replica_fuzz', 'one-page', rec(1, 1, 1, 4, page + b'dev!'))
 put('replica_fuzz', 'two-epochs', rec(1, 1, 1, 0, page) + rec(3, 2, 1, 2, struct.pack('<Q', 5) + b'\x22' * 4096 + b'ds'))
+put('replica_fuzz', 'one-page-keyed', rec(5, 1, 1, 4, page + b'dev!'))  # keyed tag (flag 4)
 put('replica_fuzz', 'bad-index', rec(1, 1, 1, 0, struct.pack('<Q', 99) + b'\x33' * 4096))
 
 # redir_fuzz: [vnet bit | chunk] frames (u32 BE len, u32 BE vnet len, bytes)

@@ -36,14 +36,25 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::memset(st.data(), 0, st.size());
     std::memcpy(st.data(), data + pos, std::min(staged, st.size()));
     pos += staged;
-    if ((flags & 1) && c.staged_size() <= st.size()) c.staged_digest = digest_bytes({st.data(), c.staged_size()});
-    else c.staged_digest = 0x1234;
+    // flags & 4: an authenticated session (keyed tag instead of XXH3).
+    static const EpochKey key = [] {
+      EpochKey k{};
+      k[0] = 0x42;
+      return k;
+    }();
+    const bool keyed = flags & 4;
+    if ((flags & 1) && c.staged_size() <= st.size()) {
+      if (keyed) c.staged_tag = staged_tag(key, c.epoch, {st.data(), c.staged_size()});
+      else c.staged_digest = digest_bytes({st.data(), c.staged_size()});
+    } else {
+      c.staged_digest = 0x1234;
+    }
     if (flags & 2) c.page_count = staged / (8 + kPage);  // sizes consistent with the staged bytes
     const auto before = ram;
     const uint64_t epoch_before = r.committed_epoch();
     const std::vector<std::byte> ds_before(r.device_state().begin(), r.device_state().end());
     try {
-      r.apply(c);
+      r.apply(c, keyed ? &key : nullptr);
       if (r.committed_epoch() != c.epoch) std::abort();
       if (epoch_before && c.epoch != epoch_before + 1) std::abort();
     } catch (const ftvm::ProtocolError&) {

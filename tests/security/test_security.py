@@ -70,13 +70,16 @@ def _xxh32(data, seed=0):
     return h
 
 
-def frame(kind, payload=b'', version=2):
+WIRE_VERSION = 3  # transport/frame.h kWireVersion (3: the RDMA handshake and tags; TCP framing as in 2)
+
+
+def frame(kind, payload=b'', version=WIRE_VERSION):
     hdr = struct.pack('<IHBBIIQI', 0x4D565446, version, kind, 0, 0, len(payload), 0, 0)
     return hdr + struct.pack('<I', _xxh32(hdr)) + payload
 
 
 def hello(caps=0, max_write=16 << 20, key_id=b'\0' * 8):
-    body = struct.pack('<HHIII', 2, 0, caps, max_write, 0) + os.urandom(32) + key_id + b'\0' * 8
+    body = struct.pack('<HHIII', WIRE_VERSION, 0, caps, max_write, 0) + os.urandom(32) + key_id + b'\0' * 8
     return frame(1, body)
 
 

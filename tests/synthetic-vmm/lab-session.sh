@@ -57,13 +57,12 @@ wait_for() {
   done
 }
 
-# Replication key (issue 12). RDMA connections are not authenticated yet: with --transport rdma
-# both ftd run --insecure (the lab's fabric is a private Soft-RoCE link). Over TCP both use a key:
+# Replication key (issue 12). Both transports authenticate (RDMA: handshake in the first SENDs,
+# tagged SENDs, keyed Commit digest over the one-sided epoch writes), so both ftd use a key:
 # $LAB/lab-peer.key when it was copied in (the two-host tests do: the same file on both guests,
 # made at build time with `ftd --generate-key`), else single mode generates one. Prints ftd's
 # arguments on stdout (messages go to stderr).
 security_args() {  # TRANSPORT
-  if [ "$1" = rdma ]; then echo "--insecure"; return; fi
   if [ -f "$LAB/lab-peer.key" ]; then
     cp "$LAB/lab-peer.key" "$W/peer.key" && chmod 600 "$W/peer.key" || { say "copying lab-peer.key failed" >&2; echo "--insecure"; return; }
   elif [ "$mode" = single ]; then
@@ -82,7 +81,7 @@ start_ftd() {  # NAME LISTEN
   # shellcheck disable=SC2046,SC2086
   "$LAB/ftd" --run-dir "$W/$1" --log "$W/$1.ftd.log" $listen --heartbeat-timeout-ms 1000 $(security_args "$tr") \
     --enable-fault-injection --verify-activation --verify-every-commit --stats-dir "$W" \
-    --qemu-binary "$LAB/synthvm" > "$W/$1.ftd.out" 2>&1 &
+    --memory-reserve-mib 16 --qemu-binary "$LAB/synthvm" > "$W/$1.ftd.out" 2>&1 &
   eval "FTD_$1=$!"
   PIDS="$PIDS $!"
   wait_for 20 "ftd $1 control socket" test -S "$W/$1/ftd.sock"
@@ -116,7 +115,12 @@ enable() {  # PEER_IP TRANSPORT (a standby not listening yet is retried by the p
     { cat "$W/primary-status.json"; die "the primary does not use the soft-dirty tracker"; }
   grep -q "\"transport\": \"$2\"" "$W/primary-status.json" ||
     { cat "$W/primary-status.json"; die "the link does not use transport $2"; }
-  say "protected over $2 with the soft-dirty tracker"
+  # With a key (every variant but a two-host run without lab-peer.key) the link is authenticated.
+  if ! security_args "$2" 2>/dev/null | grep -q -- --insecure; then
+    grep -q '"security": "authenticated' "$W/primary-status.json" ||
+      { cat "$W/primary-status.json"; die "the $2 link is not authenticated although both ftd have a key"; }
+  fi
+  say "protected over $2 with the soft-dirty tracker ($(grep -m1 -o '"security": "[^"]*"' "$W/primary-status.json"))"
 }
 
 run_protected() {

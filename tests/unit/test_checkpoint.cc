@@ -280,6 +280,103 @@ TEST_CASE("disk messages round-trip and malformed ones are rejected", "[checkpoi
   }
 }
 
+// ---- keyed epoch digest (issue 12: authenticated sessions; Commit.staged_tag) ----------------
+
+namespace {
+EpochKey test_epoch_key(unsigned char seed) {
+  EpochKey k;
+  for (size_t i = 0; i < k.size(); ++i) k[i] = static_cast<unsigned char>(seed * 37 + i);
+  return k;
+}
+}  // namespace
+
+TEST_CASE("keyed epoch digest: depends on every byte, the epoch number and the key", "[checkpoint][security]") {
+  std::mt19937_64 rng(11);
+  auto bytes = random_ram(rng, 4);
+  const auto k = test_epoch_key(1);
+  const auto t = staged_tag(k, 5, bytes);
+  CHECK(staged_tag(k, 5, bytes) == t);  // deterministic: a retransmission carries the same tag
+  CHECK(staged_tag_ok(k, 5, bytes, t));
+  CHECK_FALSE(staged_tag_ok(k, 6, bytes, t));                 // another epoch (replayed Commit)
+  CHECK_FALSE(staged_tag_ok(test_epoch_key(2), 5, bytes, t));  // another connection's key
+  for (size_t at : {size_t{0}, bytes.size() / 2, bytes.size() - 1}) {
+    auto altered = bytes;
+    altered[at] ^= std::byte{0x01};
+    CHECK_FALSE(staged_tag_ok(k, 5, altered, t));
+  }
+  CHECK_FALSE(staged_tag_ok(k, 5, std::span<const std::byte>(bytes).first(bytes.size() - 1), t));  // truncated
+  CHECK(staged_tag(k, 5, {}) != StagedTag{});  // even an empty epoch has a nonzero tag
+}
+
+TEST_CASE("keyed epoch digest: a replica of an authenticated session applies only what the key tagged",
+          "[checkpoint][security]") {
+  std::mt19937_64 rng(12);
+  auto primary = random_ram(rng, kPages);
+  std::vector<std::byte> twin(primary);
+  Replica r(twin, 1 << 20);
+  const auto key = test_epoch_key(3);
+  auto keyed = [&](Commit c) {
+    c.staged_tag = staged_tag(key, c.epoch, std::span<const std::byte>(r.staging().data(), c.staged_size()));
+    c.staged_digest = 0;
+    return c;
+  };
+  primary[3 * kPageSize] = std::byte{0x17};
+  r.apply(keyed(stage_into(r, primary, {3}, 1, "ds1")), &key);
+  REQUIRE(r.committed_epoch() == 1);
+  REQUIRE(twin == primary);
+  const auto before = twin;
+
+  primary[9 * kPageSize + 7] ^= std::byte{0xff};
+  auto c = keyed(stage_into(r, primary, {9, 10}, 2, "ds2"));
+  SECTION("a write into the staging area after the primary tagged it (a one-sided write by an attacker)") {
+    r.staging()[8 * 2 + 123] ^= std::byte{0x80};
+    // An attacker who can write the staging area can also fix up the unkeyed digest; not the tag.
+    c.staged_digest = digest_bytes(std::span<const std::byte>(r.staging().data(), c.staged_size()));
+    REQUIRE_THROWS_WITH(r.apply(c, &key), Catch::Contains("keyed digest mismatch"));
+  }
+  SECTION("an altered page index") {
+    uint64_t other = 11;
+    std::memcpy(r.staging().data() + 8, &other, 8);
+    REQUIRE_THROWS_WITH(r.apply(c, &key), Catch::Contains("keyed digest mismatch"));
+  }
+  SECTION("a Commit with only the unkeyed digest (a peer that does not use the session key)") {
+    Commit u = c;
+    u.staged_tag = {};
+    u.staged_digest = digest_bytes(std::span<const std::byte>(r.staging().data(), c.staged_size()));
+    REQUIRE_THROWS_WITH(r.apply(u, &key), Catch::Contains("keyed digest mismatch"));
+  }
+  SECTION("the tag of another connection's key") {
+    const auto other = test_epoch_key(4);
+    REQUIRE_THROWS_WITH(r.apply(c, &other), Catch::Contains("keyed digest mismatch"));
+  }
+  SECTION("the tag of another epoch (a Commit replayed under a new number)") {
+    Commit replay = c;
+    replay.staged_tag = staged_tag(key, 1, std::span<const std::byte>(r.staging().data(), c.staged_size()));
+    REQUIRE_THROWS_WITH(r.apply(replay, &key), Catch::Contains("keyed digest mismatch"));
+  }
+  // Nothing committed changed: RAM, epoch and device state are epoch 1's.
+  REQUIRE(twin == before);
+  REQUIRE(r.committed_epoch() == 1);
+  REQUIRE(std::string(reinterpret_cast<const char*>(r.device_state().data()), r.device_state().size()) == "ds1");
+  // The untouched epoch still applies afterwards (what a retransmission achieves).
+  auto again = keyed(stage_into(r, primary, {9, 10}, 2, "ds2"));
+  r.apply(again, &key);
+  REQUIRE(r.committed_epoch() == 2);
+  REQUIRE(twin == primary);
+}
+
+TEST_CASE("Commit carries the keyed tag on the wire", "[checkpoint][security]") {
+  Commit c;
+  c.session_id = 1;
+  c.epoch = 9;
+  for (size_t i = 0; i < c.staged_tag.size(); ++i) c.staged_tag[i] = static_cast<std::byte>(i + 1);
+  auto d = decode<Commit>(encode(c));
+  CHECK(d.staged_tag == c.staged_tag);
+  auto body = encode(c);
+  body.pop_back();
+  CHECK_THROWS_AS(decode<Commit>(body), ProtocolError);  // a Commit without the tag (version 4) is refused
+}
+
 TEST_CASE("epoch 1: the carried pages merge into an ascending list the standby accepts (issue 17)", "[checkpoint]") {
   using namespace ftvm::checkpoint;
   std::mt19937_64 rng(17);

@@ -35,6 +35,10 @@
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "checkpoint/digest.h"
+#include "checkpoint/replica.h"
+#include "checkpoint/staging.h"
+#include "checkpoint/tracker.h"
 #include "transport/auth.h"
 #include "transport/fake/fake_transport.h"
 #include "transport/frame.h"
@@ -230,6 +234,7 @@ class RdmaRig : public Rig {
   // The peer is this test binary run again (posix_spawn: no fork of a process holding verbs
   // resources) as the hidden helper case below, which connects and then waits to be killed.
   std::optional<Killable> killable() override {
+    if (opts_.key) return std::nullopt;  // the helper process has no copy of this process's key
     std::string self = "/proc/self/exe";
     std::string name = "rdma: killable peer helper";
     std::string env = fmt::format("{}={}:{}", kPeerHelperEnv, target_.addr, listener_.bound_port());
@@ -324,17 +329,24 @@ std::byte page_byte(size_t page, size_t i, unsigned round = 0) {
 }
 
 #ifdef FTVM_HAVE_RDMA
-// Runs one conformance case against rdma and prints the verbs device it used.
-void run_rdma(const char* name, void (*fn)(const Backend&)) {
+// Runs one conformance case against rdma (rdma+auth: authenticated with the test key, so
+// every SEND is tagged; issue 12) and prints the verbs device it used.
+void run_rdma(const char* name, void (*fn)(const Backend&), bool with_key) {
   auto t = rdma_target();
   if (!t) FAIL("no address resolves through an RDMA device here (run in the RDMA lab: ctest -L rdma)");
-  std::printf("[rdma] %s: device %s, address %s\n", name, t->dev.c_str(), t->addr.c_str());
+  std::printf("[rdma%s] %s: device %s, address %s\n", with_key ? "+auth" : "", name, t->dev.c_str(), t->addr.c_str());
   std::fflush(stdout);
-  Backend be{"rdma", [t](Options o) { return std::make_unique<RdmaRig>(o, *t); }, "rdma"};
+  Backend be{with_key ? "rdma+auth" : "rdma",
+             [t, with_key](Options o) {
+               if (with_key) o.key = test_key();
+               return std::make_unique<RdmaRig>(o, *t);
+             },
+             "rdma"};
   fn(be);
 }
-#define FTVM_RDMA_CASE(NAME, FN) \
-  TEST_CASE("rdma conformance: " NAME, "[.][rdma]") { run_rdma(NAME, FN); }
+#define FTVM_RDMA_CASE(NAME, FN)                                                          \
+  TEST_CASE("rdma conformance: " NAME, "[.][rdma]") { run_rdma(NAME, FN, false); }        \
+  TEST_CASE("rdma+auth conformance: " NAME, "[.][rdma][rdma-auth]") { run_rdma(NAME, FN, true); }
 #else
 #define FTVM_RDMA_CASE(NAME, FN)
 #endif
@@ -713,12 +725,13 @@ TEST_CASE("tcp: Hello with another wire version is rejected naming both versions
   SECTION("accepting side") {
     tcp::Listener l("127.0.0.1", 0, o);
     auto raw = raw_connect(l.bound_port());
-    send_raw(raw.get(), hello_bytes(3));
+    send_raw(raw.get(), hello_bytes(static_cast<uint16_t>(kWireVersion + 1)));
     try {
       l.accept(5s);
       FAIL("accepted a peer of another version");
     } catch (const ProtocolError& e) {
-      CHECK_THAT(e.what(), Catch::Contains("version 3") && Catch::Contains("version 2"));
+      CHECK_THAT(e.what(), Catch::Contains(fmt::format("version {}", kWireVersion + 1)) &&
+                               Catch::Contains(fmt::format("version {}", kWireVersion)));
     }
     // The listener survives a bad client.
     auto acc = std::async(std::launch::async, [&] { return l.accept(5s); });
@@ -741,7 +754,7 @@ TEST_CASE("tcp: Hello with another wire version is rejected naming both versions
       tcp::connect_tcp("127.0.0.1", l.bound_port(), o);
       FAIL("connected to a peer of another version");
     } catch (const ProtocolError& e) {
-      CHECK_THAT(e.what(), Catch::Contains("version 1") && Catch::Contains("version 2"));
+      CHECK_THAT(e.what(), Catch::Contains("version 1") && Catch::Contains(fmt::format("version {}", kWireVersion)));
     }
     CHECK(server.get());
   }
@@ -1177,21 +1190,270 @@ TEST_CASE("auth: key files are checked (size, mode) and generated 0600", "[trans
   ::rmdir(dir);
 }
 
-TEST_CASE("auth: with a key, RDMA (not authenticated yet) is refused and auto means TCP", "[transport][security]") {
+TEST_CASE("auth: with --encrypt, RDMA (authenticated, never encrypted) is refused and auto means TCP",
+          "[transport][security]") {
   Options o = test_options();
   o.key = test_key();
+  o.encrypt = true;
   try {
     connect("127.0.0.1", 1, Kind::Rdma, o);
-    FAIL("connected over RDMA with a key");
+    FAIL("connected over RDMA with --encrypt");
   } catch (const ftvm::Error& e) {
-    CHECK_THAT(e.what(), Catch::Contains("not authenticated yet") && Catch::Contains("--transport tcp"));
+    CHECK_THAT(e.what(), Catch::Contains("does not encrypt") && Catch::Contains("--transport tcp"));
   }
   tcp::Listener l("127.0.0.1", 0, o);
   auto acc = std::async(std::launch::async, [&] { return l.accept(5s); });
   std::string chosen;
   auto c = connect("127.0.0.1", l.bound_port(), Kind::Auto, o, {}, &chosen);
   CHECK(std::string(c->backend()) == "tcp");
-  CHECK_THAT(chosen, Catch::Contains("not authenticated yet"));
+  CHECK_THAT(chosen, Catch::Contains("--encrypt"));
   CHECK(c->key_id() == test_key()->id_hex());
+  CHECK(c->security() == "authenticated+encrypted");
   CHECK(acc.get() != nullptr);
 }
+
+// ---- keyed epoch digest over real connections (issue 12) --------------------------------------
+
+namespace {
+namespace cp = ftvm::checkpoint;
+
+// The primary's side of one epoch through `a` into `b`'s staging region (registered as region 2
+// over `replica`'s staging area): stage `pages` of `ram`, write them, and build the Commit the
+// way tools/ftd/primary.cc does (keyed tag when a->epoch_key(), else XXH3). `tamper`: after
+// the honest write, one more one-sided write alters one staged byte (an attacker, or any
+// writer without the session key).
+cp::Commit send_staged_epoch(Connection& a, Connection& b, cp::Replica& replica, std::span<const std::byte> ram,
+                             std::vector<uint64_t> pages, uint64_t epoch, bool tamper) {
+  cp::EpochStager st;
+  st.stage_pages(pages, ram);
+  auto bytes = st.bytes();
+  cp::Commit c;
+  c.session_id = 1;
+  c.epoch = epoch;
+  c.page_count = st.page_count();
+  c.devstate_bytes = 0;
+  if (const auto* k = a.epoch_key()) c.staged_tag = cp::staged_tag(*k, epoch, bytes);
+  else c.staged_digest = st.digest();
+  b.register_region(2, replica.staging());
+  a.write(2, 0, bytes);
+  std::vector<std::byte> evil;
+  if (tamper) {
+    evil.assign(1, static_cast<std::byte>(~static_cast<unsigned>(bytes[8 * pages.size() + 5])));
+    a.write(2, 8 * pages.size() + 5, evil);
+  }
+  a.send_control(6, cp::encode(c));
+  auto m = poll_until(b);
+  REQUIRE(m.type == 6);
+  return cp::decode<cp::Commit>(m.body);
+}
+
+// Runs the keyed-digest checks over one connected pair.
+void check_keyed_digest(Connection& a, Connection& b, bool authenticated) {
+  if (!authenticated) {
+    CHECK(a.epoch_key() == nullptr);
+    CHECK(b.epoch_key() == nullptr);
+  } else {
+    REQUIRE(a.epoch_key());
+    REQUIRE(b.epoch_key());
+    CHECK(*a.epoch_key() == *b.epoch_key());  // derived from the same handshake
+  }
+  std::vector<std::byte> primary(16 * cp::kPageSize);
+  for (size_t i = 0; i < primary.size(); ++i) primary[i] = static_cast<std::byte>(i * 7 + 3);
+  std::vector<std::byte> twin(primary);
+  cp::Replica replica(twin, 1 << 20);
+  primary[2 * cp::kPageSize] = std::byte{0x99};
+  auto c1 = send_staged_epoch(a, b, replica, primary, {2}, 1, false);
+  replica.apply(c1, b.epoch_key());
+  CHECK(twin == primary);
+  primary[4 * cp::kPageSize + 1] = std::byte{0x98};
+  auto c2 = send_staged_epoch(a, b, replica, primary, {4}, 2, true);
+  const auto before = twin;
+  if (authenticated) {
+    // The tampering write even fixes the unkeyed digest up: only the key decides.
+    c2.staged_digest = cp::digest_bytes(std::span<const std::byte>(replica.staging().data(), c2.staged_size()));
+    CHECK_THROWS_WITH(replica.apply(c2, b.epoch_key()), Catch::Contains("keyed digest mismatch"));
+  } else {
+    CHECK_THROWS_WITH(replica.apply(c2, b.epoch_key()), Catch::Contains("digest mismatch"));
+  }
+  CHECK(twin == before);
+  CHECK(replica.committed_epoch() == 1);
+}
+}  // namespace
+
+TEST_CASE("keyed epoch digest: tcp+auth sessions tag epochs with a per-connection key, insecure ones do not",
+          "[transport][tcp][security]") {
+  for (bool with_key : {false, true}) {
+    DYNAMIC_SECTION((with_key ? "tcp+auth" : "tcp")) {
+      Options o = test_options();
+      if (with_key) o.key = test_key();
+      tcp::Listener l("127.0.0.1", 0, o);
+      auto acc = std::async(std::launch::async, [&] { return l.accept(5s); });
+      auto a = tcp::connect_tcp("127.0.0.1", l.bound_port(), o);
+      auto b = acc.get();
+      REQUIRE(b);
+      check_keyed_digest(*a, *b, with_key);
+      if (with_key) {
+        // A second connection with the same key has another epoch key (fresh nonces).
+        auto acc2 = std::async(std::launch::async, [&] { return l.accept(5s); });
+        auto a2 = tcp::connect_tcp("127.0.0.1", l.bound_port(), o);
+        auto b2 = acc2.get();
+        REQUIRE(b2);
+        CHECK(*a2->epoch_key() != *a->epoch_key());
+      }
+    }
+  }
+}
+
+#ifdef FTVM_HAVE_RDMA
+// ---- RDMA authentication (issue 12; hidden: needs an RDMA device) -------------------------------
+
+namespace {
+// Connects a client with `client` options to a listener with `server` options over RDMA;
+// returns what each side threw ("" = connected).
+std::pair<std::string, std::string> try_rdma_handshake(const RdmaTarget& t, Options server, Options client) {
+  rdma::RdmaListener l(t.addr, 0, server);
+  auto acc = std::async(std::launch::async, [&]() -> std::string {
+    try {
+      auto c = l.accept(10s);
+      if (!c) return "accepted nothing";
+      (void)c->poll(200ms);
+      return "";
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+  });
+  std::string cerr;
+  try {
+    auto c = rdma::connect_rdma(t.addr, l.bound_port(), client);
+    (void)c->poll(200ms);
+  } catch (const std::exception& e) {
+    cerr = e.what();
+  }
+  return {acc.get(), cerr};
+}
+}  // namespace
+
+TEST_CASE("rdma auth: the right key connects, exchanges, and derives the same epoch key", "[.][rdma][rdma-auth]") {
+  auto t = require_rdma("auth: right key");
+  Options o = test_options();
+  o.key = test_key();
+  RdmaRig rig(o, t);
+  auto pr = rig.pair();
+  CHECK(pr.a->key_id() == test_key()->id_hex());
+  CHECK(pr.b->key_id() == test_key()->id_hex());
+  CHECK(pr.a->security() == "authenticated");
+  std::vector<std::byte> region(4096);
+  pr.b->register_region(1, region);
+  std::vector<std::byte> data(1000, std::byte{0x3c});
+  pr.a->write(1, 100, data);
+  pr.a->send_control(9, as_bytes("hello"));
+  auto m = poll_until(*pr.b);
+  CHECK(m.type == 9);
+  CHECK(std::memcmp(region.data() + 100, data.data(), data.size()) == 0);
+  pr.b->send_control(10, as_bytes("back"));
+  CHECK(poll_until(*pr.a).type == 10);
+  // A control message larger than one SEND (fragments, each tagged).
+  std::vector<std::byte> big(300000);
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<std::byte>(i * 13);
+  pr.a->send_control(11, big);
+  auto mb = poll_until(*pr.b);
+  CHECK(mb.body == big);
+  check_keyed_digest(*pr.a, *pr.b, true);
+}
+
+TEST_CASE("rdma auth: a wrong key or a missing key is refused on both sides, naming the key ids", "[.][rdma][rdma-auth]") {
+  auto t = require_rdma("auth: wrong key");
+  Options with = test_options();
+  with.key = test_key();
+  Options other = test_options();
+  other.key = other_key();
+  Options none = test_options();
+  SECTION("another key") {
+    auto [s, c] = try_rdma_handshake(t, with, other);
+    CHECK_THAT(s, Catch::Contains("different key files") && Catch::Contains(test_key()->id_hex()) &&
+                      Catch::Contains(other_key()->id_hex()));
+    CHECK_THAT(c, Catch::Contains("different key files") && Catch::Contains(test_key()->id_hex()));
+  }
+  SECTION("client without a key") {
+    auto [s, c] = try_rdma_handshake(t, with, none);
+    CHECK_THAT(s, Catch::Contains("did not authenticate"));
+    CHECK_THAT(c, Catch::Contains("requires authentication"));
+  }
+  SECTION("server without a key") {
+    auto [s, c] = try_rdma_handshake(t, none, with);
+    CHECK_THAT(s, Catch::Contains("requires authentication"));
+    CHECK_THAT(c, Catch::Contains("did not authenticate"));
+  }
+  SECTION("a forged key with the right key id fails the proof") {
+    auto forged = std::make_shared<auth::Key>();
+    forged->id = test_key()->id;
+    forged->path = "(forged)";
+    Options rogue = test_options();
+    rogue.key = forged;
+    auto [s, c] = try_rdma_handshake(t, with, rogue);
+    CHECK_THAT(s + c, Catch::Contains("proof does not match"));
+    CHECK(s != "");
+    CHECK(c != "");
+  }
+}
+
+TEST_CASE("rdma auth: the listener establishes clients without waiting for their authentication",
+          "[.][rdma][rdma-auth]") {
+  // MultiListener hands finish() to a handshake thread: a client whose handshake is pending
+  // (here: A, whose finish() has not run, so it waits for our nonce) delays no other client.
+  auto t = require_rdma("auth: accept without waiting for the handshake");
+  Options o = test_options();
+  o.key = test_key();
+  rdma::RdmaListener l(t.addr, 0, o);
+  auto a = std::async(std::launch::async, [&] { return rdma::connect_rdma(t.addr, l.bound_port(), o); });
+  auto ea = l.accept_established(10s);
+  REQUIRE(ea);
+  auto b = std::async(std::launch::async, [&] { return rdma::connect_rdma(t.addr, l.bound_port(), o); });
+  auto eb = l.accept_established(10s);
+  REQUIRE(eb);
+  auto sb = rdma::RdmaListener::finish(std::move(eb));
+  auto cb = b.get();
+  CHECK(a.wait_for(0s) == std::future_status::timeout);  // A is still waiting for its handshake
+  cb->send_control(3, as_bytes("b first"));
+  CHECK(poll_until(*sb).type == 3);
+  auto sa = rdma::RdmaListener::finish(std::move(ea));
+  auto ca = a.get();
+  CHECK(ca->key_id() == test_key()->id_hex());
+  ca->send_control(4, as_bytes("a"));
+  CHECK(poll_until(*sa).type == 4);
+}
+
+TEST_CASE("rdma auth: a tampered or untagged control message fails its tag", "[.][rdma][rdma-auth]") {
+  auto t = require_rdma("auth: tampered control message");
+  Options o = test_options();
+  o.key = test_key();
+  RdmaRig rig(o, t);
+  auto pr = rig.pair();
+  pr.a->send_control(5, as_bytes("fine"));
+  CHECK(poll_until(*pr.b).type == 5);
+  SECTION("a byte flipped after tagging") {
+    as_rdma(*pr.a).tamper_next_send_for_test();
+    pr.a->send_control(6, as_bytes("commit"));
+  }
+  SECTION("a message injected without a tag") {
+    std::vector<std::byte> m(32 + 64, std::byte{0});
+    put_le(m.data(), kFrameMagic, 4);
+    m[4] = std::byte{1};
+    m[5] = std::byte{3};
+    put_le(m.data() + 6, 6, 2);
+    put_le(m.data() + 12, 64, 4);
+    put_le(m.data() + 16, 64, 4);
+    as_rdma(*pr.a).send_raw_message_for_test(m);
+  }
+  auto e = poll_until_error(*pr.b);
+  REQUIRE(e);
+  try {
+    std::rethrow_exception(e);
+  } catch (const ProtocolError& pe) {
+    CHECK_THAT(pe.what(), Catch::Contains("failed its authentication tag"));
+  } catch (const std::exception& other) {
+    FAIL("expected ProtocolError, got: " << other.what());
+  }
+  CHECK_THROWS_AS(pr.b->poll(0ms), LinkDown);
+}
+#endif

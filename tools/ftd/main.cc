@@ -48,14 +48,15 @@ int main(int argc, char** argv) {
                  "Write a new random replication key (32 bytes, mode 0600) to FILE and exit; copy it to the peer host "
                  "and pass it to both ftd with --key-file");
   app.add_option("--key-file", cfg.key_file,
-                 "Pre-shared replication key of this host pair (mode 0600); every replication connection proves it "
-                 "and every frame is authenticated")
+                 "Pre-shared replication key of this host pair (mode 0600); every replication connection (TCP or "
+                 "RDMA) proves it, every frame/message is authenticated and each epoch carries a keyed digest")
       ->check(CLI::ExistingFile);
   app.add_flag("--insecure", cfg.insecure,
-               "Run without a key: replication connections are NOT authenticated (trusted, isolated networks and "
-               "RDMA only; logged loudly and shown by `ftctl status`)");
+               "Run without a key: replication connections are NOT authenticated (trusted, isolated networks "
+               "only; logged loudly and shown by `ftctl status`)");
   app.add_flag("--encrypt", cfg.encrypt,
-               "Also encrypt replication payloads (ChaCha20; needs --key-file; the peer follows when either side asks)");
+               "Also encrypt replication payloads (ChaCha20; needs --key-file; the peer follows when either side asks; "
+               "TCP only: connections then avoid RDMA, which authenticates but does not encrypt)");
   std::vector<std::string> allow_peers;
   app.add_option("--allow-peer", allow_peers,
                  "Standby: only this address (or name, resolved at start) may connect for replication (repeatable; "

@@ -1358,7 +1358,12 @@ void PrimarySession::send_epoch(uint64_t epoch, bool final) {
   c.epoch = epoch;
   c.page_count = stager_.page_count();
   c.devstate_bytes = stager_.device_state_bytes();
-  c.staged_digest = stager_.digest();
+  // Authenticated sessions: the keyed digest, so that nothing that can write into the
+  // standby's staging area without the session key gets an epoch applied (one-sided RDMA
+  // writes are not tagged by the transport). One content per epoch number: a retransmission
+  // tags the same staged bytes (checkpoint/digest.h).
+  if (const auto* k = conn_->epoch_key()) c.staged_tag = cp::staged_tag(*k, epoch, bytes);
+  else c.staged_digest = stager_.digest();
   c.ram_digest = ram_digest_->value();
   c.flags = final ? cp::Commit::kFinal : 0;
 

@@ -640,7 +640,7 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
       if (journal_) journal_->verify(c.epoch, c.disk_ops, c.disk_digest);
       else if (c.disk_ops) throw ProtocolError(fmt::format("Commit {} counts {} disk writes in a session without disks", c.epoch, c.disk_ops));
       try {
-        replica_->apply(c);
+        replica_->apply(c, conn_->epoch_key());
       } catch (const ProtocolError& e) {
         last_rejection_ = e.what();
         log::warn("standby", "{}: rejected epoch {}: {}; the replica stays at epoch {}", name(), c.epoch, e.what(),

@@ -57,8 +57,10 @@ struct RdmaConnection::Mr {
 //  16 u32 length       payload bytes after the header (= completion byte_len - 32)
 //  20 u32 reserved     0
 //  24 u64 write_bytes  cumulative RDMA WRITE bytes the sender posted before this SEND
+// On an authenticated connection every SEND after the handshake messages carries a 16-byte tag
+// after the payload (transport/auth.h; `length` does not count it): byte_len = 32 + length + 16.
 inline constexpr size_t kMsgHeader = 32;
-inline constexpr size_t kMaxFragment = kMsgSize - kMsgHeader;
+inline constexpr size_t kMaxFragment = kMsgSize - kMsgHeader - kFrameTagSize;
 enum MsgKind : uint8_t {
   kMsgInvalid = 0,
   kMsgControl = 1,   // a fragment of a control message
@@ -66,6 +68,8 @@ enum MsgKind : uint8_t {
   kMsgAdvert = 3,    // payload: u32 id, u32 rkey, u64 addr, u64 size (24 bytes)
   kMsgWithdraw = 4,  // payload: u32 id
   kMsgGoodbye = 5,   // the sender closes on purpose, no payload
+  kMsgAuthNonce = 6, // authenticated handshake: payload the sender's 32-byte nonce (untagged)
+  kMsgAuthProof = 7, // authenticated handshake: payload the sender's 32-byte proof (untagged)
 };
 inline constexpr uint8_t kFirst = 1, kLast = 2;
 inline constexpr size_t kAdvertSize = 24;

@@ -8,6 +8,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sodium.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -25,7 +26,8 @@ namespace ftvm::transport::rdma {
 namespace {
 using Clock = std::chrono::steady_clock;
 
-constexpr size_t kHelloWireSize = 20;
+constexpr size_t kHelloWireSize = 28;
+constexpr char kTranscriptLabel[] = "ftvm-rdma";
 constexpr const char* kNoStackHint =
     "no RDMA stack here: install rdma-core, load a driver (e.g. `modprobe rdma_rxe` and "
     "`rdma link add rxe0 type rxe netdev eth0` for Soft-RoCE) or use the tcp transport";
@@ -95,12 +97,69 @@ std::array<std::byte, kHelloWireSize> encode_rdma_hello(const RdmaHello& h) {
   put_le(out.data() + 8, h.capabilities, 4);
   put_le(out.data() + 12, h.recv_depth, 4);
   put_le(out.data() + 16, h.msg_size, 4);
+  std::memcpy(out.data() + 20, h.key_id.data(), h.key_id.size());
   return out;
+}
+
+// This side's hello: with a key, kCapAuth and the key id.
+RdmaHello my_hello(const Options& o) {
+  RdmaHello h;
+  if (o.key) {
+    h.capabilities = kCapAuth;
+    h.key_id = o.key->id;
+  }
+  return h;
+}
+
+std::string hex(std::span<const unsigned char> b) {
+  std::string s;
+  for (auto c : b) s += fmt::format("{:02x}", c);
+  return s;
+}
+
+// Both sides must agree on authentication, with the same key id; the messages are TCP's
+// (tcp_transport.cc), so an operator reads the same diagnosis on either fabric.
+void check_auth_match(const Options& o, const RdmaHello& theirs, const std::string& peer) {
+  const bool they_auth = theirs.capabilities & kCapAuth;
+  if (o.key && !they_auth)
+    throw ProtocolError(fmt::format(
+        "peer {} did not authenticate (it has no key: started with --insecure?); this ftd requires the pre-shared "
+        "key {}: give both ftd the same --key-file",
+        peer, o.key->path));
+  if (!o.key && they_auth)
+    throw ProtocolError(fmt::format(
+        "peer {} requires authentication (it has a key) but this ftd has none (--insecure): give both ftd the same "
+        "--key-file",
+        peer));
+  if (o.key && theirs.key_id != o.key->id)
+    throw ProtocolError(fmt::format(
+        "authentication with {} failed: the peer uses key id {}, this ftd key id {} ({}): the hosts hold different "
+        "key files (copy the same key to both; `ftctl status` shows the key id)",
+        peer, hex(theirs.key_id), o.key->id_hex(), o.key->path));
+}
+
+void refuse_encrypt(const Options& o) {
+  if (o.encrypt)
+    throw Error("--encrypt: the RDMA transport does not encrypt (one-sided writes land in the peer's memory without "
+                "its CPU; they are authenticated by the keyed epoch digest, not encrypted); use --transport tcp for "
+                "encryption, or drop --encrypt");
+}
+
+// "ftvm-rdma" || initiator's hello || responder's hello, as sent (the transcript's prefix).
+std::vector<std::byte> transcript_prefix(std::span<const std::byte> initiator, std::span<const std::byte> responder) {
+  constexpr size_t kLabel = sizeof kTranscriptLabel - 1;
+  if (initiator.size() < kHelloWireSize || responder.size() < kHelloWireSize)
+    throw Error("transcript_prefix: a hello shorter than its wire size (decoded before, cannot happen)");
+  std::vector<std::byte> t(kLabel + 2 * kHelloWireSize);
+  std::memcpy(t.data(), kTranscriptLabel, kLabel);
+  std::memcpy(t.data() + kLabel, initiator.data(), kHelloWireSize);
+  std::memcpy(t.data() + kLabel + kHelloWireSize, responder.data(), kHelloWireSize);
+  return t;
 }
 
 // Private data may be padded with zeros by the CM beyond what the peer sent.
 RdmaHello decode_rdma_hello(std::span<const std::byte> in, const std::string& peer) {
-  if (in.size() < kHelloWireSize)
+  if (in.size() < 8)
     throw ProtocolError(fmt::format("handshake with {}: {} bytes of connection private data, expected at least {} "
                                     "(is the peer an ftd?)",
                                     peer, in.size(), kHelloWireSize));
@@ -114,9 +173,13 @@ RdmaHello decode_rdma_hello(std::span<const std::byte> in, const std::string& pe
     throw ProtocolError(fmt::format("handshake with {}: peer speaks wire version {}, this side version {} (run the "
                                     "same ftvm release on both hosts)",
                                     peer, h.version, kWireVersion));
+  if (in.size() < kHelloWireSize)
+    throw ProtocolError(fmt::format("handshake with {}: {} bytes of connection private data, expected at least {}",
+                                    peer, in.size(), kHelloWireSize));
   h.capabilities = static_cast<uint32_t>(get_le(in.data() + 8, 4));
   h.recv_depth = static_cast<uint32_t>(get_le(in.data() + 12, 4));
   h.msg_size = static_cast<uint32_t>(get_le(in.data() + 16, 4));
+  std::memcpy(h.key_id.data(), in.data() + 20, h.key_id.size());
   if (h.recv_depth < 2 || h.recv_depth > 1u << 16 || h.msg_size < kMsgSize)
     throw ProtocolError(fmt::format("handshake with {}: peer announced {} receive buffers of {} bytes (need >= 2 of "
                                     ">= {} bytes)",
@@ -239,6 +302,7 @@ bool rdma_reachable(const std::string& host, std::string* dev) {
 
 RdmaListener::RdmaListener(const std::string& host, uint16_t port, Options opts, std::string rdma_dev)
     : opts_(opts), dev_(std::move(rdma_dev)) {
+  refuse_encrypt(opts_);
   bool any = host.empty() || host == "*";
   AddrInfo res;
   resolve(any ? "0.0.0.0" : host, port, true, res, false);
@@ -282,6 +346,20 @@ int RdmaListener::fd() const { return ch_->fd; }
 std::string RdmaListener::device_name() const { return dev_name(id_->verbs); }
 
 std::unique_ptr<Connection> RdmaListener::accept(std::chrono::milliseconds timeout) {
+  auto e = accept_established(timeout);
+  if (!e) return nullptr;
+  return finish(std::move(e));
+}
+
+std::unique_ptr<Connection> RdmaListener::finish(std::unique_ptr<Established> e) {
+  if (e->opts.key)
+    e->conn->authenticate(false, std::move(e->transcript_prefix), Clock::now() + e->opts.connect_timeout);
+  log::debug("transport", "rdma connection from {} established on {}, {}", e->conn->peer(), e->conn->device_name(),
+             e->conn->security());
+  return std::move(e->conn);
+}
+
+std::unique_ptr<RdmaListener::Established> RdmaListener::accept_established(std::chrono::milliseconds timeout) {
   auto deadline = Clock::now() + timeout;
   for (;;) {
     auto ev = next_event(ch_, deadline, "listener " + local_);
@@ -294,11 +372,13 @@ std::unique_ptr<Connection> RdmaListener::accept(std::chrono::milliseconds timeo
     r->id = ev->id;  // owned from here on (destroyed with r)
     std::string peer = peer_of(r->id);
     RdmaHello hello;
+    const auto mine = encode_rdma_hello(my_hello(opts_));
     try {
       hello = decode_rdma_hello(ev->private_data, peer);
       check_device(dev_, dev_name(r->id->verbs), "connection from " + peer);
+      check_auth_match(opts_, hello, peer);
     } catch (...) {
-      auto mine = encode_rdma_hello(RdmaHello{});
+      // The reject carries our hello: the client names the version or key id mismatch too.
       rdma_reject(r->id, mine.data(), static_cast<uint8_t>(mine.size()));
       throw;
     }
@@ -306,7 +386,6 @@ std::unique_ptr<Connection> RdmaListener::accept(std::chrono::milliseconds timeo
     r->ch = make_channel("connection from " + peer);
     if (rdma_migrate_id(r->id, r->ch) != 0) throw SysError(errno, "rdma_migrate_id for the connection from " + peer);
     build(*r, peer);
-    auto mine = encode_rdma_hello(RdmaHello{});
     auto param = conn_param(mine);
     if (rdma_accept(r->id, &param) != 0) throw SysError(errno, "rdma_accept of the connection from " + peer);
     auto hs_deadline = Clock::now() + opts_.connect_timeout;
@@ -319,8 +398,11 @@ std::unique_ptr<Connection> RdmaListener::accept(std::chrono::milliseconds timeo
       throw LinkDown(fmt::format("connection from {}: {} (status {}) during the handshake", peer, event_name(e->type),
                                  e->status));
     }
-    log::debug("transport", "rdma connection from {} established on {}", peer, dev_name(r->id->verbs));
-    return std::make_unique<RdmaConnection>(std::move(r), opts_, peer, hello);
+    auto e = std::make_unique<Established>();
+    e->conn = std::make_unique<RdmaConnection>(std::move(r), opts_, peer, hello);
+    e->transcript_prefix = transcript_prefix(ev->private_data, mine);
+    e->opts = opts_;
+    return e;
   }
 }
 
@@ -328,6 +410,7 @@ std::unique_ptr<Connection> RdmaListener::accept(std::chrono::milliseconds timeo
 
 std::unique_ptr<Connection> connect_rdma(const std::string& host, uint16_t port, Options opts,
                                          const std::string& rdma_dev) {
+  refuse_encrypt(opts);
   AddrInfo res;
   resolve(host, port, false, res, false);
   auto deadline = Clock::now() + opts.connect_timeout;
@@ -351,9 +434,11 @@ std::unique_ptr<Connection> connect_rdma(const std::string& host, uint16_t port,
       }
       if (e->type != want) {
         last = fmt::format("{}: {} failed with {} (status {})", peer, step, event_name(e->type), e->status);
-        if (e->type == RDMA_CM_EVENT_REJECTED && e->private_data.size() >= kHelloWireSize &&
-            get_le(e->private_data.data(), 4) == kFrameMagic)
-          (void)decode_rdma_hello(e->private_data, peer);  // names both versions if they differ
+        if (e->type == RDMA_CM_EVENT_REJECTED && e->private_data.size() >= 8 &&
+            get_le(e->private_data.data(), 4) == kFrameMagic) {
+          // An ftd rejected us with its hello: name the version or key mismatch if that is why.
+          check_auth_match(opts, decode_rdma_hello(e->private_data, peer), peer);
+        }
         return std::nullopt;
       }
       return e;
@@ -371,7 +456,7 @@ std::unique_ptr<Connection> connect_rdma(const std::string& host, uint16_t port,
     }
     if (!expect(RDMA_CM_EVENT_ROUTE_RESOLVED, "route resolution")) continue;
     build(*r, peer);
-    auto mine = encode_rdma_hello(RdmaHello{});
+    const auto mine = encode_rdma_hello(my_hello(opts));
     auto param = conn_param(mine);
     if (rdma_connect(r->id, &param) != 0) {
       last = fmt::format("rdma_connect {}: {}", peer, std::strerror(errno));
@@ -380,8 +465,14 @@ std::unique_ptr<Connection> connect_rdma(const std::string& host, uint16_t port,
     auto est = expect(RDMA_CM_EVENT_ESTABLISHED, "connection");
     if (!est) continue;
     RdmaHello hello = decode_rdma_hello(est->private_data, peer);
-    log::debug("transport", "rdma connection to {} established on {}", peer, dev_name(r->id->verbs));
-    return std::make_unique<RdmaConnection>(std::move(r), opts, peer, hello);
+    check_auth_match(opts, hello, peer);
+    std::string dev = dev_name(r->id->verbs);
+    auto c = std::make_unique<RdmaConnection>(std::move(r), opts, peer, hello);
+    if (opts.key)
+      c->authenticate(true, transcript_prefix(mine, est->private_data),
+                      std::max(deadline, Clock::now() + std::chrono::milliseconds(1000)));
+    log::debug("transport", "rdma connection to {} established on {}, {}", peer, dev, c->security());
+    return c;
   }
   throw LinkDown(fmt::format("connect to {} port {} over RDMA: {} (is ftd running and listening there with the rdma "
                              "transport?)",
@@ -417,6 +508,39 @@ RdmaConnection::~RdmaConnection() {
   if (res_ && res_->id) rdma_disconnect(res_->id);
   regions_.clear();
   sources_.clear();
+  sodium_memzero(epoch_key_.data(), epoch_key_.size());
+}
+
+void RdmaConnection::authenticate(bool initiator, std::vector<std::byte> prefix, Clock::time_point deadline) {
+  guarded([&] {
+    initiator_ = initiator;
+    transcript_ = std::move(prefix);
+    my_nonce_ = auth::random_nonce();
+    auth_ = AuthState::AwaitNonce;
+    post_message(kMsgAuthNonce, 0, 0, 0, std::as_bytes(std::span(my_nonce_)));
+    post_batch();
+    // handle_auth() takes the peer's nonce (-> AwaitProof, keys derived), then its proof (-> Done).
+    while (auth_ == AuthState::AwaitNonce) {
+      if (Clock::now() >= deadline)
+        link_down(fmt::format("no handshake nonce from the peer within {} ms (is it an ftd with a key?)",
+                              opts_.connect_timeout.count()));
+      wait_until(deadline, false);
+    }
+    auto proof = auth::prove(initiator_ ? keys_->proof_initiator : keys_->proof_responder, transcript_);
+    post_message(kMsgAuthProof, 0, 0, 0, proof);
+    post_batch();
+    // Every SEND from here on is tagged; the peer expects that after our proof.
+    tx_ = auth::Direction(initiator_ ? keys_->frame_i2r : keys_->frame_r2i, false);
+    while (auth_ != AuthState::Done) {
+      if (Clock::now() >= deadline)
+        link_down(fmt::format("no handshake proof from the peer within {} ms", opts_.connect_timeout.count()));
+      wait_until(deadline, false);
+    }
+    epoch_key_ = keys_->epoch;
+    key_id_ = opts_.key->id_hex();
+    keys_.reset();
+    transcript_.clear();
+  });
 }
 
 std::string RdmaConnection::device_name() const { return dev_name(res_->id->verbs); }

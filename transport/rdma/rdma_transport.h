@@ -3,7 +3,15 @@
 // including Soft-RoCE (rxe) and InfiniBand/RoCE HCAs.
 //
 // Setup (rdma_transport.cc): RdmaListener, connect_rdma(), rdma_reachable(), the handshake
-// (carried in the CM private data), resource creation, region registration.
+// (carried in the CM private data and, with a key, the first SENDs: transport/auth.h),
+// resource creation, region registration.
+//
+// Authentication (Options::key): the same pre-shared key and scheme as TCP (transport/auth.h,
+// "RDMA"): key ids compared in the CM exchange (a mismatch is refused on both sides with
+// TCP's message), nonces and proofs in the first two SENDs each way, then a Poly1305 tag on
+// every SEND with per-direction sequence numbers. One-sided WRITEs carry no tag: the
+// replication protocol's keyed epoch digest (epoch_key(), Commit.staged_tag) authenticates
+// what they wrote. No encryption: Options::encrypt is refused (Error).
 // Data path (rdma_transport_datapath.cc): RdmaConnection's write/send_control/flush/poll.
 //
 // Device: rdma_cm picks the device from the IP address (the device whose netdev carries the
@@ -66,6 +74,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "transport/auth.h"
 #include "transport/frame.h"
 #include "transport/sticky_failure.h"
 #include "transport/transport.h"
@@ -115,6 +124,19 @@ class RdmaListener {
   // Error when it arrived on a device other than `rdma_dev`; the listener stays usable.
   std::unique_ptr<Connection> accept(std::chrono::milliseconds timeout);
 
+  // accept() in two steps, so that a caller can run the authentication (Options::key), which
+  // waits for the client's first SENDs, on another thread: accept_established() waits for a
+  // client and completes the CM exchange (key ids checked: a mismatch is refused there) and
+  // returns nullptr on timeout; finish() runs the authenticated handshake (bounded by
+  // Options::connect_timeout from its call) and returns the connection. Throws like accept().
+  struct Established {
+    std::unique_ptr<RdmaConnection> conn;
+    std::vector<std::byte> transcript_prefix;  // for RdmaConnection::authenticate
+    Options opts;
+  };
+  std::unique_ptr<Established> accept_established(std::chrono::milliseconds timeout);
+  static std::unique_ptr<Connection> finish(std::unique_ptr<Established> e);
+
  private:
   rdma_event_channel* ch_ = nullptr;
   rdma_cm_id* id_ = nullptr;
@@ -133,11 +155,14 @@ std::unique_ptr<Connection> connect_rdma(const std::string& host, uint16_t port,
                                          const std::string& rdma_dev = {});
 
 // The peer's handshake, carried in the CM private data (both directions).
+// Layout (28 bytes LE): magic u32, version u16, reserved u16 (0), capabilities u32, recv_depth
+// u32, msg_size u32, key_id[8] (zero without a key). Fits the 56 bytes of CM connect data.
 struct RdmaHello {
   uint16_t version = kWireVersion;
-  uint32_t capabilities = 0;  // none defined yet
+  uint32_t capabilities = 0;  // kCapAuth (frame.h): this side has a key and requires the proofs
   uint32_t recv_depth = kRecvDepth;
   uint32_t msg_size = kMsgSize;
+  std::array<unsigned char, 8> key_id{};  // auth::Key::id of this side's key
 };
 
 // The Connection over an established RC QP. Built by RdmaListener/connect_rdma; public so
@@ -170,8 +195,22 @@ class RdmaConnection final : public Connection {
   // Waits for writes in flight, then deregisters. Unknown spans are ignored.
   void unregister_source(std::span<const std::byte> mem);
   // Test hook: SENDs `raw` (header included, <= kMsgSize) as if it were a message, to
-  // exercise the peer's validation of malformed control input. Not for production use.
+  // exercise the peer's validation of malformed control input. Not for production use. Never
+  // tagged: on an authenticated connection the peer rejects it for its missing tag.
   void send_raw_message_for_test(std::span<const std::byte> raw);
+  // Test hook: the next tagged SEND has one payload (or header) byte flipped after tagging, as
+  // an attacker on the fabric would; the peer must reject it. Not for production use.
+  void tamper_next_send_for_test() { tamper_next_ = true; }
+
+  std::string key_id() const override { return key_id_; }
+  const std::array<unsigned char, 32>* epoch_key() const override { return key_id_.empty() ? nullptr : &epoch_key_; }
+
+  // Authenticated handshake after ESTABLISHED (transport/auth.h "RDMA"); called by the
+  // listener and connect_rdma() when Options::key is set, before the connection is returned.
+  // `prefix` = "ftvm-rdma" || initiator's RdmaHello bytes || responder's. Throws ProtocolError
+  // when the peer's proof does not verify or it sends anything else first, LinkDown when it
+  // goes away or stays silent until `deadline`.
+  void authenticate(bool initiator, std::vector<std::byte> prefix, std::chrono::steady_clock::time_point deadline);
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -230,8 +269,21 @@ class RdmaConnection final : public Connection {
 
   [[noreturn]] void link_down(const std::string& what);
 
+  // Handshake step (rdma_transport.h "Authentication"): Off = unauthenticated connection.
+  enum class AuthState : uint8_t { Off, AwaitNonce, AwaitProof, Done };
+  void handle_auth(uint8_t kind, std::span<const std::byte> payload);
+
   std::unique_ptr<Resources> res_;
   Options opts_;
+  AuthState auth_ = AuthState::Off;
+  bool initiator_ = false;
+  std::vector<std::byte> transcript_;             // grows to the full transcript
+  std::array<unsigned char, 32> my_nonce_{};
+  std::unique_ptr<auth::SessionKeys> keys_;       // once both nonces are known
+  auth::Direction tx_, rx_;                       // SEND tags per direction, after the handshake
+  std::string key_id_;                            // "" = unauthenticated
+  std::array<unsigned char, 32> epoch_key_{};     // keyed epoch digest (authenticated only)
+  bool tamper_next_ = false;
   std::string peer_;
   RdmaHello peer_hello_;
   StickyFailure failure_;

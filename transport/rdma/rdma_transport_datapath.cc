@@ -133,6 +133,20 @@ void RdmaConnection::handle_recv(uint32_t buf, uint32_t len) {
     return ProtocolError(fmt::format("peer {} sent a malformed message ({} bytes): {}", peer_, len, why));
   };
   if (len < kMsgHeader) throw bad(fmt::format("shorter than the {}-byte header", kMsgHeader));
+  // After the handshake every SEND ends with its tag, checked before anything in it is trusted.
+  const size_t tag = rx_.on() ? kFrameTagSize : 0;
+  if (rx_.on()) {
+    if (len < kMsgHeader + tag) throw bad(fmt::format("shorter than the {}-byte header and its tag", kMsgHeader));
+    const uint64_t seq = rx_.seq();
+    rx_.begin();
+    rx_.update(p, len - tag);
+    if (!rx_.finish_and_check(std::span<const std::byte, kFrameTagSize>(p + len - tag, kFrameTagSize)))
+      throw ProtocolError(fmt::format("peer {}: message {} ({} bytes) failed its authentication tag under key {} "
+                                      "(altered, replayed, reordered or injected on the fabric); closing the "
+                                      "connection",
+                                      peer_, seq, len, key_id_));
+    len -= static_cast<uint32_t>(tag);
+  }
   if (get_le(p, 4) != kFrameMagic) throw bad("bad magic");
   uint8_t kind = static_cast<uint8_t>(p[4]);
   uint8_t flags = static_cast<uint8_t>(p[5]);
@@ -155,6 +169,13 @@ void RdmaConnection::handle_recv(uint32_t buf, uint32_t len) {
   std::span<const std::byte> payload(p + kMsgHeader, length);
   if (kind != kMsgControl && (flags != 0 || type != 0 || total != 0))
     throw bad(fmt::format("flags/type/total set on a message of kind {}", kind));
+  // Nothing but the handshake before the peer's proof verified; no handshake afterwards.
+  if (auth_ == AuthState::AwaitNonce || auth_ == AuthState::AwaitProof || kind == kMsgAuthNonce ||
+      kind == kMsgAuthProof) {
+    handle_auth(kind, payload);
+    repost(buf);
+    return;
+  }
 
   switch (kind) {
     case kMsgControl: {
@@ -208,6 +229,36 @@ void RdmaConnection::handle_recv(uint32_t buf, uint32_t len) {
   }
   if (pending_bytes_ >= kMaxPendingControlBytes) deferred_.push_back(buf);
   else repost(buf);
+}
+
+void RdmaConnection::handle_auth(uint8_t kind, std::span<const std::byte> payload) {
+  const uint8_t want = auth_ == AuthState::AwaitNonce ? kMsgAuthNonce : kMsgAuthProof;
+  if (auth_ == AuthState::Off || auth_ == AuthState::Done)
+    throw ProtocolError(fmt::format("peer {} sent a handshake message (kind {}) outside the handshake", peer_, kind));
+  if (kind != want)
+    throw ProtocolError(fmt::format("peer {} sent a message of kind {} before the authentication handshake "
+                                    "completed (expected its {}); connection refused",
+                                    peer_, kind, want == kMsgAuthNonce ? "nonce" : "proof"));
+  if (want == kMsgAuthNonce) {
+    if (payload.size() != auth::kNonceSize)
+      throw ProtocolError(fmt::format("peer {}: handshake nonce of {} bytes (expected {})", peer_, payload.size(),
+                                      auth::kNonceSize));
+    std::span<const std::byte> mine = std::as_bytes(std::span(my_nonce_));
+    const auto& first = initiator_ ? mine : payload;
+    const auto& second = initiator_ ? payload : mine;
+    transcript_.insert(transcript_.end(), first.begin(), first.end());
+    transcript_.insert(transcript_.end(), second.begin(), second.end());
+    keys_ = std::make_unique<auth::SessionKeys>(auth::derive(*opts_.key, transcript_));
+    auth_ = AuthState::AwaitProof;
+    return;
+  }
+  if (!auth::verify(initiator_ ? keys_->proof_responder : keys_->proof_initiator, transcript_, payload))
+    throw ProtocolError(fmt::format(
+        "authentication of peer {} failed: its proof does not match key {} (a peer without the key, or a replayed "
+        "or altered handshake); connection refused",
+        peer_, opts_.key->id_hex()));
+  rx_ = auth::Direction(initiator_ ? keys_->frame_r2i : keys_->frame_i2r, false);
+  auth_ = AuthState::Done;
 }
 
 // ---- send side --------------------------------------------------------------------------------
@@ -275,7 +326,10 @@ uint64_t RdmaConnection::reserve(size_t ring_bytes, bool sending) {
 
 void RdmaConnection::post_raw_send(std::span<const std::byte> bytes, uint32_t need, bool fill_header,
                                    bool force_signal) {
-  if (bytes.size() > kMsgSize) throw Error(fmt::format("message of {} bytes exceeds {}", bytes.size(), kMsgSize));
+  // Tagged: every message built here (fill_header) once our handshake proof is out.
+  const bool tagged = fill_header && tx_.on();
+  const size_t wire = bytes.size() + (tagged ? kFrameTagSize : 0);
+  if (wire > kMsgSize) throw Error(fmt::format("message of {} bytes exceeds {}", wire, kMsgSize));
   // Wait for credits, returning ours meanwhile (the rule in rdma_transport.h keeps this finite).
   while (credits() < need) {
     progress();
@@ -289,7 +343,7 @@ void RdmaConnection::post_raw_send(std::span<const std::byte> bytes, uint32_t ne
   in_send_ = true;
   uint64_t off;
   try {
-    off = reserve(bytes.size(), true);
+    off = reserve(wire, true);
   } catch (...) {
     in_send_ = false;
     throw;
@@ -302,12 +356,23 @@ void RdmaConnection::post_raw_send(std::span<const std::byte> bytes, uint32_t ne
     put_le(m + 24, write_bytes_posted_, 8);
     rx_returned_told_ = rx_returned_;
   }
-  ibv_sge sge{reinterpret_cast<uintptr_t>(m), static_cast<uint32_t>(bytes.size()), res_->ring_mr->lkey};
+  if (tagged) {
+    // The tag sequence is the posting order, which RC keeps: the peer checks in the same order.
+    tx_.begin();
+    tx_.update(m, bytes.size());
+    auto t = tx_.finish();
+    std::memcpy(m + bytes.size(), t.data(), t.size());
+    if (tamper_next_) {
+      tamper_next_ = false;
+      m[bytes.size() > kMsgHeader ? bytes.size() - 1 : 20] ^= std::byte{0x01};
+    }
+  }
+  ibv_sge sge{reinterpret_cast<uintptr_t>(m), static_cast<uint32_t>(wire), res_->ring_mr->lkey};
   ibv_send_wr wr{};
   wr.opcode = IBV_WR_SEND;
-  post_wr(wr, sge, ring_head_, force_signal, bytes.size());
+  post_wr(wr, sge, ring_head_, force_signal, wire);
   ++sends_posted_;
-  bytes_sent_ += bytes.size();
+  bytes_sent_ += wire;
   last_send_ = Clock::now();
 }
 

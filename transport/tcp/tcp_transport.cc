@@ -8,6 +8,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sodium.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -198,7 +199,7 @@ std::unique_ptr<Connection> handshake(UniqueFd fd, const Options& opts, const st
   log::debug("transport", "tcp connection to {} established, authenticated{} (key {}; peer accepts writes up to {} "
              "bytes)", peer, encrypt ? " and encrypted" : "", opts.key->id_hex(), theirs.max_write_payload);
   return std::make_unique<TcpConnection>(std::move(fd), opts, peer, theirs, std::move(rd.rest()), std::move(tx),
-                                         std::move(rx), opts.key->id_hex());
+                                         std::move(rx), opts.key->id_hex(), keys.epoch);
 }
 }  // namespace
 
@@ -390,7 +391,8 @@ std::unique_ptr<Connection> connect_tcp(const std::string& host, uint16_t port, 
 // ---------------------------------------------------------------------------------------------
 
 TcpConnection::TcpConnection(UniqueFd fd, Options opts, std::string peer, HelloBody peer_hello,
-                             std::vector<std::byte> early, auth::Direction tx, auth::Direction rx, std::string key_id)
+                             std::vector<std::byte> early, auth::Direction tx, auth::Direction rx, std::string key_id,
+                             std::array<unsigned char, 32> epoch_key)
     : fd_(std::move(fd)),
       opts_(opts),
       peer_(std::move(peer)),
@@ -399,6 +401,7 @@ TcpConnection::TcpConnection(UniqueFd fd, Options opts, std::string peer, HelloB
       tx_(std::move(tx)),
       rx_(std::move(rx)),
       key_id_(std::move(key_id)),
+      epoch_key_(epoch_key),
       rx_buf_(std::max<size_t>(256u << 10, early.size())),
       last_rx_(Clock::now()) {
   if (!early.empty()) std::memcpy(rx_buf_.data(), early.data(), early.size());
@@ -406,6 +409,7 @@ TcpConnection::TcpConnection(UniqueFd fd, Options opts, std::string peer, HelloB
 }
 
 TcpConnection::~TcpConnection() {
+  sodium_memzero(epoch_key_.data(), epoch_key_.size());
   if (failure_.failed() || !fd_ || tx_pending()) return;
   std::array<std::byte, kFrameHeaderSize + kFrameTagSize> b{};
   encode_header(FrameHeader{.kind = FrameKind::Goodbye}, std::span<std::byte, kFrameHeaderSize>(b.data(), kFrameHeaderSize));

@@ -126,7 +126,8 @@ class TcpConnection final : public Connection {
   // and `rx` protect the two directions (off for an unauthenticated connection); `key_id` is
   // the hex id of the key both proved ("" when unauthenticated).
   TcpConnection(UniqueFd fd, Options opts, std::string peer, HelloBody peer_hello, std::vector<std::byte> early,
-                auth::Direction tx = {}, auth::Direction rx = {}, std::string key_id = {});
+                auth::Direction tx = {}, auth::Direction rx = {}, std::string key_id = {},
+                std::array<unsigned char, 32> epoch_key = {});
   // Sends Goodbye when that cannot block or cut a frame in half, then closes the socket.
   ~TcpConnection() override;
 
@@ -142,6 +143,7 @@ class TcpConnection final : public Connection {
   uint64_t bytes_sent() const override { return bytes_sent_; }
   uint64_t bytes_received() const override { return bytes_received_; }
   std::string key_id() const override { return key_id_; }
+  const std::array<unsigned char, 32>* epoch_key() const override { return key_id_.empty() ? nullptr : &epoch_key_; }
   std::string security() const override {
     return key_id_.empty() ? "insecure" : tx_.encrypt() ? "authenticated+encrypted" : "authenticated";
   }
@@ -199,6 +201,7 @@ class TcpConnection final : public Connection {
   Clock::time_point tx_last_;  // last time the kernel took bytes from us
   auth::Direction tx_, rx_;     // frame tags (and encryption) per direction; off when unauthenticated
   std::string key_id_;
+  std::array<unsigned char, 32> epoch_key_{};  // keyed epoch digest (authenticated only)
 
   // Receive state. Invariant: rx_begin_ <= rx_end_ <= rx_buf_.size(); while rx_in_payload_,
   // rx_remaining_ payload bytes of frame kind rx_kind_ are still due and go to rx_dst_
