@@ -5,7 +5,7 @@ client in a network namespace, with protection off and on at two epoch lengths, 
 guest in one run; ratios are against "off" of the same run. Also the held-bytes peak and the
 early cuts of each protected run.
 
-Usage: sudo bench/net_bench.py [--epochs 25,50] [--seconds 5] [--json OUT]
+Usage: sudo bench/net_bench.py [--epochs 25,50] [--output-min-ms 0,2] [--seconds 5] [--json OUT]
 Needs the build (ftd, ftctl) and the test guest (`ninja guest-image`); creates its own bridge,
 taps and namespace (unique names) and removes them at the end.
 """
@@ -84,6 +84,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--epochs', default='25,50')
     ap.add_argument('--seconds', type=float, default=5)
+    ap.add_argument('--output-min-ms', default='0,2',
+                    help='ftctl enable --output-epoch-min-ms values to compare (0 = wait for the epoch boundary)')
     ap.add_argument('--json')
     a = ap.parse_args()
     results = {}
@@ -95,18 +97,25 @@ def main():
         results['off'] = measure(env, net, a.seconds)
         log('off: %s' % results['off'])
         for e in [int(x) for x in a.epochs.split(',')]:
-            protect(env, P, None, g, 'vm1', epoch_ms=e)
-            time.sleep(1)
-            r = measure(env, net, a.seconds)
-            st = P.vm('vm1', 'primary')
-            r['held_bytes_peak'] = st['output']['held_bytes_peak']
-            r['early_cuts'] = st['output']['early_cuts']
-            r['frames_released'] = st['output']['frames_released']
-            r['pause_ms_p50'] = st['pause_ms']['p50']
-            results['on_%dms' % e] = r
-            log('on, epoch %d ms: %s' % (e, r))
-            P.ctl('disable', 'vm1', timeout=120)
-            wait_for(lambda: _free(g.qmp), 20, 'guest QMP free after disable')
+            # Two ways to let output out: at the epoch boundary (--output-epoch-min-ms 0, the
+            # behaviour before issue 14) and by cutting as soon as output waits (the default).
+            for cut_ms in [int(x) for x in a.output_min_ms.split(',')]:
+                P.ctl('enable', '--qmp', g.qmp, '--peer', '127.0.0.1:%d' % env.port, '--name', 'vm1',
+                      '--epoch-ms', str(e), '--output-epoch-min-ms', str(cut_ms), '--timeout', '120')
+                time.sleep(1)
+                r = measure(env, net, a.seconds)
+                st = P.vm('vm1', 'primary')
+                r['held_bytes_peak'] = st['output']['held_bytes_peak']
+                r['early_cuts'] = st['output']['early_cuts']
+                r['output_cuts'] = st['output'].get('output_cuts', 0)
+                r['frames_released'] = st['output']['frames_released']
+                r['pause_ms_p50'] = st['pause_ms']['p50']
+                r['epochs_per_s'] = st.get('epochs_cut', 0)
+                key = 'on_%dms' % e if cut_ms == 0 else 'on_%dms_cut%d' % (e, cut_ms)
+                results[key] = r
+                log('on, epoch %d ms, output cut after %d ms: %s' % (e, cut_ms, r))
+                P.ctl('disable', 'vm1', timeout=120)
+                wait_for(lambda: _free(g.qmp), 20, 'guest QMP free after disable')
         off = results['off']
         for k, r in results.items():
             if k == 'off':
