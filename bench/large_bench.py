@@ -21,15 +21,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests', 'e2e'))
 from ftvm_e2e import Env, log, protect  # noqa: E402
 from test_large import memfd_mib, status_kib  # noqa: E402
-
-
-def pct(v, p):
-    v = sorted(v)
-    if not v:
-        return float('nan')
-    k = (len(v) - 1) * p / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+from auth_bench import pct  # noqa: E402  (same folder: interpolated percentile)
 
 
 def run_size(mib, a):

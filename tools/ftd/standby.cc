@@ -277,12 +277,7 @@ void StandbySession::run() {
   try {
     for (;;) {
       if (abort_) {
-        std::string why;
-        {
-          std::lock_guard<std::mutex> g(mu_);
-          why = abort_reason_;
-        }
-        destroy_twin(why);
+        destroy_twin(abort_reason());
         break;
       }
       if (!poll_second_path()) break;
@@ -904,12 +899,7 @@ bool StandbySession::await_operator(const std::string& why, bool reported_dead) 
   };
   for (;;) {
     if (abort_) {
-      std::string w;
-      {
-        std::lock_guard<std::mutex> g(mu_);
-        w = abort_reason_;
-      }
-      destroy_twin(w);
+      destroy_twin(abort_reason());
       return false;
     }
     check_twin_alive();

@@ -219,6 +219,10 @@ class StandbySession {
   mutable std::mutex fate_mu_;
   Fate fate_ = Fate::Open;  // under fate_mu_
   std::string abort_reason_;
+  std::string abort_reason() const {
+    std::lock_guard<std::mutex> g(mu_);
+    return abort_reason_;
+  }
   std::thread thread_;
 };
 
