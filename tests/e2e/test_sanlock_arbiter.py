@@ -224,13 +224,22 @@ def host_death():
             g, P, S, twin = setup(env, lab)
             keepers = keepers_of(P)
             t_kill = time.time()
-            # The whole host at once: sanlock daemon first (nothing of host 1 may release the lease).
-            lab.kill_daemon(1)
-            for pid in keepers + [P.proc.pid, g.pid]:
+            # The whole host at once: freeze every process of host 1 first, so that none of them
+            # reacts to another's death (the keeper kills QEMU when its daemon goes, and ftd then
+            # reports PrimaryLost, which resumes the twin at once: a process death, not a host
+            # death; seen in a CI run), then kill them all, the sanlock daemon first.
+            host1 = [lab.daemons[1].pid] + keepers + [P.proc.pid, g.pid]
+            for pid in host1:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+            for pid in host1:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            lab.daemons[1].wait(10)
             log('host 1 killed at %.3f (sanlock daemon, keeper %s, ftd %d, QEMU %d)' %
                 (t_kill, keepers, P.proc.pid, g.pid))
             v = wait_active(S, VM, timeout=200)
