@@ -57,7 +57,7 @@ if [[ ${FTVM_SKIP_FUZZ:-0} != 1 && $# -eq 0 ]] && command -v clang++ >/dev/null;
     echo "-- $t"
     if ! (cd "$work/$t.crashes" && "$OLDPWD/$F/tests/fuzz/$t" -max_total_time="${FTVM_FUZZ_SECONDS:-20}" \
             -seed="${FTVM_FUZZ_SEED:-1}" -max_len=65536 -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
-            "$work/$t" 2>&1 | grep -vE '^"|# Uses: |recommended dictionary' | tail -n 25); then
+            "$work/$t" 2>&1 | grep -avE '^"|# Uses: |recommended dictionary' | tail -n 25); then
       rc=1
     fi
     if compgen -G "$work/$t.crashes/crash-*" >/dev/null || compgen -G "$work/$t.crashes/timeout-*" >/dev/null \
