@@ -260,6 +260,12 @@ def checker_scenario():
         log('output-commit checker: %d guest frames captured, each after the ftd line releasing it (%d release lines, '
             'min slack %d frames); request/response p50 %.1f ms' % (len(frames), len(rel), worst,
                                                                   lat[len(lat) // 2] * 1000))
+        # Output at the speed of a checkpoint (issue 14; --output-epoch-min-ms 2 by default): the
+        # replies above made the primary cut epochs for waiting output, and every one of those
+        # frames still waited for its release (checked above).
+        out = P.vm(VM, 'primary')['output']
+        log('epochs cut because output waited: %d' % out.get('output_cuts', 0))
+        check(out.get('output_cuts', 0) > 0, 'no epoch was cut for waiting output: %s' % out)
         # Disable restores the plain path.
         n0 = len(c.replies())
         P.ctl('disable', VM, timeout=120)
