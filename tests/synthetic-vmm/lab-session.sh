@@ -165,8 +165,9 @@ check_standby() {  # SCENARIO [--primary-console ...]
   fi
 }
 
-twin_console() {  # started before the twin exists: the tool waits for the socket
-  "$SYN" --tool console "$W/standby/vms/$VM/serial.sock" "$W/twin-console.log" &
+twin_console() {  # started before the twin exists: the tool waits for the socket, and follows
+  # the twin across restarts (a twin destroyed before its first commit is replaced on the same path)
+  "$SYN" --tool console "$W/standby/vms/$VM/serial.sock" "$W/twin-console.log" --follow &
   PIDS="$PIDS $!"
 }
 

@@ -926,40 +926,46 @@ class Vmm {
 // ---------------------------------------------------------------------------------------------
 // Test helpers
 
-// Copies console lines from a unix socket to OUT as "WALL_MS LINE" until EOF.
-int tool_console(const std::string& sock, const std::string& out) {
+// Copies console lines from a unix socket to OUT as "WALL_MS LINE". Without FOLLOW it stops at
+// the first EOF. With FOLLOW it connects again after every EOF (a standby may destroy a twin that
+// never got a committed checkpoint and start a new one on the same socket path when the primary
+// retries) and runs until it is killed; it gives up only when no socket accepts for 120 s.
+int tool_console(const std::string& sock, const std::string& out, bool follow) {
   UniqueFd f(::open(out.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
   if (!f) throw SysError(errno, "open " + out);
   sockaddr_un a{};
   if (sock.size() >= sizeof a.sun_path) fail("socket path too long: {}", sock);
   a.sun_family = AF_UNIX;
   std::memcpy(a.sun_path, sock.c_str(), sock.size());
-  UniqueFd s;
-  auto t0 = Clock::now();
   for (;;) {
-    s.reset(check_sys(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), "socket"));
-    if (::connect(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) break;
-    if (errno != ENOENT && errno != ECONNREFUSED) throw SysError(errno, "connect " + sock);
-    if (Clock::now() - t0 > std::chrono::seconds(120)) fail("console socket {} never accepted", sock);
+    UniqueFd s;
+    auto t0 = Clock::now();
+    for (;;) {
+      s.reset(check_sys(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), "socket"));
+      if (::connect(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) break;
+      if (errno != ENOENT && errno != ECONNREFUSED) throw SysError(errno, "connect " + sock);
+      if (Clock::now() - t0 > std::chrono::seconds(120)) fail("console socket {} never accepted", sock);
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    std::string buf;
+    char data[4096];
+    for (;;) {
+      ssize_t n = ::read(s.get(), data, sizeof data);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      buf.append(data, static_cast<size_t>(n));
+      size_t nl;
+      while ((nl = buf.find('\n')) != std::string::npos) {
+        std::string line = buf.substr(0, nl);
+        buf.erase(0, nl + 1);
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        std::string rec = fmt::format("{:.3f} {}\n", wall_ms(), line);
+        write_all(f.get(), rec.data(), rec.size(), "write " + out);
+      }
+    }
+    if (!follow) return 0;
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  std::string buf;
-  char data[4096];
-  for (;;) {
-    ssize_t n = ::read(s.get(), data, sizeof data);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    buf.append(data, static_cast<size_t>(n));
-    size_t nl;
-    while ((nl = buf.find('\n')) != std::string::npos) {
-      std::string line = buf.substr(0, nl);
-      buf.erase(0, nl + 1);
-      if (!line.empty() && line.back() == '\r') line.pop_back();
-      std::string rec = fmt::format("{:.3f} {}\n", wall_ms(), line);
-      write_all(f.get(), rec.data(), rec.size(), "write " + out);
-    }
-  }
-  return 0;
 }
 
 struct Tick {
@@ -1107,7 +1113,7 @@ void usage() {
              "               -qmp unix:PATH,server=on,wait=off [-chardev socket,id=ser0,path=P,server=on,wait=off "
              "-serial chardev:ser0]\n"
              "               [-S] [-incoming defer] [-append 'synth_rate_kib_s=N synth_tick_ms=N synth_seed=N']\n"
-             "       synthvm --tool console SOCK OUT\n"
+             "       synthvm --tool console SOCK OUT [--follow]\n"
              "       synthvm --tool check-failover --status FILE --vm NAME --twin-console LOG [--primary-console LOG] "
              "[--epochs FILE] [--min-epoch N]\n"
              "       synthvm --tool scan-ram PID\n");
@@ -1120,7 +1126,8 @@ int main(int argc, char** argv) {
   try {
     if (argc >= 2 && std::string(argv[1]) == "--tool") {
       std::vector<std::string> a(argv + 2, argv + argc);
-      if (a.size() == 3 && a[0] == "console") return tool_console(a[1], a[2]);
+      if (a.size() == 3 && a[0] == "console") return tool_console(a[1], a[2], false);
+      if (a.size() == 4 && a[0] == "console" && a[3] == "--follow") return tool_console(a[1], a[2], true);
       if (!a.empty() && a[0] == "check-failover") return tool_check_failover({a.begin() + 1, a.end()});
       if (a.size() == 2 && a[0] == "scan-ram") return tool_scan_ram(static_cast<pid_t>(std::stol(a[1])));
       usage();
