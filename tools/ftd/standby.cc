@@ -154,6 +154,7 @@ cp::Verdict StandbySession::resolve(std::string& text) {
 bool StandbySession::arbiter_allows_activation(std::chrono::milliseconds silent_for) {
   cp::ArbiterSubject subj{name(), peer_host_, silent_for};
   subj.guest_pid = twin_pid_;
+  subj.heartbeat_timeout = cfg_.heartbeat_timeout;
   cp::ArbiterAnswer a = cp::ArbiterAnswer::Wait;
   try {
     a = arbiter_->may_activate(subj, std::chrono::milliseconds(20));
@@ -931,7 +932,11 @@ bool StandbySession::await_operator(const std::string& why, bool reported_dead) 
     if (reported_dead) return true;
     cp::ArbiterAnswer a = cp::ArbiterAnswer::Wait;
     try {
-      a = arbiter_->may_activate({name(), peer_host_, silence()}, std::chrono::milliseconds(20));
+      cp::ArbiterSubject subj{name(), peer_host_, silence()};
+      subj.guest_pid = twin_pid_;
+      subj.heartbeat_timeout = cfg_.heartbeat_timeout;
+      subj.forced = true;  // the operator asserts the primary is gone; an arbiter still decides
+      a = arbiter_->may_activate(subj, std::chrono::milliseconds(20));
     } catch (const std::exception& e) {
       log::error("standby", "{}: arbiter {}: {}", name(), arbiter_->kind(), e.what());
     }
