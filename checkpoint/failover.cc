@@ -44,6 +44,11 @@ Verdict FateCell::resolve(bool& dropped_now) {
   return fate_ == Fate::Activating ? Verdict::Active : Verdict::Dropped;
 }
 
+void FateCell::activation_failed() {
+  std::lock_guard<std::mutex> g(mu_);
+  fate_ = Fate::Dropped;
+}
+
 const char* to_string(StandbyAction a) {
   switch (a) {
     case StandbyAction::Listen: return "listen";

@@ -63,6 +63,9 @@ class FateCell {
   // The primary's Resolve: an Open fate becomes Dropped (`dropped_now` set: the caller ends the
   // session and destroys the twin). Returns Active for Activating, else Dropped.
   Verdict resolve(bool& dropped_now);
+  // The activation failed and the twin was killed: Activating becomes Dropped, so that a later
+  // Resolve lets the primary (if it lives) run on.
+  void activation_failed();
 
  private:
   mutable std::mutex mu_;
