@@ -301,7 +301,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"none", "fence-command", "corosync", "sanlock"}));
   en->add_option("--reprotect", reprotect,
                  "After a failover: auto = the standby protects the VM again towards this host as soon as it can "
-                 "(needs this ftd to listen for replication); manual = only `ftctl enable` on the new host does")
+                 "(needs this ftd to listen for replication); manual = only `ftctl enable` on the new host does; libvirt "
+                 "domains keep it in the metadata element (reprotect=)")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "manual"}));
   en->add_option("--failover", failover,
