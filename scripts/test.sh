@@ -38,7 +38,7 @@ if [[ ${FTVM_SKIP_ASAN:-0} != 1 && $# -eq 0 ]]; then
      ctest --output-on-failure -L unit) || rc=$?
   # The deterministic simulation under the sanitizers too (fewer seeds: it runs ~10x slower).
   (cd "$A" && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-     tests/simulation/ftvm_sim --seeds 2000) || rc=$?
+     tests/simulation/ftvm_sim --seeds 2000 --arbiters none,fence,quorum) || rc=$?
 fi
 
 # libFuzzer: every target in tests/fuzz/ (clang, ASan+UBSan, instrumented libraries) for a
