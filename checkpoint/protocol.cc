@@ -340,7 +340,7 @@ std::vector<std::byte> encode_disk_write(uint64_t session_id, uint64_t epoch, ui
   if (data.size() > kMaxDiskWriteData)
     fail("protocol: DiskWrite data of {} bytes exceeds the {} byte limit (split it)", data.size(), kMaxDiskWriteData);
   const DiskWriteRef ref{session_id, epoch, disk, op, offset, length, data};
-  Writer w("DiskWrite", 44 + data.size());
+  Writer w("DiskWrite", 40 + data.size());
   DiskWrite::fields(ref, w);
   return std::move(w.out);
 }
