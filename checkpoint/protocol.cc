@@ -13,7 +13,7 @@ namespace ftvm::checkpoint {
 namespace {
 
 template <class T>
-inline constexpr bool kAlwaysFalse = false;
+struct AlwaysFalse : std::false_type {};
 
 template <class T>
 struct IsVector : std::false_type {};
@@ -81,7 +81,7 @@ class Writer {
     } else if constexpr (std::is_same_v<V, uint64_t> || std::is_same_v<V, int64_t>) {
       put(static_cast<uint64_t>(v), 8);
     } else {
-      static_assert(kAlwaysFalse<V>, "no wire form for this field type (see protocol.h, Encoding)");
+      static_assert(AlwaysFalse<V>::value, "no wire form for this field type (see protocol.h, Encoding)");
     }
   }
 
@@ -168,7 +168,7 @@ class Reader {
     } else if constexpr (std::is_same_v<V, uint64_t> || std::is_same_v<V, int64_t>) {
       v = static_cast<V>(get(8));
     } else {
-      static_assert(kAlwaysFalse<V>, "no wire form for this field type (see protocol.h, Encoding)");
+      static_assert(AlwaysFalse<V>::value, "no wire form for this field type (see protocol.h, Encoding)");
     }
   }
 
@@ -267,7 +267,8 @@ struct DiskWriteRef {
 template <class... T>
 AnyMessage decode_alternative(uint16_t type, std::span<const std::byte> body, std::variant<T...>*) {
   std::optional<AnyMessage> out;
-  ((static_cast<uint16_t>(T::kType) == type ? (out.emplace(decode<T>(body)), true) : false) || ...);
+  const bool known = ((static_cast<uint16_t>(T::kType) == type && (out.emplace(decode<T>(body)), true)) || ...);
+  (void)known;
   if (!out)
     throw ProtocolError(fmt::format("control message of unknown type {} ({} bytes); the peer runs another "
                                     "protocol version", type, body.size()));
