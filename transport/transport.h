@@ -76,6 +76,25 @@ class Connection {
   // Unknown ids are ignored. After it returns the transport never touches the memory again.
   virtual void unregister_region(uint32_t id) = 0;
 
+  // Declares `mem` as the source of many later write()s (the primary's guest RAM for the
+  // sync, its epoch staging buffer). A fabric that must register memory before it can send
+  // from it without a copy (RDMA: ibv_reg_mr, once, here; never per write) does so now; the
+  // others have nothing to do (TCP and fake copy every write into the socket or queue anyway).
+  // Purely an optimisation: write() from memory never registered is correct on every backend
+  // (RDMA then copies it through its send ring). Idempotent for the same span; a span with the
+  // same start and another size replaces the earlier one. `mem` must stay valid and mapped
+  // until unregister_source(mem) or the connection's destruction. Throws ftvm::Error (SysError)
+  // when the fabric refuses the registration (RDMA: the locked-memory limit; kernels before 6.2
+  // refuse read-only mappings such as ftd's view of guest RAM): the connection stays usable
+  // and writes from `mem` are copied. On a failed connection: LinkDown (see below).
+  virtual void register_source(std::span<const std::byte> mem) { (void)mem; }
+
+  // Ends register_source(mem): waits until no write in flight reads `mem`, then releases it;
+  // after it returns the transport never reads `mem` again. Spans never registered are
+  // ignored. On a connection that has failed it only releases; if the link fails while it
+  // waits it releases and throws LinkDown. Default: nothing to do.
+  virtual void unregister_source(std::span<const std::byte> mem) { (void)mem; }
+
   // One-sided write of `data` into the peer's region `region` (nonzero) at `offset`. Queues
   // the write and may return before the data left this host; it is ordered before any later
   // send_control(). `data` must stay valid and unchanged until the next flush() or

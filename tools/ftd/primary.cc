@@ -17,9 +17,6 @@
 #include "vmm-glue/qemu_cmdline.h"
 #include "transport/address.h"
 #include "transport/select.h"
-#ifdef FTVM_HAVE_RDMA
-#include "transport/rdma/rdma_transport.h"
-#endif
 #include "vmm-glue/libvirt_xml.h"
 #include "vmm-glue/tracker_factory.h"
 
@@ -1306,12 +1303,11 @@ void PrimarySession::checkpoint(bool final) {
              rec.pause_us / 1000, rec.ram_digest);
 }
 
-// RDMA: guest RAM (the sync source) and the staging buffer are registered once as zero-copy
-// write sources; the staging buffer again only when an epoch outgrew (reallocated) it.
+// Guest RAM (the sync source) and the staging buffer are registered once as write sources
+// (transport.h, register_source(): zero-copy on RDMA, nothing on TCP); the staging buffer again
+// only when an epoch outgrew (reallocated) it.
 void PrimarySession::register_sources(bool ram) {
-#ifdef FTVM_HAVE_RDMA
-  auto* rc = dynamic_cast<transport::rdma::RdmaConnection*>(conn_.get());
-  if (!rc) return;
+  auto* rc = conn_.get();
   if (ram) {
     // ftd maps guest RAM read-only; kernels before 6.2 pin RDMA memory for writing even for a
     // read-only registration and refuse it (EFAULT). Then the sync copies through the
@@ -1329,9 +1325,6 @@ void PrimarySession::register_sources(bool ram) {
     rc->register_source(a);
     registered_staging_ = a;
   }
-#else
-  (void)ram;
-#endif
 }
 
 void PrimarySession::send_epoch(uint64_t epoch, bool final) {

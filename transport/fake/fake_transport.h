@@ -75,6 +75,16 @@ class FakeConnection final : public Connection {
   }
   void unregister_region(uint32_t id) override { regions_.erase(id); }
 
+  // Connection::register_source(): nothing to register (write() copies at once); the fake
+  // only remembers the spans, so that a test can check a session releases what it registered.
+  void register_source(std::span<const std::byte> mem) override {
+    check_usable();
+    if (!mem.empty()) sources_[mem.data()] = mem.size();
+  }
+  void unregister_source(std::span<const std::byte> mem) override { sources_.erase(mem.data()); }
+  // Spans registered with register_source() and not unregistered since.
+  size_t registered_sources() const { return sources_.size(); }
+
   void write(uint32_t region, uint64_t offset, std::span<const std::byte> data) override {
     check_usable();
     if (region == 0) throw Error("write: region id 0 is reserved (use the id the peer registered)");
@@ -194,6 +204,7 @@ class FakeConnection final : public Connection {
   std::string name_;
   StickyFailure failure_;
   std::unordered_map<uint32_t, std::span<std::byte>> regions_;
+  std::unordered_map<const std::byte*, size_t> sources_;  // register_source(): start -> size
   std::deque<ControlMessage> pending_;
   Clock::time_point last_rx_ = Clock::now();
   Clock::time_point tx_last_ = Clock::now();

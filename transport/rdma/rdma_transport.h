@@ -186,14 +186,15 @@ class RdmaConnection final : public Connection {
   uint64_t bytes_sent() const override { return bytes_sent_; }
   uint64_t bytes_received() const override { return bytes_received_ + peer_write_bytes_; }
 
+  // Connection::register_source(): ibv_reg_mr of `mem` (read access only), once, here; writes
+  // from inside it are then posted zero-copy. Connection::unregister_source(): waits for the
+  // zero-copy writes in flight, then deregisters.
+  void register_source(std::span<const std::byte> mem) override;
+  void unregister_source(std::span<const std::byte> mem) override;
+
   // --- RDMA extensions ---
   // The verbs device this connection uses, e.g. "rxe0".
   std::string device_name() const;
-  // Registers `mem` as a zero-copy source for write() (ibv_reg_mr once, here). The memory must
-  // stay valid until unregister_source() or destruction. Idempotent for the same span.
-  void register_source(std::span<const std::byte> mem);
-  // Waits for writes in flight, then deregisters. Unknown spans are ignored.
-  void unregister_source(std::span<const std::byte> mem);
   // Test hook: SENDs `raw` (header included, <= kMsgSize) as if it were a message, to
   // exercise the peer's validation of malformed control input. Not for production use. Never
   // tagged: on an authenticated connection the peer rejects it for its missing tag.

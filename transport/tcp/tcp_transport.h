@@ -133,6 +133,10 @@ class TcpConnection final : public Connection {
 
   void register_region(uint32_t id, std::span<std::byte> mem) override;
   void unregister_region(uint32_t id) override;
+  // Connection::register_source(): nothing to register, every write() is copied into the
+  // socket (or the encryption buffer) anyway; only the failed-connection rule applies.
+  void register_source(std::span<const std::byte>) override { check_usable(); }
+  void unregister_source(std::span<const std::byte>) override {}
   void write(uint32_t region, uint64_t offset, std::span<const std::byte> data) override;
   void send_control(uint16_t type, std::span<const std::byte> body) override;
   void flush() override;
