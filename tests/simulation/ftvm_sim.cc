@@ -615,6 +615,7 @@ class World {
     bool suspect_sent = false, data_lost = false, reported_dead = false, waiting = false;
     Time data_lost_at = 0, last_poll = 0, unwatched_since = -1;
     Time first_ask = -1;  // when this silence's first arbiter question was asked
+    bool blind = false;   // lease: the storage was unreachable during this silence's questions
   };
   std::vector<std::unique_ptr<SSess>> ss_;
   bool s_host_alive_ = true, s_ftd_alive_ = true;
@@ -745,6 +746,7 @@ class World {
     if (v.silence < fo::suspect_after(T_)) {
       ss.suspect_sent = false;
       ss.first_ask = -1;
+      ss.blind = false;
     }
     auto a = fo::standby_next(v, T_);
     if (a == fo::StandbyAction::SendSuspect) {
@@ -761,7 +763,7 @@ class World {
       case fo::StandbyAction::AskArbiter: {
         if (ss.fate.get() != fo::Fate::Open) return;
         if (ss.first_ask < 0) ss.first_ask = now_;
-        const auto ans = ask(false, v.silence, false, ss.first_ask);
+        const auto ans = standby_ask(ss, v.silence, false);
         switch (fo::standby_on_arbiter(ans)) {
           case fo::OnSilence::Listen: break;
           case fo::OnSilence::DeclareLost: return declare_lost(ss, fmt::format("silent {} ms, arbiter yes", v.silence.count()));
@@ -826,7 +828,7 @@ class World {
           continue;
         }
         if (ss.first_ask < 0) ss.first_ask = now_;
-        const auto a = ask(false, ms(std::min<Time>(primary_silence(ss), 3600 * 1000)), true, ss.first_ask);
+        const auto a = standby_ask(ss, ms(std::min<Time>(primary_silence(ss), 3600 * 1000)), true);
         if (a == cp::ArbiterAnswer::Fence) {
           close_standby_session(ss, "force: the arbiter says this side lost");
           continue;
@@ -892,6 +894,18 @@ class World {
   bool lease_free() const { return lease_holder_ == -1 || (lease_holder_ != 1 && now_ - lease_renewed_ >= kLeaseExpiry); }
 
   // `primary`: may_run_alone from P, else may_activate from S.
+  // The standby's question. Lease (SanlockArbiter::may_activate): a keeper whose attempts failed
+  // for another reason than a live holder during this silence (the storage unreachable) could
+  // not watch the holder: holding the lease then is Fence, not Yes.
+  cp::ArbiterAnswer standby_ask(SSess& ss, ms silent, bool forced) {
+    if (kind_ == ArbiterKind::Lease && !arb_up_[1]) ss.blind = true;
+    auto a = ask(false, silent, forced, ss.first_ask);
+    if (kind_ == ArbiterKind::Lease && a == cp::ArbiterAnswer::Yes && ss.blind && !o_.old_lease) {
+      log("lease: S holds the lease but could not watch it during this silence: Fence");
+      a = cp::ArbiterAnswer::Fence;
+    }
+    return a;
+  }
   // `since`: when the standby's first question of this silence was asked (its sanlock keeper
   // started acquiring then).
   cp::ArbiterAnswer ask(bool primary, ms silent, bool forced = false, Time since = 0) {
@@ -928,7 +942,12 @@ class World {
       }
       case ArbiterKind::Lease: {
         if (!arb_up_[self]) return cp::ArbiterAnswer::Wait;  // storage unreachable
-        if (lease_holder_ == self) return cp::ArbiterAnswer::Yes;
+        if (lease_holder_ == self) {
+          // SanlockArbiter::may_run_alone: only once the standby has had the time to see this
+          // host renew after its own silence began (and so to drop its twin): 2 T + 2 renewals.
+          if (primary && !o_.old_lease && silent.count() < 2 * T_.count() + 2 * kLeaseRenew) return cp::ArbiterAnswer::Wait;
+          return cp::ArbiterAnswer::Yes;
+        }
         // SanlockArbiter::may_activate: an acquire attempt that began after the silence saw the
         // holder's host renew (SANLK_ACQUIRE_IDLIVE): the primary lives and holds the VM.
         if (!primary && !o_.old_lease && lease_holder_ == 0 && lease_renewed_ > since) return cp::ArbiterAnswer::Fence;

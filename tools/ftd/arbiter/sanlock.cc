@@ -499,7 +499,16 @@ cp::ArbiterAnswer SanlockArbiter::may_run_alone(const cp::ArbiterSubject& s, mil
   refresh(s.vm, it->second);
   if (s.guest_pid > 0 && it->second.guest_pid != s.guest_pid)  // a lease for another QEMU is not this one's
     return sanlock_answer(SanlockQuestion::RunAlone, KeeperState::None);
-  return sanlock_answer(SanlockQuestion::RunAlone, it->second.state);
+  const auto a = sanlock_answer(SanlockQuestion::RunAlone, it->second.state);
+  // Holding the lease is not enough to run alone at once: the standby must first have had the
+  // time to see this host renew after its own silence began (its may_activate then answers
+  // Fence and drops the twin). Otherwise a primary that ran alone and then died would free the
+  // lease to a standby still holding an older twin (simulation: `ftvm_sim --arbiter lease
+  // --old-lease`). The standby's first question comes at most 1.5 T after this side's silence
+  // began (one-way cut), a renewal within 2 io_timeouts, sanlock's check of it within 1 s.
+  const auto need = 2 * s.peer_timeout + std::chrono::seconds(4 * o_.io_timeout_s + 1);
+  if (a == cp::ArbiterAnswer::Yes && s.silent_for < need) return cp::ArbiterAnswer::Wait;
+  return a;
 }
 
 void SanlockArbiter::runs_here(const cp::ArbiterSubject& s, milliseconds budget) {

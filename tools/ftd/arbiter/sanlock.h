@@ -56,8 +56,10 @@
 //     released meanwhile — found by the deterministic simulation, seed 44 `--arbiter lease`);
 //     otherwise Wait (an attempt still running: a dead host's lease frees only after
 //     8*io_timeout + 60 s, and sanlock reports no IDLIVE for a host that stopped renewing).
-//   may_run_alone (primary): Yes while its keeper holds the lease; Fence when the keeper lost it
-//     (fenced, exited, daemon gone); Wait while a keeper is still acquiring.
+//   may_run_alone (primary): Yes while its keeper holds the lease, but only once the standby
+//     has been unreachable for 2 T + 4 io_timeouts + 1 s (time for the standby to see this host
+//     renew and drop its twin: see may_activate); Fence when the keeper lost it (fenced,
+//     exited, daemon gone); Wait while a keeper is still acquiring.
 //   runs_here (primary, protection starting; or the standby's twin activated without asking:
 //     planned failover, primary lost): with a budget, one acquire attempt now and an Error
 //     saying why when it fails (protection is refused); with a zero budget, a keeper that
