@@ -296,6 +296,13 @@ int Daemon::run() {
     }
   }
   for (auto& s : stb) s->shutdown("ftd is shutting down");
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (auto& w : waiting_)
+      if (w->state() == WaitingTwin::State::Waiting)
+        log::warn("ftd", "{}: ftd stops while the adopted twin pid {} waits for `ftctl failover --force`: it is left "
+                  "paused for the next ftd", w->name(), w->twin_pid());
+  }
   for (auto& s : stb) s->join();
   ::unlink(cfg_.control_socket.c_str());
   log::info("ftd", "ftd stopped");
