@@ -95,13 +95,13 @@ def force_and_check(S, g, P, twin, gone, what):
     return a
 
 
-def restart_standby(env):
+def restart_standby(env, **kw):
     """Starts the standby ftd again on the same run and state dirs. A killed ftd leaves its control
     socket behind: removed first, so that start_ftd waits for the new ftd's."""
     sock = env.path('standby', 'ftd.sock')
     if os.path.exists(sock):
         os.unlink(sock)
-    return env.start_ftd('standby')
+    return env.start_ftd('standby', **kw)
 
 
 def standby_restart():
@@ -275,6 +275,57 @@ def partition(direction):
     return run
 
 
+def restart_primary_back():
+    """No arbiter, failover=manual, both ways cut in network namespaces: the standby declares the
+    silent primary lost (the no-arbiter policy says Yes) and waits, paused; the primary runs on
+    alone (only one copy: the twin waits for the operator). The standby ftd is killed (kill -9)
+    and started again: it adopts the waiting twin. The partition heals: the primary is heard again
+    (its Resolve or new session): the adopted twin is dropped, never having run, the primary is
+    protected again with a new twin, and `--force` is refused (5: the primary is heard)."""
+    with Env('manual-restart-primary-back') as env, TwoNetworks() as n:
+        g = env.boot_guest(mem=256, dirty_kib_s=1024, extra_args=['-name', '%s,debug-threads=on' % VM])
+        g.serial.wait_ticks(3, 90)
+        P = env.start_ftd('primary', listen=False, prefix=['ip', 'netns', 'exec', n.nsP])
+        skw = dict(prefix=['ip', 'netns', 'exec', n.nsS], listen_host=n.ip('S', 'A'))
+        S = env.start_ftd('standby', **skw)
+        P.ctl('enable', '--qmp', g.qmp, '--peer', '%s:%d' % (n.ip('S', 'A'), env.port), '--name', VM,
+              '--timeout', '120', '--failover', 'manual')
+        twin = env.twin_serial(S, VM)
+        tpid = S.vm(VM, 'standby')['twin_pid']
+        env.track(tpid, 'twin')
+        watch = CpuWatch(g.pid, lambda: os.path.join(S.run_dir, 'vms', VM, 'twin.pid'))
+        time.sleep(1)
+        n.cut('A', True)
+        try:
+            check_paused(env, S, twin, tpid, 'partitioned, no arbiter')
+            S.kill9()
+            log('kill -9 of the standby ftd while its twin waits')
+            S = restart_standby(env, **skw)
+            v = check_paused(env, S, twin, tpid, 'after the restart, still partitioned')
+            check(v.get('adopted') and not v.get('primary_reported_dead'), 'adopted status: %s' % v)
+            check(pid_alive(g.pid), 'the primary QEMU died in the partition')
+            n0 = len(g.serial.ticks())
+            wait_for(lambda: len(g.serial.ticks()) >= n0 + 5, 30, 'the primary to run on alone')
+        finally:
+            n.cut('A', False)
+        wait_for(lambda: not pid_alive(tpid), 60, 'the adopted twin to be dropped once the primary is heard again')
+        check('the primary is heard again' in S.log_text(), 'the standby did not say why it dropped the twin')
+        wait_for(lambda: (P.vm(VM, 'primary') or {}).get('state') == 'protected', 120, 'the primary to be protected '
+                 'again')
+        v = S.vm(VM, 'standby')
+        check(v and v['twin_pid'] != tpid, 'no new twin: %s' % v)
+        r = S.ctl('failover', '--force', VM, check_rc=False)
+        log('--force with the primary back: rc %d: %s' % (r.returncode, r.stderr.strip()))
+        check(r.returncode == 5 and 'is heard' in r.stderr, 'force with the primary back: rc %d %s' %
+              (r.returncode, r.stderr))
+        check(not twin.ticks() and 'ACTIVATED' not in S.log_text(), 'a twin ran: %s' % twin.ticks()[:3])
+        check(pid_alive(g.pid), 'the primary QEMU died')
+        watch.stop.set()
+        watch.t.join(2)
+        log('/proc: %d samples, at most %d QEMU executing at once' % (watch.samples, watch.max_running))
+        watch.check()
+
+
 if __name__ == '__main__':
     main({'standby-restart': standby_restart, 'partition-both': partition('both'),
-          'partition-to-primary': partition('to-primary')})
+          'partition-to-primary': partition('to-primary'), 'restart-primary-back': restart_primary_back})
