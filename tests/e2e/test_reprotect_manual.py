@@ -125,8 +125,8 @@ def standby_restart():
         S.proc.send_signal(signal.SIGTERM)
         S.proc.wait(30)
         log('clean stop (SIGTERM) of the standby ftd')
-        check('left for the next ftd' in S.log_text(), 'the stopping ftd did not leave the waiting twin')
         check(pid_alive(tpid), 'the paused twin died with its ftd (clean stop)')
+        check('left for the next ftd' in S.log_text(), 'the stopping ftd did not say it leaves the waiting twin')
         S = restart_standby(env)
         check_paused(env, S, twin, tpid, 'after a clean stop and restart')
         check(S.log_text().count('adopting the paused twin pid %d' % tpid) == 1, 'the restarted ftd did not adopt '
