@@ -638,13 +638,18 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
 nlohmann::json Daemon::cmd_status(const nlohmann::json& req) {
   std::string want = req.value("name", "");
   nlohmann::json vms = nlohmann::json::array();
-  std::lock_guard<std::mutex> g(mu_);
-  for (auto& [n, s] : primaries_)
-    if (want.empty() || n == want) vms.push_back(s->status());
-  for (auto& s : standbys_)
-    if (!s->transient() && (want.empty() || s->name() == want)) vms.push_back(s->status());
-  for (auto& w : waiting_)
-    if (want.empty() || w->name() == want) vms.push_back(w->status());
+  std::vector<std::shared_ptr<WaitingTwin>> waiting;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (auto& [n, s] : primaries_)
+      if (want.empty() || n == want) vms.push_back(s->status());
+    for (auto& s : standbys_)
+      if (!s->transient() && (want.empty() || s->name() == want)) vms.push_back(s->status());
+    for (auto& w : waiting_)
+      if (want.empty() || w->name() == want) waiting.push_back(w);
+  }
+  // Outside mu_: an adopted twin's status waits while its `--force` asks the arbiter (up to 5 s).
+  for (auto& w : waiting) vms.push_back(w->status());
   if (!want.empty() && vms.empty()) return err("not_found", fmt::format("no VM named '{}' on this host", want));
   return {{"ok", true}, {"vms", vms}, {"listen", listen_address_}, {"security", security_},
           {"insecure", !cfg_.key}};

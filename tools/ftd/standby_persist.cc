@@ -275,11 +275,6 @@ WaitingTwin::WaitingTwin(const DaemonConfig& cfg, ManualWaitRecord rec) : cfg_(c
                         "host (adopted by this ftd after a restart)", rec_.reason, rec_.vm);
 }
 
-WaitingTwin::State WaitingTwin::state() const {
-  std::lock_guard<std::mutex> g(mu_);
-  return state_;
-}
-
 bool WaitingTwin::is_primary_host(const std::string& host) const {
   return host == rec_.peer_host || (!rec_.second_path_host.empty() && host == rec_.second_path_host);
 }
@@ -312,7 +307,7 @@ nlohmann::json WaitingTwin::status() const {
                  {"failover", "manual"}});
   return {{"name", rec_.vm},
           {"role", state_ == State::Active ? "active (failed over here)" : "standby (twin adopted after an ftd restart)"},
-          {"state", to_string(state_)},
+          {"state", to_string(state_.load())},
           {"peer", rec_.peer},
           {"session_id", fmt::format("{:016x}", rec_.session_id)},
           {"security", rec_.key_id.empty() ? "insecure" : "key " + rec_.key_id},

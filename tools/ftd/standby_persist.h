@@ -31,6 +31,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -93,7 +94,8 @@ void forget_manual_wait(const std::string& state_dir, const std::string& vm);
 std::vector<ManualWaitRecord> load_manual_waits(const std::string& state_dir);
 
 // A paused failover=manual twin adopted by a restarted ftd. Thread-safe (one mutex: force,
-// resolve, drop and status serialize).
+// primary_heard, drop and status serialize; force holds it while it asks the arbiter, up to 5 s;
+// state() never blocks).
 class WaitingTwin {
  public:
   enum class State { Waiting, Active, Dropped };
@@ -103,7 +105,7 @@ class WaitingTwin {
   const std::string& name() const { return rec_.vm; }
   const ManualWaitRecord& record() const { return rec_; }
   pid_t twin_pid() const { return rec_.twin_pid; }
-  State state() const;
+  State state() const { return state_; }  // lock-free: the daemon asks under its own mutex
   nlohmann::json status() const;
   // Whether `host` is this VM's primary (the data host or its declared second-path host).
   bool is_primary_host(const std::string& host) const;
@@ -129,7 +131,7 @@ class WaitingTwin {
   DaemonConfig cfg_;
   ManualWaitRecord rec_;
   mutable std::mutex mu_;
-  State state_ = State::Waiting;
+  std::atomic<State> state_{State::Waiting};  // written under mu_
   std::string reason_;
   nlohmann::json activation_ = nullptr;
 };
