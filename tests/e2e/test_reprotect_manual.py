@@ -17,8 +17,14 @@ issue 11; the partitions also `split-brain`).
       never runs; no copy runs while the primary is paused. Once the arbiter fenced the primary
       (its QEMU and ftd killed) the standby still does not resume the twin by itself (state
       primary-lost, no ticks); `--force` (the arbiter asked again) resumes it with tick
-      continuity. Throughout, a /proc sampler (chaos.CpuWatch) checks that at most one QEMU
-      executes guest code.
+      continuity. partition-both additionally kills (kill -9) and restarts the standby ftd while
+      the twin waits after the fence: the new ftd adopts it, and its `--force` asks the arbiter
+      again (6 while the fence device is unreachable, 0 once it answers). Throughout, a /proc
+      sampler (chaos.CpuWatch) checks that at most one QEMU executes guest code.
+  restart-primary-back: no arbiter, both ways cut: the standby waits with the twin paused, its
+      ftd is killed and restarted (adopts the twin); the partition heals and the primary, which
+      ran on alone, is heard again: the adopted twin is dropped (it never ran), the VM is
+      protected again with a new twin and `--force` is refused (5).
 """
 import os
 import signal
@@ -259,7 +265,25 @@ def partition(direction):
                 log('the arbiter fenced the primary: %s' % open(env.path('fence.calls')).read().strip().splitlines()[-1])
                 v = check_paused(env, S, twin, tpid, 'after the fence (failover=manual)')
                 check('ACTIVATED' not in S.log_text(), 'the standby resumed the twin by itself')
-                force_and_check(S, g, P, twin, gone, 'partition %s' % direction)
+                if direction == 'both':
+                    # The standby ftd restarts while its twin waits (kill -9): the new ftd adopts it,
+                    # and its --force asks the arbiter again: unreachable now -> 6, the twin paused.
+                    S.kill9()
+                    S = restart_standby(env, prefix=['ip', 'netns', 'exec', n.nsS], listen_host=n.ip('S', 'A'),
+                                        extra=arb)
+                    v = check_paused(env, S, twin, tpid, 'adopted after a standby ftd restart')
+                    check(v.get('adopted') and not v.get('primary_reported_dead'), 'adopted status: %s' % v)
+                    os.unlink(env.path('fence-open'))
+                    r = S.ctl('failover', '--force', VM, check_rc=False)
+                    log('adopted twin, --force while the fence device is unreachable: rc %d: %s' %
+                        (r.returncode, r.stderr.strip()))
+                    check(r.returncode == 6, 'adopted twin, force while the arbiter cannot tell: rc %d %s' %
+                          (r.returncode, r.stderr))
+                    check(not twin.ticks() and pid_alive(tpid), 'the adopted twin ran or died after a refused --force')
+                    with open(env.path('fence-open'), 'w') as f:
+                        f.write('fence-primary\n')
+                a = force_and_check(S, g, P, twin, gone, 'partition %s' % direction)
+                check(direction != 'both' or a.get('adopted'), 'the activation was not that of the adopted twin')
             finally:
                 watch.stop.set()
                 if direction == 'both':
