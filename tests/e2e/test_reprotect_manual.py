@@ -143,6 +143,8 @@ def standby_restart():
         check(pid_alive(tpid), 'the paused twin died with its ftd (kill -9)')
         S = restart_standby(env)
         check_paused(env, S, twin, tpid, 'after kill -9 and restart')
+        hs = S.ctl('status', VM).stdout
+        check('primary-lost' in hs and 'adopted' in hs and str(tpid) in hs, 'ftctl status of the adopted twin:\n%s' % hs)
         check(S.log_text().count('adopting the paused twin pid %d' % tpid) == 2, 'the restarted ftd did not adopt '
               'the twin:\n%s' % S.log_text()[-3000:])
         # The adopting ftd stops cleanly too: the twin is left for the next one again.

@@ -314,6 +314,8 @@ nlohmann::json WaitingTwin::status() const {
           {"reason", reason_},
           {"epoch", rec_.epoch},
           {"twin_pid", rec_.twin_pid},
+          {"verified_commits", 0},
+          {"last_commit_age_ms", wall_ms() - rec_.lost_wall_ms},  // at least: nothing commits any more
           {"adopted", true},
           {"primary_reported_dead", rec_.reported_dead},
           {"activation", activation_},
@@ -429,8 +431,10 @@ void WaitingTwin::activate_locked(const std::string& reason) {
          st0);
   nlohmann::json act = {{"reason", reason}, {"epoch", rec_.epoch}, {"declared_wall_ms", declared}, {"adopted", true}};
   if (cfg_.verify_activation) {
+    const auto v0 = Clock::now();
     vmm::MappedRam ram(rec_.twin_pid, vmm::find_guest_ram(rec_.twin_pid, rec_.ram_size), vmm::MappedRam::Access::ReadOnly);
     const uint64_t d = cp::digest_ram_sparse(as_span(ram), ram.data_ranges());
+    act["verify_ms"] = ms_since(v0);
     act["ram_digest"] = fmt::format("{:016x}", d);
     act["expected_ram_digest"] = fmt::format("{:016x}", rec_.ram_digest);
     if (d != rec_.ram_digest)
