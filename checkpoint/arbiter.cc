@@ -22,7 +22,13 @@ class NoArbiter final : public Arbiter {
  public:
   explicit NoArbiter(std::chrono::milliseconds alone_after) : alone_after_(alone_after) {}
   std::string kind() const override { return "none"; }
-  ArbiterAnswer may_activate(const ArbiterSubject&, std::chrono::milliseconds) override { return ArbiterAnswer::Yes; }
+  ArbiterAnswer may_activate(const ArbiterSubject& s, std::chrono::milliseconds) override {
+    if (s.forced || s.heartbeat_timeout.count() <= 0) return ArbiterAnswer::Yes;
+    // Any primary runs alone no earlier than 2 T after it last heard this standby; this side
+    // last heard the primary at most a heartbeat period and a frame's delay before that. A
+    // silence of 1.5 T leaves half a timeout for both.
+    return s.silent_for < s.heartbeat_timeout * 3 / 2 ? ArbiterAnswer::Yes : ArbiterAnswer::Fence;
+  }
   ArbiterAnswer may_run_alone(const ArbiterSubject& s, std::chrono::milliseconds) override {
     const auto need = std::max(alone_after_, 2 * s.peer_timeout);
     return s.silent_for >= need ? ArbiterAnswer::Yes : ArbiterAnswer::Wait;

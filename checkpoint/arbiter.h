@@ -39,6 +39,10 @@ struct ArbiterSubject {
   std::chrono::milliseconds silent_for{0};  // how long the other side has not been heard
   std::chrono::milliseconds peer_timeout{0};  // the other side's heartbeat timeout (0 = unknown)
   int guest_pid = 0;  // this side's copy of the guest: the primary's QEMU, the standby's twin (0 = unknown)
+  // may_activate only: the standby's own heartbeat timeout T (0 = unknown), and whether an
+  // operator asserts that the primary is gone (`ftctl failover --force`).
+  std::chrono::milliseconds heartbeat_timeout{0};
+  bool forced = false;
 };
 
 // For `ftctl status`: which arbiter, what it holds, when it last confirmed it.
@@ -83,12 +87,17 @@ class Arbiter {
   virtual ArbiterStatus status() const = 0;
 };
 
-// The arbiter of a pair without a third party. The standby activates on silence at once (as
-// ftvm always did); the primary runs on alone once the standby has been unreachable for
-// `alone_after` and for twice the standby's heartbeat timeout, whichever is longer. A partition between two live
-// hosts then runs two copies: status says "split-brain unprotected" and `ftctl enable` warns.
-// A connection reset or a stall with both hosts up never does: the primary's Resolve settles
-// that (protocol.h).
+// The arbiter of a pair without a third party. The primary runs on alone once the standby has
+// been unreachable for `alone_after` and for twice the standby's heartbeat timeout T, whichever
+// is longer. The standby activates on silence at once, but only while the silence it measured
+// is below 1.5 T (`s.heartbeat_timeout`): a standby that was itself stopped or starved for
+// longer (SIGSTOP, a frozen host) cannot tell whether the primary has meanwhile run on alone
+// (from 2 T on, after its Resolve found nobody answering), so it answers Fence and the twin is
+// dropped (found by the deterministic simulation, tests/simulation: two copies after a standby
+// ftd stall of 2 T or more). An operator's force (`s.forced`) is always Yes: with no third party
+// the operator is the arbiter. A partition between two live hosts still runs two copies:
+// status says "split-brain unprotected" and `ftctl enable` warns. A connection reset or a stall
+// with both hosts up never does: the primary's Resolve settles that (protocol.h).
 std::unique_ptr<Arbiter> make_no_arbiter(std::chrono::milliseconds alone_after);
 
 }  // namespace ftvm::checkpoint

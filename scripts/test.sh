@@ -33,9 +33,12 @@ if [[ ${FTVM_SKIP_ASAN:-0} != 1 && $# -eq 0 ]]; then
   echo "== unit tests under ASan+UBSan ($A)"
   cmake -S . -B "$A" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DFTVM_SANITIZE=ON -DFTVM_E2E=OFF
   replays=$(for d in tests/fuzz/corpus/*/; do echo "$(basename "$d")_replay"; done)
-  cmake --build "$A" -j "$JOBS" --target ftvm_unit_tests $replays
+  cmake --build "$A" -j "$JOBS" --target ftvm_unit_tests ftvm_sim $replays
   (cd "$A" && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
      ctest --output-on-failure -L unit) || rc=$?
+  # The deterministic simulation under the sanitizers too (fewer seeds: it runs ~10x slower).
+  (cd "$A" && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+     tests/simulation/ftvm_sim --seeds 2000 --arbiters none,fence,quorum) || rc=$?
 fi
 
 # libFuzzer: every target in tests/fuzz/ (clang, ASan+UBSan, instrumented libraries) for a

@@ -13,6 +13,7 @@
 #include <libxml/tree.h>
 
 #include "common/error.h"
+#include "vmm-glue/xml_doc.h"
 
 namespace ftvm::vmm {
 
@@ -23,33 +24,10 @@ constexpr const char* kQemuNs = "http://libvirt.org/schemas/domain/qemu/1.0";
 const xmlChar* X(const char* s) { return reinterpret_cast<const xmlChar*>(s); }
 std::string S(const xmlChar* s) { return s ? reinterpret_cast<const char*>(s) : ""; }
 
-struct DocFree {
-  void operator()(xmlDoc* d) const { xmlFreeDoc(d); }
-};
-using DocPtr = std::unique_ptr<xmlDoc, DocFree>;
+using xml::DocPtr;
 
 // Parses `xml`; `what` names the document in errors ("domain XML").
-DocPtr parse(const std::string& xml, const char* what) {
-  static std::once_flag once;
-  std::call_once(once, [] { xmlInitParser(); });
-  if (xml.find_first_not_of(" \t\r\n") == std::string::npos)
-    fail("{}: empty document (expected the output of `virsh dumpxml`)", what);
-  if (xml.size() > INT_MAX) fail("{}: {} bytes is too large to parse", what, xml.size());
-  std::unique_ptr<xmlParserCtxt, void (*)(xmlParserCtxt*)> ctxt(xmlNewParserCtxt(),
-                                                                 xmlFreeParserCtxt);
-  if (!ctxt) fail("{}: cannot allocate an XML parser (out of memory)", what);
-  DocPtr doc(xmlCtxtReadMemory(ctxt.get(), xml.data(), static_cast<int>(xml.size()), "domain.xml",
-                               nullptr, XML_PARSE_NONET | XML_PARSE_NOERROR | XML_PARSE_NOWARNING));
-  if (!doc || !ctxt->wellFormed) {
-    const xmlError* e = xmlCtxtGetLastError(ctxt.get());
-    std::string msg = e && e->message ? e->message : "not well-formed";
-    while (!msg.empty() && (msg.back() == '\n' || msg.back() == ' ')) msg.pop_back();
-    fail("{}: malformed XML at line {}: {} (pass the output of `virsh dumpxml` unchanged)", what,
-         e ? e->line : 0, msg);
-  }
-  if (!xmlDocGetRootElement(doc.get())) fail("{}: no root element", what);
-  return doc;
-}
+DocPtr parse(const std::string& xml, const char* what) { return xml::parse(xml, what); }
 
 bool is_elem(xmlNode* n) { return n && n->type == XML_ELEMENT_NODE; }
 // An element of libvirt's own (unnamespaced) vocabulary.
@@ -182,138 +160,6 @@ xmlNode* domain_root(xmlDoc* doc, const char* what) {
     fail("{}: root element is <{}>, expected <domain> (pass the output of `virsh dumpxml`)", what,
          S(root->name));
   return root;
-}
-
-// ---- protection -------------------------------------------------------------------------------
-
-std::string escape_attr(const std::string& s) {
-  std::string o;
-  for (char c : s) {
-    switch (c) {
-      case '&': o += "&amp;"; break;
-      case '<': o += "&lt;"; break;
-      case '>': o += "&gt;"; break;
-      case '"': o += "&quot;"; break;
-      case '\'': o += "&apos;"; break;
-      case '\n': o += "&#10;"; break;
-      case '\t': o += "&#9;"; break;
-      case '\r': o += "&#13;"; break;
-      default: o += c;
-    }
-  }
-  return o;
-}
-
-bool all_digits(const std::string& s) {
-  return !s.empty() && s.find_first_not_of("0123456789") == std::string::npos;
-}
-
-void check_port(const std::string& peer, const std::string& port) {
-  if (!all_digits(port) || port.size() > 5 || std::stoul(port) < 1 || std::stoul(port) > 65535)
-    fail("ftvm protection: peer='{}': port '{}' is not a number in 1..65535 "
-         "(write peer='HOST' or peer='HOST:PORT', IPv6 as '[ADDR]:PORT')",
-         peer, port);
-}
-
-void validate(const Protection& p) {
-  if (p.peer.empty())
-    fail("ftvm protection: attribute peer is missing or empty (write peer='HOST[:PORT]': the "
-         "standby host's ftd)");
-  for (unsigned char c : p.peer)
-    if (c <= ' ' || c == 0x7f || c == '/' || c == '\'' || c == '"')
-      fail("ftvm protection: peer='{}' contains a space, quote, slash or control character "
-           "(write peer='HOST[:PORT]')",
-           p.peer);
-  if (p.peer.front() == '[') {
-    size_t close = p.peer.find(']');
-    if (close == std::string::npos || close == 1)
-      fail("ftvm protection: peer='{}': unterminated or empty IPv6 '[ADDR]' (write "
-           "peer='[ADDR]:PORT')",
-           p.peer);
-    std::string rest = p.peer.substr(close + 1);
-    if (!rest.empty()) {
-      if (rest[0] != ':')
-        fail("ftvm protection: peer='{}': expected ':PORT' after ']' (write peer='[ADDR]:PORT')",
-             p.peer);
-      check_port(p.peer, rest.substr(1));
-    }
-  } else if (size_t c = p.peer.find(':'); c != std::string::npos && p.peer.find(':', c + 1) ==
-                                                                        std::string::npos) {
-    if (c == 0) fail("ftvm protection: peer='{}': the host is empty (write peer='HOST[:PORT]')",
-                     p.peer);
-    check_port(p.peer, p.peer.substr(c + 1));
-  }  // otherwise a host name, IPv4 address or bare IPv6 address without a port
-  if (!p.peer_alt.empty() &&
-      (p.peer_alt.size() > 255 || !std::all_of(p.peer_alt.begin(), p.peer_alt.end(), [](char c) {
-         return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == ':' || c == '-' || c == '[' ||
-                c == ']' || c == '_';
-       })))
-    fail("ftvm protection: peer-alt='{}' is not HOST[:PORT] (the standby's address on a second network)", p.peer_alt);
-  if (p.transport != "auto" && p.transport != "tcp" && p.transport != "rdma")
-    fail("ftvm protection: transport='{}' is not accepted (use auto, tcp or rdma)", p.transport);
-  if (p.epoch_ms < 1 || p.epoch_ms > 10000)
-    fail("ftvm protection: epoch-ms='{}' is out of range (use an integer from 1 to 10000 "
-         "milliseconds; default 25)",
-         p.epoch_ms);
-  if (p.failover != "auto" && p.failover != "manual")
-    fail("ftvm protection: failover='{}' is not accepted (use auto: the standby resumes the twin when the primary "
-         "is lost; or manual: it waits for `ftctl failover --force`)",
-         p.failover);
-  if (p.arbiter.size() > 32 ||
-      !std::all_of(p.arbiter.begin(), p.arbiter.end(), [](char c) { return (c >= 'a' && c <= 'z') || c == '-'; }))
-    fail("ftvm protection: arbiter='{}' is not an arbiter kind (none, fence-command, corosync, sanlock; empty = the host's)",
-         p.arbiter);
-}
-
-std::string protection_attrs(const Protection& p) {
-  validate(p);
-  return fmt::format("peer=\"{}\" transport=\"{}\" epoch-ms=\"{}\" failover=\"{}\"{}",
-                     escape_attr(p.peer), escape_attr(p.transport), p.epoch_ms,
-                     escape_attr(p.failover),
-                     (p.arbiter.empty() ? "" : " arbiter=\"" + escape_attr(p.arbiter) + "\"") +
-                         (p.peer_alt.empty() ? "" : " peer-alt=\"" + escape_attr(p.peer_alt) + "\""));
-}
-
-std::string local_name(xmlNode* n) {
-  std::string s = S(n->name);
-  size_t c = s.find(':');  // an unbound prefix stays in the name ("ftvm:protection")
-  return c == std::string::npos ? s : s.substr(c + 1);
-}
-
-Protection read_protection(xmlNode* e) {
-  Protection p;
-  bool have_peer = false;
-  for (xmlAttr* a = e->properties; a; a = a->next) {
-    std::string name = S(a->name);
-    xmlChar* raw = xmlNodeListGetString(e->doc, a->children, 1);
-    std::string v = S(raw);
-    xmlFree(raw);
-    if (name == "peer") {
-      p.peer = v;
-      have_peer = true;
-    } else if (name == "transport") {
-      p.transport = v;
-    } else if (name == "failover") {
-      p.failover = v;
-    } else if (name == "arbiter") {
-      p.arbiter = v;
-    } else if (name == "peer-alt") {
-      p.peer_alt = v;
-    } else if (name == "epoch-ms") {
-      if (!all_digits(v) || v.size() > 6)
-        fail("ftvm protection: epoch-ms='{}' is not an integer (use 1 to 10000 milliseconds; "
-             "default 25)",
-             v);
-      p.epoch_ms = static_cast<unsigned>(std::stoul(v));
-    } else {
-      fail("ftvm protection: unknown attribute {}='{}' (accepted: peer, transport, epoch-ms, "
-           "failover, arbiter, peer-alt)",
-           name, v);
-    }
-  }
-  if (!have_peer) p.peer.clear();
-  validate(p);
-  return p;
 }
 
 // ---- prepare ------------------------------------------------------------------------------------
@@ -697,56 +543,6 @@ std::vector<std::string> policy_problems(xmlNode* root, const TwinPolicy& p, con
   return out;
 }
 }  // namespace
-
-bool looks_like_uuid(const std::string& s) {
-  auto hex = [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; };
-  if (s.size() == 32) {
-    for (char c : s)
-      if (!hex(c)) return false;
-    return true;
-  }
-  if (s.size() != 36) return false;
-  for (size_t i = 0; i < s.size(); ++i) {
-    bool dash = i == 8 || i == 13 || i == 18 || i == 23;
-    if (dash ? s[i] != '-' : !hex(s[i])) return false;
-  }
-  return true;
-}
-
-std::optional<Protection> parse_protection(const std::string& xml) {
-  DocPtr doc = parse(xml, "protection metadata");
-  xmlNode* root = xmlDocGetRootElement(doc.get());
-  if (is_elem(root, "domain")) {
-    xmlNode* found = nullptr;
-    for (xmlNode* c = child(root, "metadata") ? child(root, "metadata")->children : nullptr; c;
-         c = c->next) {
-      if (!in_ns(c, kProtectionNs, "protection")) continue;
-      if (found)
-        fail("domain XML: two <ftvm:protection> elements in <metadata> (keep one: `virsh "
-             "metadata DOMAIN {} --remove` clears them)",
-             kProtectionNs);
-      found = c;
-    }
-    if (!found) return std::nullopt;
-    return read_protection(found);
-  }
-  if (local_name(root) != "protection")
-    fail("protection metadata: root element is <{}>, expected <domain> or <protection>",
-         S(root->name));
-  if (root->ns && root->ns->href && S(root->ns->href) != kProtectionNs)
-    fail("protection metadata: <{}> is in namespace '{}', expected '{}'", S(root->name),
-         S(root->ns->href), kProtectionNs);
-  return read_protection(root);
-}
-
-std::string protection_element(const Protection& p) {
-  return "<protection " + protection_attrs(p) + "/>";
-}
-
-std::string protection_element_qualified(const Protection& p) {
-  return fmt::format("<{0}:protection xmlns:{0}=\"{1}\" {2}/>", kProtectionPrefix, kProtectionNs,
-                     protection_attrs(p));
-}
 
 std::vector<PrepareIssue> prepare_check(const std::string& domain_xml) {
   DocPtr doc = parse(domain_xml, "domain XML");

@@ -12,53 +12,13 @@
 #include <string>
 #include <vector>
 
+#include "vmm-glue/protection_xml.h"
 #include "vmm-glue/qemu_cmdline.h"
 
 namespace ftvm::vmm {
 
-// ---- protection metadata ----------------------------------------------------------------------
-//
-// A protected domain carries in its <metadata>:
-//   <ftvm:protection xmlns:ftvm="https://ftvm.dev/xmlns/protection/1"
-//                    peer="HOST[:PORT]" transport="auto|tcp|rdma" epoch-ms="25" failover="auto"
-//                    [arbiter="KIND"] [peer-alt="HOST[:PORT]"]/>
-constexpr const char* kProtectionNs = "https://ftvm.dev/xmlns/protection/1";
-constexpr const char* kProtectionPrefix = "ftvm";  // the `key` for virDomainSetMetadata
-
-struct Protection {
-  std::string peer;               // standby ftd: "host", "host:port", "[v6]:port" (required)
-  std::string transport = "auto";  // auto | tcp | rdma
-  unsigned epoch_ms = 25;          // 1..10000
-  std::string failover = "auto";   // auto | manual (EnableRequest::failover)
-  std::string arbiter = "";        // "" = the host's (ftd --arbiter); "none" = this VM opts out
-  std::string peer_alt = "";       // the standby's second address (another network); "" = none
-
-  bool operator==(const Protection&) const = default;
-};
-
-// Reads the protection element from either
-//  * a whole domain XML: the child of <domain><metadata> in namespace kProtectionNs (any
-//    prefix); absent -> std::nullopt; or
-//  * the string virDomainGetMetadata returns for kProtectionNs: just the element, which libvirt
-//    hands back with its namespace stripped (`<protection peer=.../>`, sometimes with a dangling
-//    `ftvm:` prefix); any root element named `protection` is taken as that element.
-// A present but invalid element throws ftvm::Error naming the attribute and the accepted values:
-// no/empty peer or a bad port, transport not auto|tcp|rdma, epoch-ms not an integer in
-// 1..10000, failover not "auto", an unknown attribute (a typo would otherwise be ignored).
-std::optional<Protection> parse_protection(const std::string& xml);
-
-// The snippet to pass to virDomainSetMetadata(dom, VIR_DOMAIN_METADATA_ELEMENT, snippet,
-// kProtectionPrefix, kProtectionNs, flags): `<protection peer="..." transport="..."
-// epoch-ms="..." failover="..."/>`. It deliberately carries NO xmlns: libvirt moves the element
-// into `uri` with prefix `key` itself and refuses a snippet that already declares that prefix
-// ("internal error: failed to create a new XML namespace"); the domain XML then holds
-// `<ftvm:protection xmlns:ftvm="https://ftvm.dev/xmlns/protection/1" .../>`.
-// Validates `p` like parse_protection (throws ftvm::Error).
-std::string protection_element(const Protection& p);
-
-// The same element, namespaced and self-contained, for writing into a domain XML by hand
-// (`<ftvm:protection xmlns:ftvm="https://ftvm.dev/xmlns/protection/1" .../>`).
-std::string protection_element_qualified(const Protection& p);
+// The protection element (Protection, parse_protection, protection_element, looks_like_uuid)
+// lives in vmm-glue/protection_xml.h (libxml2 only, linked by the hook); included here.
 
 // ---- what protection needs from the domain definition -----------------------------------------
 
@@ -148,8 +108,5 @@ std::string twin_xml(const std::string& domain_xml, const TwinXmlOptions& opts);
 // The file sources of the writable disks (<disk type='file'> that is not a cdrom and has no
 // <readonly/>), in document order: the names to match against QEMU's query-block file names.
 std::vector<std::string> disk_sources(const std::string& domain_xml);
-
-// True when `s` is a UUID in libvirt's string form (8-4-4-4-12 hex digits, or 32 hex digits).
-bool looks_like_uuid(const std::string& s);
 
 }  // namespace ftvm::vmm

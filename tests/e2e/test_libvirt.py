@@ -22,6 +22,10 @@ daemons on loopback; the standby's twin is a libvirt domain of the same libvirtd
   hook-robust    ftd down when the domain starts: it starts anyway and the hook logs why; ftd
                  started later finds and protects it; a guest poweroff ends protection without
                  a failover.
+  reprotect-manual  a domain whose element says reprotect='manual' is protected with
+                 reprotect manual (`ftctl status --json`) by the hook, and again by the start-up
+                 scan of a restarted primary ftd; `ftctl enable DOMAIN --reprotect manual` writes
+                 reprotect='manual' into the element (live and persistent).
 """
 import os
 import shutil
@@ -82,7 +86,7 @@ class Lab:
         else:
             open(HOOK_CONF, 'w').write(self.saved_conf)
 
-    def define(self, name, peer=None, prepared=True, append='', disk=None):
+    def define(self, name, peer=None, prepared=True, append='', disk=None, protection_extra=''):
         self.domains.append(name)
         disk_xml = ''
         if disk:
@@ -93,7 +97,7 @@ class Lab:
         mem = ("<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>" if prepared else '')
         balloon = "<memballoon model='none'/>" if prepared else "<memballoon model='virtio'/>"
         meta = ("<metadata><ftvm:protection xmlns:ftvm='%s' peer='%s' transport='tcp' epoch-ms='25' "
-                "failover='auto'/></metadata>" % (NS, peer) if peer else '')
+                "failover='auto'%s/></metadata>" % (NS, peer, protection_extra) if peer else '')
         xml = f"""<domain type='qemu'>
   <name>{name}</name>
   <uuid>{uuidlib.uuid4()}</uuid>
@@ -382,5 +386,50 @@ def hook_robust():
             lab.close()
 
 
+def reprotect_manual():
+    with Env('lv-reprotect-manual') as env:
+        lab = Lab(env)
+        try:
+            name = 'ftvmm%d' % os.getpid()
+            P, S = ftds(env, lab)
+            lab.hook_conf(P.control)
+            peer = '127.0.0.1:%d' % env.port
+            sock = lab.define(name, peer=peer, protection_extra=" reprotect='manual'")
+            virsh('start', name)
+            lab.serial(sock, name).wait_ticks(2, 120)
+            # The hook reads the element and passes reprotect to ftd's enable.
+            v = wait_protected(P, name)
+            check('started' in open(lab.hook_log).read(), 'hook log does not show the started phase')
+            check(v.get('reprotect') == 'manual', 'protected by the hook with reprotect=%s, expected manual'
+                  % v.get('reprotect'))
+            log('protected by the hook with reprotect=%s' % v['reprotect'])
+
+            # ftd's start-up scan reads the same element: the primary ftd restarts (SIGTERM ends the
+            # session, the element stays) and protects the running domain again by itself.
+            P.proc.terminate()
+            P.proc.wait(30)
+            P = env.start_ftd('primary', listen=False, extra=['--state-dir', lab.state])
+            v = wait_protected(P, name)
+            check('found running at ftd start' in P.log_text(), 'primary log does not show the start-up scan')
+            check(v.get('reprotect') == 'manual', 'protected by the start-up scan with reprotect=%s, expected '
+                  'manual' % v.get('reprotect'))
+            log('protected by the start-up scan with reprotect=%s' % v['reprotect'])
+
+            # `ftctl enable --reprotect manual` declares it in the element, live and persistent.
+            P.ctl('disable', name)
+            check(NS not in virsh('dumpxml', name).stdout, 'disable left the element')
+            P.ctl('enable', name, '--peer', peer, '--transport', 'tcp', '--reprotect', 'manual', '--timeout', '180')
+            v = wait_protected(P, name)
+            check(v.get('reprotect') == 'manual', 'ftctl enable --reprotect manual: status says %s'
+                  % v.get('reprotect'))
+            for flag in ([], ['--inactive']):
+                x = virsh('dumpxml', *(flag + [name])).stdout.replace('"', "'")
+                check(NS in x and "reprotect='manual'" in x, 'reprotect not in dumpxml %s:\n%s' % (flag, x))
+            P.ctl('disable', name)
+        finally:
+            lab.close()
+
+
 if __name__ == '__main__':
-    main({'failback': failback, 'hook-failover': hook_failover, 'unprepared': unprepared, 'hook-robust': hook_robust})
+    main({'failback': failback, 'hook-failover': hook_failover, 'unprepared': unprepared, 'hook-robust': hook_robust,
+          'reprotect-manual': reprotect_manual})

@@ -1,4 +1,4 @@
-// Fuzz target: ftd's control-socket request reader (tools/ftd/control.h serve_control_client):
+// Fuzz target: ftd's control-socket request reader (tools/control/control.h serve_control_client):
 // the input is what a local client writes; every line must get exactly one JSON answer and the
 // server must neither crash nor hang. A socketpair stands in for the accepted connection.
 #include <sys/socket.h>
@@ -13,7 +13,7 @@
 
 #include "common/error.h"
 #include "common/fd.h"
-#include "tools/ftd/control.h"
+#include "tools/control/control.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   int sv[2];
@@ -37,7 +37,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
   });
   try {
-    ftvm::ftd::serve_control_client(std::move(server), [](const nlohmann::json& req) {
+    ftvm::control::serve_control_client(std::move(server), [](const nlohmann::json& req) {
       // What the daemon's handler sees: an object (the reader checks that).
       if (!req.is_object()) std::abort();
       return nlohmann::json{{"ok", true}};

@@ -402,6 +402,34 @@ def test_invalid_attributes():
         ftd.close()
 
 
+def test_reprotect_attribute():
+    # reprotect= (issue 11): passed to ftd only when not the default (absent = auto); a bad value
+    # makes the element invalid, naming the attribute and the accepted values.
+    e = Env()
+    ftd = FakeFtd(e.sock)
+    try:
+        rc, _, err, _ = e.run(["vm1", "started", "begin", "-"],
+                              domain_xml(protection="peer='10.0.0.2' reprotect='manual'"))
+        check(rc == 0, f"exit {rc}, stderr {err!r}")
+        lines = ftd.wait_lines(1)
+        exp = json.dumps({"cmd": "hook", "phase": "started", "domain": "vm1", "uuid": UUID,
+                          "protection": {"peer": "10.0.0.2", "transport": "auto", "epoch_ms": 25,
+                                         "failover": "auto", "reprotect": "manual"}}, separators=(",", ":"))
+        check(lines == [exp], f"ftd got {lines!r}, expected {exp!r}")
+        rc, _, _, _ = e.run(["vm1", "started", "begin", "-"], domain_xml(protection="peer='h' reprotect='auto'"))
+        lines = ftd.wait_lines(2)
+        check(rc == 0 and len(lines) == 2 and "reprotect" not in lines[1], f"reprotect='auto': ftd got {lines!r}")
+        rc, _, _, _ = e.run(["vm1", "started", "begin", "-"], domain_xml(protection="peer='h' reprotect='later'"))
+        check(rc == 0, f"exit {rc}")
+        time.sleep(0.1)
+        check(ftd.connections == 2, f"{ftd.connections} connections: an invalid element reached ftd")
+        log = e.logtext()
+        check("invalid ftvm protection element (reprotect='later' is not accepted (use auto" in log and
+              "manual" in log, f"log: {log!r}")
+    finally:
+        ftd.close()
+
+
 def test_config_problems():
     e = Env(extra_conf="bogus line\nfrobnicate=1\ntimeout_ms=abc\n")
     rc, _, _, _ = e.run(["vm1", "started", "begin", "-"], domain_xml())

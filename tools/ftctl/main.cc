@@ -1,9 +1,12 @@
 // ftctl: command-line control of the local ftd.
 //
-// Exit codes (stable; for scripts and cluster resource agents):
+// Exit codes (stable; for scripts and cluster resource agents; ftvm::control::Exit):
 //   0 success   1 operation failed   2 usage error / bad request   3 ftd unreachable
 //   4 no such VM   5 refused (VM cannot be protected, or wrong state)
 //   6 not now: the arbiter cannot tell yet (`failover --force`); retry
+//
+// Talks to ftd through the control library (tools/control/control.h) only; it does not link
+// the daemon.
 #include <unistd.h>
 
 #include <chrono>
@@ -19,27 +22,29 @@
 #include "checkpoint/digest.h"
 #include "transport/auth.h"
 #include "common/error.h"
-#include "tools/ftd/control.h"
+#include "tools/control/control.h"
 #include "vmm-glue/libvirt.h"
 #include "vmm-glue/libvirt_xml.h"
 
 namespace {
 
-enum Exit { kOk = 0, kFailed = 1, kUsage = 2, kUnreachable = 3, kNotFound = 4, kRefused = 5, kWait = 6 };
+namespace control = ftvm::control;
+enum Exit {
+  kOk = control::kExitOk,
+  kFailed = control::kExitFailed,
+  kUsage = control::kExitUsage,
+  kUnreachable = control::kExitUnreachable,
+  kNotFound = control::kExitNotFound,
+  kRefused = control::kExitRefused,
+  kWait = control::kExitWait,
+};
 
-int code_for(const nlohmann::json& r) {
-  std::string c = r.value("code", "failed");
-  if (c == "bad_request") return kUsage;
-  if (c == "not_found") return kNotFound;
-  if (c == "refused") return kRefused;
-  if (c == "wait") return kWait;
-  return kFailed;
-}
+int code_for(const nlohmann::json& r) { return control::exit_code(r); }
 
 struct Ctl {
   std::string path;
   nlohmann::json call(const nlohmann::json& req, int timeout_ms = 120000) {
-    return ftvm::ftd::control_call(path, req, timeout_ms);
+    return control::call(path, req, timeout_ms);
   }
 };
 
@@ -256,7 +261,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   Ctl ctl;
   const char* env = std::getenv("FTVM_CONTROL");
-  ctl.path = env ? env : "/run/ftvm/ftd.sock";
+  ctl.path = env ? env : control::kDefaultSocket;
   app.add_option("--control", ctl.path, "ftd control socket (env FTVM_CONTROL)")->capture_default_str();
   bool json = false;
 
@@ -296,7 +301,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"none", "fence-command", "corosync", "sanlock"}));
   en->add_option("--reprotect", reprotect,
                  "After a failover: auto = the standby protects the VM again towards this host as soon as it can "
-                 "(needs this ftd to listen for replication); manual = only `ftctl enable` on the new host does")
+                 "(needs this ftd to listen for replication); manual = only `ftctl enable` on the new host does; libvirt "
+                 "domains keep it in the metadata element (reprotect=)")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "manual"}));
   en->add_option("--failover", failover,

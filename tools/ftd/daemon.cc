@@ -17,7 +17,7 @@
 
 #include "common/error.h"
 #include "common/log.h"
-#include "tools/ftd/control.h"
+#include "tools/control/control.h"
 #include "tools/ftd/history.h"
 #include "vmm-glue/libvirt.h"
 #include "vmm-glue/libvirt_xml.h"
@@ -26,8 +26,24 @@ namespace ftvm::ftd {
 
 namespace {
 
+// A failed control response (tools/control/control.h); `code` is one of its Code names.
 nlohmann::json err(const std::string& code, const std::string& msg) {
-  return {{"ok", false}, {"code", code}, {"error", msg}};
+  return control::error_response(control::parse_code(code).value_or(control::Code::Failed), msg);
+}
+
+// What a declared libvirt domain (its protection element, read by the hook or the start-up
+// scan) asks for: every attribute of the element, in one place.
+EnableRequest enable_request_for(const std::string& domain, const vmm::Protection& p) {
+  EnableRequest r;
+  r.domain = domain;
+  r.peer = p.peer;
+  r.peer_alt = p.peer_alt;
+  r.transport = p.transport;
+  r.epoch_ms = p.epoch_ms;
+  r.arbiter = p.arbiter;
+  r.failover = p.failover;
+  r.reprotect = p.reprotect;
+  return r;
 }
 
 std::string need_string(const nlohmann::json& req, const char* key) {
@@ -235,7 +251,7 @@ int Daemon::run() {
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGINT);
   UniqueFd sfd(check_sys(::signalfd(-1, &set, SFD_CLOEXEC), "signalfd"));
-  UniqueFd ctl = listen_control(cfg_.control_socket);
+  UniqueFd ctl = control::listen_control(cfg_.control_socket);
   log::info("ftd", "ftd ready: control {}, replication {}, {}{}", cfg_.control_socket,
             listen_address_.empty() ? "(not listening)" : listen_address_, security_,
             cfg_.allow_peers.empty() ? "" : ", peers allowed: " + fmt::format("{}", fmt::join(cfg_.allow_peers, " ")));
@@ -267,7 +283,7 @@ int Daemon::run() {
       UniqueFd c(::accept4(ctl.get(), nullptr, nullptr, SOCK_CLOEXEC));
       if (!c) continue;
       std::thread([this, c = std::move(c)]() mutable {
-        serve_control_client(std::move(c), [this](const nlohmann::json& req) { return handle(req); });
+        control::serve_control_client(std::move(c), [this](const nlohmann::json& req) { return handle(req); });
       }).detach();
     }
   }
@@ -613,6 +629,7 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
       p.arbiter = r.arbiter;
       p.failover = r.failover;
       p.peer_alt = r.peer_alt;
+      p.reprotect = r.reprotect;
       s->set_protection_metadata(vmm::protection_element(p));
     } catch (const std::exception& e) {
       return err("failed", fmt::format("writing the ftvm metadata element into domain '{}' failed: {}", s->name(), e.what()));
@@ -780,21 +797,13 @@ nlohmann::json Daemon::cmd_fault(const nlohmann::json& req) {
 // -> its QEMU is gone: the session itself tells a guest shutdown (protection ends) from a death
 // (the standby takes over); nothing to do here but note it.
 nlohmann::json Daemon::cmd_hook(const nlohmann::json& req) {
-  const auto phase = need_string(req, "phase");
-  const auto name = need_string(req, "domain");
-  const std::string uuid = req.value("uuid", "");
+  const control::HookRequest h = control::decode_hook_request(req);  // std::invalid_argument -> bad_request
+  const std::string& phase = h.phase;
+  const std::string& name = h.domain;
+  const std::string& uuid = h.uuid;
   if (phase == "started" || phase == "reconnect") {
-    if (!req.contains("protection") || !req["protection"].is_object())
-      return err("bad_request", "hook " + phase + " without a protection object");
-    const auto& p = req["protection"];
-    EnableRequest r;
-    r.domain = uuid.empty() ? name : uuid;
-    r.peer = need_string(p, "peer");
-    r.transport = p.value("transport", "auto");
-    r.epoch_ms = opt_uint(p, "epoch_ms", 25);
-    r.arbiter = p.value("arbiter", "");
-    r.failover = p.value("failover", "auto");
-    r.peer_alt = p.value("peer_alt", "");
+    if (!h.protection) return err("bad_request", "hook " + phase + " without a protection object");
+    EnableRequest r = enable_request_for(uuid.empty() ? name : uuid, *h.protection);
     if (cfg_.libvirt_uri.empty())
       return err("refused", "ftd runs without libvirt (--libvirt-uri ''); cannot protect domain " + name);
     if (is_own_listener(r.peer))
@@ -864,13 +873,7 @@ void Daemon::scan_libvirt() {
         if (!m) continue;
         auto p = vmm::parse_protection(*m);
         if (!p || is_own_listener(p->peer)) continue;
-        EnableRequest r;
-        r.domain = d.uuid();
-        r.peer = p->peer;
-        r.transport = p->transport;
-        r.epoch_ms = p->epoch_ms;
-        r.arbiter = p->arbiter;
-        r.failover = p->failover;
+        EnableRequest r = enable_request_for(d.uuid(), *p);
         log::info("ftd", "{}: running domain declares ftvm protection (standby {}): protecting it", n, p->peer);
         protect_domain_async(d.uuid(), n, r, "found running at ftd start");
       } catch (const std::exception& e) {

@@ -28,7 +28,7 @@ class Daemon {
   // Serves until SIGTERM/SIGINT; returns the process exit code.
   int run();
 
-  // One control request (see tools/ftd/control.h for the wire format); never throws.
+  // One control request (see tools/control/control.h for the wire format); never throws.
   nlohmann::json handle(const nlohmann::json& req);
 
  private:

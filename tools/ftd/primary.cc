@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <random>
 
+#include "checkpoint/failover.h"
 #include "common/error.h"
 #include "common/log.h"
 #include "transport/tcp/tcp_transport.h"
@@ -466,7 +467,7 @@ void PrimarySession::ensure_running() {
 void PrimarySession::link_failed(const std::string& why, bool activate_sent) {
   log::error("primary", "{}: replication to {}:{} failed: {}", name_, host_, port_, why);
   try {
-    if (commit_sent_this_session_ || activate_sent) {
+    if (cp::failover::must_settle(commit_sent_this_session_, activate_sent)) {
       // The standby may hold a checkpoint and resume the twin: settle before running on.
       if (!settle_broken_session(why, activate_sent)) {
         stop_ = true;  // fenced here (or ftd stops while settling): the session is over
@@ -653,18 +654,21 @@ bool PrimarySession::settle_broken_session(const std::string& why, bool activate
     }
     if (auto r = try_resolve(sid)) {
       log::warn("primary", "{}: standby says: {} ({})", name_, cp::to_string(r->verdict), r->text);
-      if (r->verdict == cp::Verdict::Active) {
+      const auto d = cp::failover::primary_on_resolution(r->verdict);
+      if (d == cp::failover::Settle::Fence) {
         fence_self("the twin runs on the standby: " + r->text);
         return false;
       }
-      alone_because = "the standby dropped the twin: " + r->text;
-      break;
+      if (d == cp::failover::Settle::RunAlone) {
+        alone_because = "the standby dropped the twin: " + r->text;
+        break;
+      }
     }
     const auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - heard_at);
     // The arbiter (a fence fires!) only once the standby has been silent for T/2: a standby ftd
     // that restarts, or a reset, is answered by Resolve long before; the standby itself cannot act
     // before T, so this side still asks first.
-    if (!activate_sent && silent >= standby_timeout_ / 2) {
+    if (cp::failover::primary_asks_arbiter(silent, standby_timeout_, activate_sent)) {
       cp::ArbiterAnswer a = cp::ArbiterAnswer::Wait;
       try {
         cp::ArbiterSubject subj{name_, host_, silent, standby_timeout_};
@@ -678,11 +682,12 @@ bool PrimarySession::settle_broken_session(const std::string& why, bool activate
                   arbiter_->kind(), cp::to_string(a));
         last = a;
       }
-      if (a == cp::ArbiterAnswer::Fence) {
+      const auto d = cp::failover::primary_on_arbiter(a);
+      if (d == cp::failover::Settle::Fence) {
         fence_self(fmt::format("the standby is unreachable and arbiter {} says this side lost", arbiter_->kind()));
         return false;
       }
-      if (a == cp::ArbiterAnswer::Yes) {
+      if (d == cp::failover::Settle::RunAlone) {
         alone_because = fmt::format("standby unreachable for {} ms; arbiter {} lets this side run alone{}", silent.count(),
                                     arbiter_->kind(),
                                     arbiter_->kind() == "none" ? " (split-brain unprotected)" : "");
@@ -1053,7 +1058,7 @@ std::optional<transport::ControlMessage> PrimarySession::next_message(std::chron
 
 void PrimarySession::pump(std::chrono::milliseconds timeout) {
   ping_guard();
-  if (commit_sent_this_session_ && standby_silence() > suspect_after())
+  if (cp::failover::standby_presumed_lost(standby_silence(), standby_timeout_, commit_sent_this_session_))
     throw LinkDown(fmt::format("nothing heard from the standby for {} ms (its takeover timeout is {} ms)",
                                standby_silence().count(), standby_timeout_.count()));
   process_events();
@@ -1402,8 +1407,7 @@ void PrimarySession::send_epoch(uint64_t epoch, bool final) {
     // it for 0.8 x the standby's timeout, at most T - 2 heartbeat periods: the standby acts no
     // earlier than T after the last frame, which left at most one heartbeat period before the
     // last ping, and resuming the twin takes tens of ms more.
-    const auto w = std::min(standby_timeout_ * 8 / 10, standby_timeout_ - 2 * cfg_.heartbeat_interval);
-    guard_watchdog_ = std::max(w, std::chrono::milliseconds(20));
+    guard_watchdog_ = cp::failover::guard_watchdog(standby_timeout_, cfg_.heartbeat_interval);
     guard_->arm(guard_watchdog_);
     last_guard_ping_ = Clock::now();
   }

@@ -113,7 +113,6 @@ class PrimarySession {
                                                        const transport::Options& o, std::string& failures);
   void fence_self(const std::string& why);
   std::chrono::milliseconds standby_silence() const;
-  std::chrono::milliseconds suspect_after() const { return standby_timeout_ / 2; }
   void ping_guard();
   std::shared_ptr<checkpoint::Arbiter> arbiter_;     // this VM's (ftd's, or none by request)
   std::chrono::milliseconds standby_timeout_{400};  // from SessionReady

@@ -18,6 +18,7 @@
 #include <fstream>
 
 #include "checkpoint/digest.h"
+#include "checkpoint/failover.h"
 #include "common/error.h"
 #include "common/log.h"
 #include "tools/ftd/history.h"
@@ -110,33 +111,17 @@ StandbySession::StandbySession(const DaemonConfig& cfg, std::unique_ptr<transpor
   if (!arbiter_) arbiter_ = cp::make_no_arbiter(cfg_.heartbeat_timeout * 2);
 }
 
-bool StandbySession::settle(Fate f) {
-  std::lock_guard<std::mutex> g(fate_mu_);
-  if (fate_ == Fate::Open) {
-    fate_ = f;
-    return true;
-  }
-  return fate_ == f;
-}
+bool StandbySession::settle(Fate f) { return fate_.settle(f); }
 
-StandbySession::Fate StandbySession::fate() const {
-  std::lock_guard<std::mutex> g(fate_mu_);
-  return fate_;
-}
+StandbySession::Fate StandbySession::fate() const { return fate_.get(); }
 
 cp::Verdict StandbySession::resolve(std::string& text) {
   bool dropped_now = false;
-  {
-    std::lock_guard<std::mutex> g(fate_mu_);
-    if (fate_ == Fate::Open) {
-      fate_ = Fate::Dropped;
-      dropped_now = true;
-    }
-    if (fate_ == Fate::Activating) {
-      text = active_ ? fmt::format("the twin of '{}' runs on this host (it took over)", name())
-                     : fmt::format("the twin of '{}' is being resumed on this host", name());
-      return cp::Verdict::Active;
-    }
+  const auto v = fate_.resolve(dropped_now);
+  if (v == cp::Verdict::Active) {
+    text = active_ ? fmt::format("the twin of '{}' runs on this host (it took over)", name())
+                   : fmt::format("the twin of '{}' is being resumed on this host", name());
+    return v;
   }
   if (dropped_now) {
     text = fmt::format("the paused twin of '{}' is dropped and will never run", name());
@@ -152,8 +137,20 @@ cp::Verdict StandbySession::resolve(std::string& text) {
 // whether that is a dead primary (Yes) or a partition this side lost (Fence) or cannot tell yet
 // (Wait: the caller keeps polling the paths and asks again).
 bool StandbySession::arbiter_allows_activation(std::chrono::milliseconds silent_for) {
+  if (unwatched_since_) {
+    // checkpoint/failover.h, StandbyView::watched: the primary may have run on alone while this
+    // side was stopped; its twin could be older than output the primary released.
+    destroy_twin(fmt::format("primary silent for {} ms, but this standby was itself stopped for {} ms or more while "
+                             "the session ran ({} ms ago) and has not seen a Commit since: the primary may have run on "
+                             "alone meanwhile, so the twin is dropped",
+                             silent_for.count(), cfg_.heartbeat_timeout.count(),
+                             std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - *unwatched_since_).count()));
+    abort_ = true;
+    return false;
+  }
   cp::ArbiterSubject subj{name(), peer_host_, silent_for};
   subj.guest_pid = twin_pid_;
+  subj.heartbeat_timeout = cfg_.heartbeat_timeout;
   cp::ArbiterAnswer a = cp::ArbiterAnswer::Wait;
   try {
     a = arbiter_->may_activate(subj, std::chrono::milliseconds(20));
@@ -177,13 +174,29 @@ bool StandbySession::arbiter_allows_activation(std::chrono::milliseconds silent_
     answer_force(ForceCode::Wait, fmt::format("the primary of '{}' has been silent for {} ms but arbiter {} cannot tell "
                                               "yet whether it is gone (Wait): the twin stays paused; retry",
                                               name(), silent_for.count(), arbiter_->kind()));
-  if (a == cp::ArbiterAnswer::Fence) {
-    destroy_twin(fmt::format("primary silent for {} ms but arbiter {} says this side lost: the twin is dropped",
-                             silent_for.count(), arbiter_->kind()));
-    abort_ = true;
-    return false;
+  switch (cp::failover::standby_on_arbiter(a)) {
+    case cp::failover::OnSilence::DropThisSide:
+      destroy_twin(fmt::format("primary silent for {} ms but arbiter {} says this side lost: the twin is dropped",
+                               silent_for.count(), arbiter_->kind()));
+      abort_ = true;
+      return false;
+    case cp::failover::OnSilence::DeclareLost: return true;
+    case cp::failover::OnSilence::Listen: return false;
   }
-  return a == cp::ArbiterAnswer::Yes;
+  return false;
+}
+
+// StandbyView::watched (checkpoint/failover.h): called at every poll of the session thread.
+void StandbySession::note_poll() {
+  const auto now = Clock::now();
+  if (last_poll_ != Clock::time_point{} && now - last_poll_ >= cfg_.heartbeat_timeout && sid_) {
+    log::warn("standby", "{}: this standby did not run for {} ms (stopped or starved): until a Commit arrives from {} "
+              "ms on, silence of the primary drops the twin instead of resuming it",
+              name(), std::chrono::duration_cast<std::chrono::milliseconds>(now - last_poll_).count(),
+              cfg_.heartbeat_timeout.count());
+    unwatched_since_ = now;
+  }
+  last_poll_ = now;
 }
 
 bool StandbySession::adopt_heartbeat_link(uint64_t session_id, std::unique_ptr<transport::Connection>& conn) {
@@ -280,6 +293,7 @@ void StandbySession::run() {
         destroy_twin(abort_reason());
         break;
       }
+      note_poll();
       if (!poll_second_path()) break;
       check_twin_alive();
       check_force(false);
@@ -295,6 +309,7 @@ void StandbySession::run() {
         const auto lost_at = Clock::now();
         for (;;) {
           if (abort_) break;
+          note_poll();
           if (!poll_second_path()) {
             conn_.reset();
             finished_ = true;
@@ -327,11 +342,19 @@ void StandbySession::run() {
         if (!handle(*m)) break;
         continue;
       }
+      // The rule is checkpoint::failover::standby_next (the simulation runs the same).
       const auto quiet = silence();
-      if (quiet < cfg_.heartbeat_timeout / 2) suspect_sent_ = false;
-      if (quiet >= cfg_.heartbeat_timeout / 2 && !suspect_sent_ && replica_ && sid_) {
+      if (quiet < cp::failover::suspect_after(cfg_.heartbeat_timeout)) suspect_sent_ = false;
+      cp::failover::StandbyView v;
+      v.silence = quiet;
+      v.has_checkpoint = replica_ && replica_->has_checkpoint();
+      v.suspect_sent = suspect_sent_;
+      v.session_open = replica_ && sid_;
+      v.watched = !unwatched_since_;
+      auto next = cp::failover::standby_next(v, cfg_.heartbeat_timeout);
+      if (next == cp::failover::StandbyAction::SendSuspect) {
         // Our frames may still reach the primary (one-way cut): it pauses and settles.
-        suspect_sent_ = true;
+        suspect_sent_ = v.suspect_sent = true;
         log::warn("standby", "{}: primary silent for {} ms: asking it to settle (Suspect)", name(), quiet.count());
         try {
           send_msg(*conn_, cp::Suspect{session_id_, static_cast<uint32_t>(quiet.count())});
@@ -339,10 +362,15 @@ void StandbySession::run() {
         } catch (const std::exception& e) {
           log::warn("standby", "{}: sending Suspect failed: {}", name(), e.what());
         }
+        next = cp::failover::standby_next(v, cfg_.heartbeat_timeout);
       }
-      if (quiet > cfg_.heartbeat_timeout) {
-        if (replica_ && replica_->has_checkpoint() && !arbiter_allows_activation(quiet)) continue;
+      if (next == cp::failover::StandbyAction::AskArbiter || next == cp::failover::StandbyAction::DropUnwatched) {
+        if (!arbiter_allows_activation(quiet)) continue;  // Wait, or dropped (Fence, unwatched)
         primary_silent(fmt::format("no heartbeat from the primary for {} ms", quiet.count()));
+        break;
+      }
+      if (next == cp::failover::StandbyAction::NothingToResume) {
+        primary_silent(fmt::format("no heartbeat from the primary for {} ms", quiet.count()));  // destroys the twin
         break;
       }
     }
@@ -662,6 +690,11 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
       {
         std::lock_guard<std::mutex> g(mu_);
         committed_ = c.epoch;
+        if (unwatched_since_ && Clock::now() >= *unwatched_since_ + cfg_.heartbeat_timeout) {
+          log::info("standby", "{}: watching again: epoch {} committed {} ms after this side's own stall", name_, c.epoch,
+                    std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - *unwatched_since_).count());
+          unwatched_since_.reset();
+        }
         last_commit_wall_ms_ = wall_ms();
       }
       if (state_ != "protected") {
@@ -936,7 +969,11 @@ bool StandbySession::await_operator(const std::string& why, bool reported_dead) 
     if (reported_dead) return true;
     cp::ArbiterAnswer a = cp::ArbiterAnswer::Wait;
     try {
-      a = arbiter_->may_activate({name(), peer_host_, silence()}, std::chrono::milliseconds(20));
+      cp::ArbiterSubject subj{name(), peer_host_, silence()};
+      subj.guest_pid = twin_pid_;
+      subj.heartbeat_timeout = cfg_.heartbeat_timeout;
+      subj.forced = true;  // the operator asserts the primary is gone; an arbiter still decides
+      a = arbiter_->may_activate(subj, std::chrono::milliseconds(20));
     } catch (const std::exception& e) {
       log::error("standby", "{}: arbiter {}: {}", name(), arbiter_->kind(), e.what());
     }
@@ -1144,10 +1181,7 @@ void StandbySession::activation_failed(const std::string& why) {
   log::error("standby", "{}: activation failed: {}; killing the twin (pid {}) so that it never runs beside the primary",
              name(), why, twin_pid_);
   if (twin_pid_ > 0) ::kill(twin_pid_, SIGKILL);
-  {
-    std::lock_guard<std::mutex> g(fate_mu_);
-    fate_ = Fate::Dropped;  // a later Resolve: the primary may run on
-  }
+  fate_.activation_failed();  // a later Resolve: the primary may run on
   set_state("activation-failed", why);
 }
 

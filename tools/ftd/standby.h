@@ -33,6 +33,7 @@
 
 #include "checkpoint/arbiter.h"
 #include "checkpoint/disk_journal.h"
+#include "checkpoint/failover.h"
 #include "checkpoint/protocol.h"
 #include "checkpoint/replica.h"
 #include "tools/ftd/session.h"
@@ -115,7 +116,7 @@ class StandbySession {
   // resumed is dropped for good (the session ends and destroys it); returns the verdict.
   checkpoint::Verdict resolve(std::string& text);
 
-  enum class Fate { Open, Dropped, Activating };
+  using Fate = checkpoint::failover::Fate;
 
   // `ftctl failover --force VM` on this host: the operator (or a cluster manager) decides that
   // the VM runs here now, from the last committed checkpoint. Thread-safe; blocks until the
@@ -140,6 +141,11 @@ class StandbySession {
   Fate fate() const;
   // Silence: asks the arbiter whether the twin may be resumed; true = go ahead.
   bool arbiter_allows_activation(std::chrono::milliseconds silent_for);
+  // checkpoint/failover.h, StandbyView::watched: a gap of T or more between two polls of the
+  // session thread makes the session unwatched until a Commit arrives T after the gap.
+  void note_poll();
+  std::chrono::steady_clock::time_point last_poll_{};
+  std::optional<std::chrono::steady_clock::time_point> unwatched_since_;
   void run();
   void open(const checkpoint::OpenSession& o);
   void check_memory_for(const checkpoint::OpenSession& o);
@@ -231,8 +237,7 @@ class StandbySession {
   nlohmann::json activation_ = nullptr;
   nlohmann::json disk_status_ = nullptr;
   std::atomic<bool> finished_{false}, active_{false}, abort_{false};
-  mutable std::mutex fate_mu_;
-  Fate fate_ = Fate::Open;  // under fate_mu_
+  checkpoint::failover::FateCell fate_;
   std::string abort_reason_;
   std::string abort_reason() const {
     std::lock_guard<std::mutex> g(mu_);

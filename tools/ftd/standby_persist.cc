@@ -386,6 +386,8 @@ WaitingTwin::ForceResult WaitingTwin::force(std::chrono::milliseconds timeout) {
       cp::ArbiterSubject s{rec_.vm, rec_.peer_host,
                            std::chrono::milliseconds(static_cast<int64_t>(wall_ms() - rec_.last_heard_wall_ms))};
       s.guest_pid = rec_.twin_pid;
+      s.heartbeat_timeout = cfg_.heartbeat_timeout;
+      s.forced = true;  // the operator asserts the primary is gone; an arbiter still decides (as the session does)
       try {
         a = arb->may_activate(s, std::chrono::milliseconds(100));
       } catch (const std::exception& e) {

@@ -16,10 +16,14 @@
 // For a domain whose XML carries
 //   <metadata><ftvm:protection xmlns:ftvm="https://ftvm.dev/xmlns/protection/1"
 //                              peer="HOST[:PORT]" transport="auto|tcp|rdma" epoch-ms="25"
-//                              failover="auto"/></metadata>
-// it sends ftd one JSON line on its control socket and logs ftd's one-line answer:
+//                              failover="auto" [arbiter=".."] [peer-alt=".."]
+//                              [reprotect="auto|manual"]/></metadata>
+// (read by the one protection-element parser, vmm-glue/protection_xml.h: the same rules ftd's
+// start-up scan and `ftctl enable` apply) it sends ftd one JSON line on its control socket
+// (tools/control/control.h, HookRequest) and logs ftd's one-line answer:
 //   started, reconnect: {"cmd":"hook","phase":P,"domain":NAME,"uuid":UUID,
-//                        "protection":{"peer":..,"transport":..,"epoch_ms":N,"failover":"auto|manual"}}
+//                        "protection":{"peer":..,"transport":..,"epoch_ms":N,"failover":"auto|manual"
+//                                      [,"arbiter":..][,"peer_alt":..][,"reprotect":"manual"]}}
 //   stopped, release:   {"cmd":"hook","phase":P,"domain":NAME,"uuid":UUID}
 // ftd protects (or forgets) the domain asynchronously; the hook does not wait for that.
 //
@@ -47,20 +51,19 @@
 #include <optional>
 #include <string>
 #include <string_view>
-#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
 #include <libxml/parser.h>
-#include <libxml/tree.h>
-#include <libxml/xmlerror.h>
 #include <nlohmann/json.hpp>
 
 #include "common/fd.h"
+#include "tools/control/control.h"
+#include "vmm-glue/protection_xml.h"
+#include "vmm-glue/xml_doc.h"
 
 namespace {
 
-constexpr const char* kNamespace = "https://ftvm.dev/xmlns/protection/1";
 constexpr const char* kDefaultConf = "/etc/ftvm/hook.conf";
 constexpr size_t kMaxXml = 32u << 20;         // a domain XML is a few KiB; refuse absurd input
 constexpr int kStdinTimeoutMs = 5000;         // libvirt writes the XML at once; never hang libvirtd
@@ -269,146 +272,29 @@ std::optional<std::string> read_stdin(std::string& why) {
 // ---------------------------------------------------------------------------------------------
 // Domain XML
 
-struct Protection {
-  std::string peer;
-  std::string transport = "auto";
-  int epoch_ms = 25;
-  std::string failover = "auto";
-  std::string arbiter;  // "" = the host's
-  std::string peer_alt;  // the standby's second address; "" = none
-};
+using DomainInfo = ftvm::vmm::DomainDeclaration;
 
-struct DomainInfo {
-  std::string name, uuid;
-  bool has_element = false;
-  std::optional<Protection> protection;  // set when the element is present and valid
-  std::string invalid;                   // why the element is invalid
-};
-
-struct XmlDoc {
-  xmlDocPtr doc = nullptr;
-  XmlDoc() = default;
-  XmlDoc(const XmlDoc&) = delete;
-  XmlDoc& operator=(const XmlDoc&) = delete;
-  ~XmlDoc() {
-    if (doc) xmlFreeDoc(doc);
-  }
-};
-
-std::string node_text(xmlNodePtr n) {
-  xmlChar* c = xmlNodeGetContent(n);
-  if (!c) return {};
-  std::string s(trim(reinterpret_cast<const char*>(c)));
-  xmlFree(c);
-  return s;
-}
-
-std::optional<std::string> attr(xmlNodePtr n, const char* name) {
-  xmlChar* c = xmlGetNoNsProp(n, reinterpret_cast<const xmlChar*>(name));
-  if (!c) return std::nullopt;
-  std::string s(reinterpret_cast<const char*>(c));
-  xmlFree(c);
-  return s;
-}
-
-bool is_elem(xmlNodePtr n, const char* name) {
-  return n->type == XML_ELEMENT_NODE && xmlStrcmp(n->name, reinterpret_cast<const xmlChar*>(name)) == 0;
-}
-
-// Parses the domain XML. Returns nullopt with `why` when it is not a well-formed <domain>.
+// Parses the domain XML (ftvm::vmm::read_domain_declaration: the one protection-element
+// parser). Returns nullopt with `why` when it is not a well-formed <domain>. An invalid
+// protection element is not an error here: DomainInfo::invalid says why.
 std::optional<DomainInfo> parse_domain(const std::string& xml, std::string& why) {
   if (trim(xml).empty()) {
     why = "empty domain XML on stdin";
     return std::nullopt;
   }
-  if (xml.size() > static_cast<size_t>(INT32_MAX)) {
-    why = "domain XML too large";
-    return std::nullopt;
-  }
-  xmlResetLastError();
-  XmlDoc d;
-  // No network, no entity substitution, no DTD loading: the input is data, not instructions.
-  d.doc = xmlReadMemory(xml.data(), static_cast<int>(xml.size()), "domain.xml", nullptr,
-                        XML_PARSE_NONET | XML_PARSE_NOERROR | XML_PARSE_NOWARNING | XML_PARSE_NOCDATA);
-  if (!d.doc) {
-    xmlErrorPtr e = xmlGetLastError();
-    std::string msg = e && e->message ? std::string(trim(e->message)) : "unknown error";
-    why = fmt::format("malformed domain XML on stdin (libxml2: {}{})", clean(msg, 300),
-                      e && e->line > 0 ? fmt::format(" at line {}", e->line) : "");
-    return std::nullopt;
-  }
-  xmlNodePtr root = xmlDocGetRootElement(d.doc);
-  if (!root || !is_elem(root, "domain") || root->ns != nullptr) {
-    why = fmt::format("domain XML on stdin has root element <{}>, not <domain>",
-                      root ? clean(reinterpret_cast<const char*>(root->name), 64) : "");
-    return std::nullopt;
-  }
-  DomainInfo info;
-  for (xmlNodePtr c = root->children; c; c = c->next) {
-    if (c->ns) continue;
-    if (is_elem(c, "name") && info.name.empty()) info.name = node_text(c);
-    else if (is_elem(c, "uuid") && info.uuid.empty()) info.uuid = node_text(c);
-    else if (is_elem(c, "metadata") && !info.has_element) {
-      for (xmlNodePtr m = c->children; m; m = m->next) {
-        if (!is_elem(m, "protection") || !m->ns || !m->ns->href ||
-            xmlStrcmp(m->ns->href, reinterpret_cast<const xmlChar*>(kNamespace)) != 0)
-          continue;
-        info.has_element = true;
-        Protection p;
-        std::vector<std::string> problems;
-        auto peer = attr(m, "peer");
-        if (!peer || trim(*peer).empty())
-          problems.push_back("attribute peer (HOST[:PORT] of the standby's ftd) is missing or empty");
-        else
-          p.peer = std::string(trim(*peer));
-        if (auto t = attr(m, "transport")) {
-          std::string v(trim(*t));
-          if (v != "auto" && v != "tcp" && v != "rdma")
-            problems.push_back(fmt::format("transport='{}' is not auto, tcp or rdma", clean(*t, 64)));
-          else
-            p.transport = v;
-        }
-        if (auto e = attr(m, "epoch-ms")) {
-          auto v = parse_int<int>(trim(*e));
-          if (!v || *v < 1 || *v > 10000)
-            problems.push_back(fmt::format("epoch-ms='{}' is not an integer in 1..10000", clean(*e, 64)));
-          else
-            p.epoch_ms = *v;
-        }
-        if (auto f = attr(m, "failover")) {
-          std::string v(trim(*f));
-          if (v != "auto" && v != "manual")
-            problems.push_back(fmt::format("failover='{}' is not one of auto, manual", clean(*f, 64)));
-          else
-            p.failover = v;
-        }
-        if (auto a = attr(m, "arbiter")) {
-          std::string v(trim(*a));
-          if (v.size() > 32 || !std::all_of(v.begin(), v.end(), [](char c) { return (c >= 'a' && c <= 'z') || c == '-'; }))
-            problems.push_back(fmt::format("arbiter='{}' is not an arbiter kind", clean(*a, 64)));
-          else
-            p.arbiter = v;
-        }
-        if (auto a = attr(m, "peer-alt")) {
-          std::string v(trim(*a));
-          if (v.size() > 255 || !std::all_of(v.begin(), v.end(), [](char c) {
-                return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == ':' || c == '-' || c == '[' ||
-                       c == ']' || c == '_';
-              }))
-            problems.push_back(fmt::format("peer-alt='{}' is not HOST[:PORT]", clean(*a, 64)));
-          else
-            p.peer_alt = v;
-        }
-        if (problems.empty()) {
-          info.protection = p;
-        } else {
-          for (size_t i = 0; i < problems.size(); ++i) info.invalid += (i ? "; " : "") + problems[i];
-        }
-        break;  // the first element counts
-      }
+  try {
+    DomainInfo info = ftvm::vmm::read_domain_declaration(xml);
+    if (!info.is_domain) {
+      why = fmt::format("domain XML on stdin has root element <{}>, not <domain>", clean(info.root, 64));
+      return std::nullopt;
     }
+    return info;
+  } catch (const ftvm::vmm::xml::MalformedXml& e) {
+    why = fmt::format("malformed domain XML on stdin (libxml2: {}{})",
+                      clean(e.detail().empty() ? std::string(e.what()) : e.detail(), 300),
+                      e.line() > 0 ? fmt::format(" at line {}", e.line()) : "");
+    return std::nullopt;
   }
-  return info;
 }
 
 // A libvirt UUID in canonical form (libvirt always writes it so), lower-cased. nullopt when the
@@ -433,126 +319,14 @@ std::optional<std::string> canonical_uuid(std::string_view u) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Talking to ftd: non-blocking connect, send one line, wait for one line, all within timeout_ms.
+// Talking to ftd: ftvm::control::call_line (non-blocking connect, send one line, wait for one
+// line, all within timeout_ms).
 
-struct CallResult {
-  bool sent = false;      // the request reached ftd's socket
-  std::string reply;      // ftd's answer (without the newline) when it answered
-  std::string error;      // why not, when it did not
-};
-
-CallResult call_ftd(const Config& cfg, const std::string& line) {
-  CallResult res;
-  auto deadline = Clock::now() + std::chrono::milliseconds(cfg.timeout_ms);
-  auto left_ms = [&] {
-    return static_cast<int>(std::max<long long>(
-        0, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count()));
-  };
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (cfg.control.size() >= sizeof addr.sun_path) {
-    res.error = fmt::format("control socket path {} is too long", cfg.control);
-    return res;
-  }
-  std::memcpy(addr.sun_path, cfg.control.c_str(), cfg.control.size() + 1);
-  ftvm::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-  if (!fd) {
-    res.error = fmt::format("socket: {}", std::strerror(errno));
-    return res;
-  }
-  for (;;) {
-    if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) break;
-    int e = errno;
-    if (e == EINTR) continue;
-    if (e == EAGAIN) {  // unix socket backlog full: ftd busy; retry until the deadline
-      if (left_ms() <= 0) {
-        res.error = fmt::format("ftd at {} is not accepting connections (backlog full for {} ms)", cfg.control,
-                                cfg.timeout_ms);
-        return res;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-      continue;
-    }
-    if (e == EINPROGRESS) {
-      pollfd p{fd.get(), POLLOUT, 0};
-      int r;
-      while ((r = ::poll(&p, 1, left_ms())) < 0 && errno == EINTR) {
-      }
-      if (r <= 0) {
-        res.error = fmt::format("connect to ftd at {} timed out after {} ms", cfg.control, cfg.timeout_ms);
-        return res;
-      }
-      int soerr = 0;
-      socklen_t len = sizeof soerr;
-      if (::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &soerr, &len) != 0) soerr = errno;
-      if (soerr == 0) break;
-      e = soerr;
-    }
-    res.error = fmt::format("connect: {}", std::strerror(e));
-    return res;
-  }
-
-  size_t off = 0;
-  while (off < line.size()) {
-    ssize_t n = ::send(fd.get(), line.data() + off, line.size() - off, MSG_NOSIGNAL);
-    if (n > 0) {
-      off += static_cast<size_t>(n);
-      continue;
-    }
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && errno == EAGAIN) {
-      pollfd p{fd.get(), POLLOUT, 0};
-      int r = ::poll(&p, 1, left_ms());
-      if (r < 0 && errno == EINTR) continue;
-      if (r <= 0) {
-        res.error = fmt::format("ftd at {} did not take the request within {} ms", cfg.control, cfg.timeout_ms);
-        return res;
-      }
-      continue;
-    }
-    res.error = fmt::format("send to ftd at {}: {}", cfg.control, n < 0 ? std::strerror(errno) : "connection closed");
-    return res;
-  }
-  res.sent = true;
-
-  std::string buf;
-  char tmp[4096];
-  while (buf.find('\n') == std::string::npos) {
-    int left = left_ms();
-    if (left <= 0) {
-      res.error = fmt::format("ftd at {} did not answer within {} ms", cfg.control, cfg.timeout_ms);
-      return res;
-    }
-    pollfd p{fd.get(), POLLIN, 0};
-    int r = ::poll(&p, 1, left);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) {
-      res.error = fmt::format("poll: {}", std::strerror(errno));
-      return res;
-    }
-    if (r == 0) continue;
-    ssize_t n = ::recv(fd.get(), tmp, sizeof tmp, 0);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-    if (n <= 0) {
-      res.error = fmt::format("ftd at {} closed the connection without an answer{}", cfg.control,
-                              n < 0 ? fmt::format(" ({})", std::strerror(errno)) : "");
-      return res;
-    }
-    buf.append(tmp, static_cast<size_t>(n));
-    if (buf.size() > kMaxReply) {
-      res.error = fmt::format("ftd at {} sent an oversized answer", cfg.control);
-      return res;
-    }
-  }
-  res.reply = buf.substr(0, buf.find('\n'));
-  return res;
-}
-
-void notify_ftd(const Config& cfg, const std::string& phase, const nlohmann::ordered_json& req) {
-  std::string line = req.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace) + "\n";
+void notify_ftd(const Config& cfg, const std::string& phase, const ftvm::control::HookRequest& hr) {
+  std::string line = ftvm::control::frame(ftvm::control::encode_hook_request(hr));
   g_log.debug("sending ftd: " + clean(line.substr(0, line.size() - 1), 2000));
   auto t0 = Clock::now();
-  CallResult r = call_ftd(cfg, line);
+  ftvm::control::CallResult r = ftvm::control::call_line(cfg.control, line, cfg.timeout_ms, kMaxReply);
   double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   bool starting = phase == "started" || phase == "reconnect";
   if (!r.sent) {
@@ -706,23 +480,15 @@ int run(int argc, char** argv) {
     return 0;
   }
 
-  nlohmann::ordered_json req;
-  req["cmd"] = "hook";
-  req["phase"] = phase;
-  req["domain"] = name;
-  req["uuid"] = dom->uuid;
+  ftvm::control::HookRequest req{phase, name, dom->uuid, std::nullopt};
   if (notify_full) {
     if (!dom->protection) {
       g_log.info(fmt::format("invalid ftvm protection element ({}); domain runs unprotected; fix the metadata "
                              "(virsh metadata / ftctl enable) and restart the domain",
-                             dom->invalid));
+                             clean(dom->invalid, 500)));
       return 0;
     }
-    const Protection& p = *dom->protection;
-    req["protection"] = {{"peer", p.peer}, {"transport", p.transport}, {"epoch_ms", p.epoch_ms},
-                         {"failover", p.failover}};
-    if (!p.arbiter.empty()) req["protection"]["arbiter"] = p.arbiter;  // the VM's own arbiter choice
-    if (!p.peer_alt.empty()) req["protection"]["peer_alt"] = p.peer_alt;
+    req.protection = dom->protection;
   }
   notify_ftd(cfg, phase, req);
   return 0;

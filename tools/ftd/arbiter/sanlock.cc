@@ -335,6 +335,7 @@ void SanlockArbiter::spawn(const std::string& vm, pid_t guest_pid, bool once) {
   }
   const int kfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
   Keeper k;
+  k.attempt_from = k.last_refresh = Clock::now();
   k.pid = pid;
   k.guest_pid = guest_pid;
   k.ctl = std::move(mine);
@@ -389,6 +390,10 @@ void SanlockArbiter::adopt_orphans(const std::string& vm, pid_t guest_pid) {
 
 void SanlockArbiter::refresh(const std::string& vm, Keeper& k) const {
   if (k.exited) return;
+  // A report read now was written after the previous refresh (that one read everything there
+  // was): the attempt after it began after `prev`.
+  const auto prev = k.last_refresh;
+  k.last_refresh = Clock::now();
   char b[512];
   for (;;) {
     ssize_t n = ::read(k.ctl.get(), b, sizeof b);
@@ -412,6 +417,8 @@ void SanlockArbiter::refresh(const std::string& vm, Keeper& k) const {
       log::info("arbiter", "sanlock: VM '{}': lease held (keeper pid {}, QEMU pid {})", vm, k.pid, k.guest_pid);
     } else if (t == 'W' || t == 'E') {
       const int rc = std::atoi(rest.c_str());
+      if (rc == SANLK_ACQUIRE_IDLIVE) k.idlive_from = k.attempt_from;
+      k.attempt_from = prev;
       if (rc != k.last_rc)
         log::warn("arbiter", "sanlock: VM '{}': lease not acquired: {}{}", vm, sanlock_rc_text(rc),
                   t == 'E' ? " (" + rest + ")" : "");
@@ -474,7 +481,15 @@ cp::ArbiterAnswer SanlockArbiter::may_activate(const cp::ArbiterSubject& s, mill
     spawn(s.vm, s.guest_pid, false);
     return cp::ArbiterAnswer::Wait;
   }
-  return sanlock_answer(SanlockQuestion::Activate, it->second.state);
+  const Keeper& k = it->second;
+  if (k.state == KeeperState::Acquiring && k.last_rc == SANLK_ACQUIRE_IDLIVE &&
+      k.idlive_from != Clock::time_point{} && k.idlive_from >= Clock::now() - s.silent_for) {
+    log::warn("arbiter", "sanlock: VM '{}': the lease holder's host renewed its lease after the primary fell silent "
+              "{} ms ago: the primary lives and holds the VM; this twin must not resume (Fence)", s.vm,
+              s.silent_for.count());
+    return cp::ArbiterAnswer::Fence;
+  }
+  return sanlock_answer(SanlockQuestion::Activate, k.state);
 }
 
 cp::ArbiterAnswer SanlockArbiter::may_run_alone(const cp::ArbiterSubject& s, milliseconds) {
