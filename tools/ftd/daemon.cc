@@ -141,13 +141,19 @@ bool twin_alive(pid_t pid, const std::string& dir) {
 }
 }  // namespace
 
-// A paused twin left by an earlier ftd can never be resumed (its session is gone): kill it. An
-// activated twin (RUN/vms/VM/active) runs the guest: never touch it.
+// A paused twin left by an earlier ftd whose session is gone can never be resumed: kill it
+// (it never ran: the primary runs the guest, or nothing committed). Except a failover=manual
+// twin that waited in primary-lost for `ftctl failover --force` (the primary is gone): its
+// record (STATE_DIR/manual-wait, standby_persist.h) makes this ftd adopt it, still paused and
+// still waiting. An activated twin (RUN/vms/VM/active) runs the guest: never touch it.
 void Daemon::kill_stale_twins() {
+  std::map<std::string, ManualWaitRecord> records;
+  for (auto& r : load_manual_waits(cfg_.state_dir)) records.emplace(r.vm, std::move(r));
   const auto dir = cfg_.run_dir + "/vms";
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
     const auto vmdir = e.path().string();
+    const auto vm = e.path().filename().string();
     const pid_t active = read_pid(vmdir + "/active");
     if (active > 0 && twin_alive(active, vmdir)) {
       log::warn("ftd", "twin pid {} in {} was activated by an earlier ftd and runs the guest: left running", active,
@@ -156,6 +162,22 @@ void Daemon::kill_stale_twins() {
     }
     if (active > 0) std::filesystem::remove(e.path() / "active", ec);
     const pid_t pid = read_pid(vmdir + "/twin.pid");
+    if (auto r = records.find(vm); r != records.end()) {
+      if (pid > 0 && pid == r->second.twin_pid && r->second.vm_dir == vmdir && twin_alive(pid, vmdir)) {
+        log::warn("ftd", "{}: adopting the paused twin pid {} (epoch {}) that waited for `ftctl failover --force {}` "
+                  "when the previous ftd stopped: it stays paused and waits (primary {} {})", vm, pid,
+                  r->second.epoch, vm, r->second.origin.empty() ? r->second.peer : r->second.origin,
+                  r->second.reported_dead ? "reported its QEMU dead" : "was silent");
+        waiting_.push_back(std::make_shared<WaitingTwin>(cfg_, std::move(r->second)));
+        records.erase(r);
+        continue;
+      }
+      log::error("ftd", "{}: the failover=manual record names twin pid {} in {}, but {}: the record is discarded", vm,
+                 r->second.twin_pid, r->second.vm_dir,
+                 pid <= 0 ? "no twin.pid is there" : fmt::format("pid {} is not that twin or no longer runs", pid));
+      forget_manual_wait(cfg_.state_dir, vm);
+      records.erase(r);
+    }
     if (pid <= 0) continue;
     if (twin_alive(pid, vmdir)) {
       log::warn("ftd", "killing stale paused twin pid {} left by an earlier ftd in {}", pid, vmdir);
@@ -163,6 +185,17 @@ void Daemon::kill_stale_twins() {
     }
     std::filesystem::remove(e.path() / "twin.pid", ec);
   }
+  for (const auto& [vm, r] : records) {
+    log::error("ftd", "{}: the failover=manual record names twin pid {} in {}, which does not exist any more: the "
+               "record is discarded (the VM must be restarted from its disks)", vm, r.twin_pid, r.vm_dir);
+    forget_manual_wait(cfg_.state_dir, vm);
+  }
+}
+
+std::shared_ptr<WaitingTwin> Daemon::waiting_twin_locked(const std::string& vm) const {
+  for (const auto& w : waiting_)
+    if (w->name() == vm && w->state() == WaitingTwin::State::Waiting) return w;
+  return nullptr;
 }
 
 pid_t Daemon::adopted_twin(const std::string& vm) const {
@@ -187,6 +220,22 @@ checkpoint::Resolution Daemon::resolve(const checkpoint::Resolve& r, const Stand
   if (hit) {
     std::string text;
     auto v = hit->resolve(text);
+    return {r.session_id, v, text};
+  }
+  std::shared_ptr<WaitingTwin> w;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    w = waiting_twin_locked(r.vm_name);
+  }
+  if (w && w->record().session_id == r.session_id) {
+    // The primary of the waiting twin's session is heard: it runs the guest.
+    if (!w->is_primary_host(from.peer_host()) || w->record().key_id != from.key_id())
+      fail("Resolve for session {:016x} of '{}' from {} (key {}), but that session belongs to {} (key {}): refused, "
+           "the waiting twin is untouched", r.session_id, r.vm_name, from.peer(),
+           from.key_id().empty() ? "none" : from.key_id(), w->record().peer,
+           w->record().key_id.empty() ? "none" : w->record().key_id);
+    std::string text;
+    auto v = w->primary_heard(fmt::format("Resolve from {}", from.peer()), text);
     return {r.session_id, v, text};
   }
   if (pid_t p = adopted_twin(r.vm_name); p > 0)
@@ -262,7 +311,14 @@ int Daemon::run() {
       log::error("ftd", "{}: disable at shutdown failed: {}", n, e.what());
     }
   }
-  for (auto& s : stb) s->abort("ftd is shutting down");
+  for (auto& s : stb) s->shutdown("ftd is shutting down");
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (auto& w : waiting_)
+      if (w->state() == WaitingTwin::State::Waiting)
+        log::warn("ftd", "{}: ftd stops while the adopted twin pid {} waits for `ftctl failover --force`: it is left "
+                  "paused for the next ftd", w->name(), w->twin_pid());
+  }
   for (auto& s : stb) s->join();
   ::unlink(cfg_.control_socket.c_str());
   log::info("ftd", "ftd stopped");
@@ -357,23 +413,7 @@ void Daemon::handshake_and_serve(transport::MultiListener::Pending p) {
       [this](const checkpoint::Resolve& r, const StandbySession& from) { return resolve(r, from); }, cfg_.arbiter);
   s->set_reprotect([this](const std::string& vm, const std::string& qmp, const std::string& domain,
                            const std::string& peer, const std::string& failover) {
-    // reprotect=auto: the twin that took over is protected again, towards its old primary's
-    // host, with the same failover policy; while that host is down the new session stays
-    // degraded and keeps retrying. A libvirt twin gets the ftvm element (the hook protects it
-    // on its next starts too).
-    nlohmann::json req = {{"cmd", "enable"}, {"peer", peer}, {"reprotect", "auto"}, {"failover", failover}};
-    if (domain.empty()) {
-      req["qmp"] = qmp;
-      req["name"] = vm;
-    } else {
-      req["domain"] = domain;
-    }
-    auto r = handle(req);
-    if (r.value("ok", false))
-      log::info("ftd", "{}: protected again after the failover: {}", vm, r.value("message", ""));
-    else
-      log::error("ftd", "{}: reprotect=auto failed: {}; protect it with `ftctl enable {} --peer {}`", vm,
-                 r.value("error", "?"), domain.empty() ? "--qmp " + qmp : domain, peer);
+    reprotect_twin(vm, qmp, domain, peer, failover);
   });
   {
     std::lock_guard<std::mutex> g(mu_);
@@ -390,6 +430,27 @@ void Daemon::handshake_and_serve(transport::MultiListener::Pending p) {
   s->start();
 }
 
+// reprotect=auto: the twin that took over is protected again, towards its old primary's host,
+// with the same failover policy; while that host is down the new session stays degraded and
+// keeps retrying. A libvirt twin gets the ftvm element (the hook protects it on its next starts
+// too).
+void Daemon::reprotect_twin(const std::string& vm, const std::string& qmp, const std::string& domain,
+                            const std::string& peer, const std::string& failover) {
+  nlohmann::json req = {{"cmd", "enable"}, {"peer", peer}, {"reprotect", "auto"}, {"failover", failover}};
+  if (domain.empty()) {
+    req["qmp"] = qmp;
+    req["name"] = vm;
+  } else {
+    req["domain"] = domain;
+  }
+  auto r = handle(req);
+  if (r.value("ok", false))
+    log::info("ftd", "{}: protected again after the failover: {}", vm, r.value("message", ""));
+  else
+    log::error("ftd", "{}: reprotect=auto failed: {}; protect it with `ftctl enable {} --peer {}`", vm,
+               r.value("error", "?"), domain.empty() ? "--qmp " + qmp : domain, peer);
+}
+
 // A new session for VM `name` from `self`'s peer. Refused (the existing session untouched)
 // when the VM failed over to this host, or when a live session of it came from another peer
 // host or with another key: only the primary that owns a session may replace it. The same
@@ -398,6 +459,7 @@ void Daemon::handshake_and_serve(transport::MultiListener::Pending p) {
 // session's twin is paused and never ran, so it is replaced.
 void Daemon::claim_standby(const std::string& name, StandbySession* self) {
   std::vector<std::shared_ptr<StandbySession>> old;
+  std::shared_ptr<WaitingTwin> waiting;
   {
     std::lock_guard<std::mutex> g(mu_);
     auto p = primaries_.find(name);
@@ -406,6 +468,16 @@ void Daemon::claim_standby(const std::string& name, StandbySession* self) {
     if (pid_t p = adopted_twin(name); p > 0)
       fail("VM '{}' already failed over to this host and runs here (twin pid {}); refusing to create another twin",
            name, p);
+    // An adopted twin waiting for `ftctl failover --force`: its primary opening a new session
+    // runs the guest (the twin is dropped below); anyone else is refused.
+    if (auto w = waiting_twin_locked(name)) {
+      if (!w->is_primary_host(self->peer_host()) || w->record().key_id != self->key_id())
+        fail("VM '{}' has a twin here waiting for `ftctl failover --force` after its primary {} (key {}) was lost; "
+             "refusing this session from {} (key {}); decide first: `ftctl failover --force {}` here",
+             name, w->record().peer, w->record().key_id.empty() ? "none" : w->record().key_id, self->peer(),
+             self->key_id().empty() ? "none" : self->key_id(), name);
+      waiting = w;
+    }
     // (an activated twin that ran here and died since, e.g. killed as the primary of a later
     // failover, no longer counts: adopted_twin() checks that it still runs)
     for (auto& s : standbys_) {
@@ -419,6 +491,10 @@ void Daemon::claim_standby(const std::string& name, StandbySession* self) {
              self->key_id().empty() ? "none" : self->key_id(), name);
       old.push_back(s);
     }
+  }
+  if (waiting) {
+    std::string text;
+    waiting->primary_heard(fmt::format("a new session from {}", self->peer()), text);
   }
   for (auto& s : old) {
     log::info("ftd", "{}: a new session from the same primary ({}) replaces the previous one from {} (twin paused, "
@@ -579,11 +655,18 @@ nlohmann::json Daemon::cmd_enable(const nlohmann::json& req) {
 nlohmann::json Daemon::cmd_status(const nlohmann::json& req) {
   std::string want = req.value("name", "");
   nlohmann::json vms = nlohmann::json::array();
-  std::lock_guard<std::mutex> g(mu_);
-  for (auto& [n, s] : primaries_)
-    if (want.empty() || n == want) vms.push_back(s->status());
-  for (auto& s : standbys_)
-    if (!s->transient() && (want.empty() || s->name() == want)) vms.push_back(s->status());
+  std::vector<std::shared_ptr<WaitingTwin>> waiting;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (auto& [n, s] : primaries_)
+      if (want.empty() || n == want) vms.push_back(s->status());
+    for (auto& s : standbys_)
+      if (!s->transient() && (want.empty() || s->name() == want)) vms.push_back(s->status());
+    for (auto& w : waiting_)
+      if (want.empty() || w->name() == want) waiting.push_back(w);
+  }
+  // Outside mu_: an adopted twin's status waits while its `--force` asks the arbiter (up to 5 s).
+  for (auto& w : waiting) vms.push_back(w->status());
   if (!want.empty() && vms.empty()) return err("not_found", fmt::format("no VM named '{}' on this host", want));
   return {{"ok", true}, {"vms", vms}, {"listen", listen_address_}, {"security", security_},
           {"insecure", !cfg_.key}};
@@ -606,6 +689,33 @@ nlohmann::json Daemon::cmd_failover(const nlohmann::json& req) {
     }
   }
   if (req.value("force", false)) {
+    std::shared_ptr<WaitingTwin> w;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      w = waiting_twin_locked(name);
+    }
+    if (!sb && w) {  // adopted after an ftd restart (standby_persist.h)
+      const auto r = w->force(timeout);
+      using C = WaitingTwin::ForceResult::Code;
+      log::warn("standby", "{}: ftctl failover --force (adopted twin): {}", name, r.text);
+      switch (r.code) {
+        case C::Done: {
+          const auto& rec = w->record();
+          if (rec.reprotect_port) {
+            const auto peer = (rec.peer_host.find(':') != std::string::npos ? "[" + rec.peer_host + "]" : rec.peer_host) +
+                              ":" + std::to_string(rec.reprotect_port);
+            // Off the control thread (the old primary's host may be down: enable retries).
+            std::lock_guard<std::mutex> g(mu_);
+            workers_.emplace_back([this, name, qmp = rec.qmp_socket, peer] { reprotect_twin(name, qmp, "", peer, "manual"); });
+          }
+          return {{"ok", true}, {"message", r.text}};
+        }
+        case C::Refused: return err("refused", r.text);
+        case C::Wait: return err("wait", r.text);
+        case C::Failed: return err("failed", r.text);
+      }
+      return err("failed", r.text);
+    }
     if (sb) {
       const auto r = sb->force_failover(timeout);
       using C = StandbySession::ForceCode;

@@ -15,6 +15,7 @@
 #include "tools/ftd/primary.h"
 #include "tools/ftd/session.h"
 #include "tools/ftd/standby.h"
+#include "tools/ftd/standby_persist.h"
 #include "transport/select.h"
 #include "transport/tcp/tcp_transport.h"
 
@@ -40,7 +41,15 @@ class Daemon {
   checkpoint::Resolution resolve(const checkpoint::Resolve& r, const StandbySession& from);
   // The pid of an activated twin of `vm` left running by an earlier ftd (RUN/vms/VM/active), or -1.
   pid_t adopted_twin(const std::string& vm) const;
+  // Start-up scan of RUN/vms: an activated twin is left running; a paused twin recorded as
+  // waiting for `ftctl failover --force` (standby_persist.h) is adopted (waiting_); any other
+  // paused twin is killed (never activated: safe to remove).
   void kill_stale_twins();
+  // The adopted waiting twin of `vm` that still waits, or null. Caller holds mu_.
+  std::shared_ptr<WaitingTwin> waiting_twin_locked(const std::string& vm) const;
+  // reprotect=auto after a twin took over here: protects it again towards `peer`.
+  void reprotect_twin(const std::string& vm, const std::string& qmp, const std::string& domain,
+                      const std::string& peer, const std::string& failover);
   nlohmann::json cmd_enable(const nlohmann::json& req);
   nlohmann::json cmd_status(const nlohmann::json& req);
   nlohmann::json cmd_failover(const nlohmann::json& req);
@@ -65,6 +74,7 @@ class Daemon {
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<PrimarySession>> primaries_;
   std::vector<std::shared_ptr<StandbySession>> standbys_;
+  std::vector<std::shared_ptr<WaitingTwin>> waiting_;  // adopted at start-up (kill_stale_twins)
   std::atomic<bool> stop_{false};
   std::unique_ptr<transport::MultiListener> listener_;
   std::vector<std::unique_ptr<transport::MultiListener>> listeners_also_;  // --listen-also

@@ -103,7 +103,9 @@ int main(int argc, char** argv) {
                  "share one libvirtd); default: the primary's name and UUID")
       ->capture_default_str();
   app.add_option("--state-dir", cfg.state_dir,
-                 "Persistent state: failed-over/<uuid> marks libvirt domains that failed over away from this host")
+                 "Persistent state: failed-over/<uuid> marks libvirt domains that failed over away from this host; "
+                 "protect/ and history/ per VM; manual-wait/<vm>.{json,devstate}: a failover=manual twin waiting for "
+                 "`ftctl failover --force`, adopted by the next ftd")
       ->capture_default_str();
   std::string arbiter = "none", fence_command;
   unsigned fence_timeout_ms = 30000, alone_after_ms = 1000;

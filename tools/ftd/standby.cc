@@ -818,6 +818,7 @@ void StandbySession::primary_silent(const std::string& why_in, bool reported_dea
   }
   if (failover_manual_) {
     if (!await_operator(why, reported_dead)) return;
+    forget_manual_wait();  // resuming now: a restarted ftd must not adopt it again
     why = fmt::format("ftctl failover --force (failover=manual; {})", why);
     declared = wall_ms();
   }
@@ -908,6 +909,7 @@ bool StandbySession::await_operator(const std::string& why, bool reported_dead) 
     local_events_.push_back({{"wall_ms", wall_ms()}, {"event", "primary-lost"}, {"host", History::node_name()},
                              {"primary", origin_}, {"reason", why.substr(0, 300)}, {"failover", "manual"}});
   }
+  persist_manual_wait(reported_dead);  // standby_persist.h: the wait survives an ftd restart
   bool data_up = conn_ != nullptr;
   // Messages the primary may still send: PrimaryLost (its QEMU is dead), Disable and Error (it
   // runs: the twin goes). Anything else means the primary runs on: a protocol error (the twin goes).
@@ -915,8 +917,11 @@ bool StandbySession::await_operator(const std::string& why, bool reported_dead) 
     const auto type = static_cast<MsgType>(m.type);
     switch (type) {
       case MsgType::PrimaryLost:
-        if (!reported_dead) log::warn("standby", "{}: the primary reports its QEMU died: {}", name(),
-                                      cp::decode<cp::PrimaryLost>(m.body).reason);
+        if (!reported_dead) {
+          log::warn("standby", "{}: the primary reports its QEMU died: {}", name(),
+                    cp::decode<cp::PrimaryLost>(m.body).reason);
+          persist_manual_wait(true);
+        }
         reported_dead = true;
         return true;
       case MsgType::Disable:
@@ -932,7 +937,7 @@ bool StandbySession::await_operator(const std::string& why, bool reported_dead) 
   };
   for (;;) {
     if (abort_) {
-      destroy_twin(abort_reason());
+      if (!keep_for_restart()) destroy_twin(abort_reason());
       return false;
     }
     check_twin_alive();
@@ -1182,6 +1187,7 @@ void StandbySession::activation_failed(const std::string& why) {
 
 void StandbySession::destroy_twin(const std::string& why) {
   if (active_ || !settle(Fate::Dropped)) return;  // a resumed (or resuming) twin is the VM now
+  forget_manual_wait();
   if (twin_pid_ > 0) {
     log::info("standby", "{}: destroying twin pid {}: {}", name(), twin_pid_, why);
     if (conn_) {

@@ -74,6 +74,12 @@ class StandbySession {
   void start();
   // Ends the session without activating: the twin is destroyed (unless already active).
   void abort(const std::string& why);
+  // ftd stops: as abort(), except that a failover=manual twin waiting in primary-lost (and
+  // recorded, standby_persist.h) is left paused for the next ftd instead of being destroyed.
+  void shutdown(const std::string& why) {
+    shutdown_ = true;
+    abort(why);
+  }
   void join();
 
   std::string name() const;
@@ -154,6 +160,15 @@ class StandbySession {
   // heard, nothing committed); no-op otherwise.
   void check_force(bool reported_dead);
   bool force_pending() const;
+  // standby_persist.cc: records the waiting twin under STATE_DIR/manual-wait (primary-lost with
+  // failover=manual) so that a restarted ftd adopts it; forgets that record once the twin is
+  // resumed or dropped; on shutdown() leaves the recorded twin paused (true) instead of
+  // destroying it.
+  void persist_manual_wait(bool reported_dead);
+  void forget_manual_wait();
+  bool keep_for_restart();
+  bool manual_persisted_ = false;  // session thread
+  std::atomic<bool> shutdown_{false};
   void answer_force(ForceCode c, const std::string& text);
   mutable std::mutex force_mu_;
   std::condition_variable force_cv_;
