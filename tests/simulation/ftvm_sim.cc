@@ -119,7 +119,6 @@ struct Options {
   bool legacy = false, verbose = false, expect_violation = false;
   bool old_no_arbiter = false;  // the no-arbiter standby as it was: Yes on any silence
   bool old_watch = false;       // the standby as it was: no StandbyView::watched rule
-  bool old_lease = false;       // the sanlock standby as it was: Wait while a live host holds the lease
   std::optional<ArbiterKind> arbiter;  // default: drawn per seed from `draw_from`
   std::vector<ArbiterKind> draw_from{ArbiterKind::None, ArbiterKind::Fence, ArbiterKind::Quorum, ArbiterKind::Lease};
   Time duration = 12000;
@@ -614,8 +613,6 @@ class World {
     Time cont_at = 0;
     bool suspect_sent = false, data_lost = false, reported_dead = false, waiting = false;
     Time data_lost_at = 0, last_poll = 0, unwatched_since = -1;
-    Time first_ask = -1;  // when this silence's first arbiter question was asked
-    bool blind = false;   // lease: the storage was unreachable during this silence's questions
   };
   std::vector<std::unique_ptr<SSess>> ss_;
   bool s_host_alive_ = true, s_ftd_alive_ = true;
@@ -745,8 +742,6 @@ class World {
     v.watched = ss.unwatched_since < 0;
     if (v.silence < fo::suspect_after(T_)) {
       ss.suspect_sent = false;
-      ss.first_ask = -1;
-      ss.blind = false;
     }
     auto a = fo::standby_next(v, T_);
     if (a == fo::StandbyAction::SendSuspect) {
@@ -762,8 +757,7 @@ class World {
       case fo::StandbyAction::DropUnwatched: return close_standby_session(ss, "silent, and this side was not watching");
       case fo::StandbyAction::AskArbiter: {
         if (ss.fate.get() != fo::Fate::Open) return;
-        if (ss.first_ask < 0) ss.first_ask = now_;
-        const auto ans = standby_ask(ss, v.silence, false);
+        const auto ans = ask(false, v.silence);
         switch (fo::standby_on_arbiter(ans)) {
           case fo::OnSilence::Listen: break;
           case fo::OnSilence::DeclareLost: return declare_lost(ss, fmt::format("silent {} ms, arbiter yes", v.silence.count()));
@@ -827,8 +821,7 @@ class World {
           close_standby_session(ss, "force: this side was not watching");
           continue;
         }
-        if (ss.first_ask < 0) ss.first_ask = now_;
-        const auto a = standby_ask(ss, ms(std::min<Time>(primary_silence(ss), 3600 * 1000)), true);
+        const auto a = ask(false, ms(std::min<Time>(primary_silence(ss), 3600 * 1000)), true);
         if (a == cp::ArbiterAnswer::Fence) {
           close_standby_session(ss, "force: the arbiter says this side lost");
           continue;
@@ -894,21 +887,7 @@ class World {
   bool lease_free() const { return lease_holder_ == -1 || (lease_holder_ != 1 && now_ - lease_renewed_ >= kLeaseExpiry); }
 
   // `primary`: may_run_alone from P, else may_activate from S.
-  // The standby's question. Lease (SanlockArbiter::may_activate): a keeper whose attempts failed
-  // for another reason than a live holder during this silence (the storage unreachable) could
-  // not watch the holder: holding the lease then is Fence, not Yes.
-  cp::ArbiterAnswer standby_ask(SSess& ss, ms silent, bool forced) {
-    if (kind_ == ArbiterKind::Lease && !arb_up_[1]) ss.blind = true;
-    auto a = ask(false, silent, forced, ss.first_ask);
-    if (kind_ == ArbiterKind::Lease && a == cp::ArbiterAnswer::Yes && ss.blind && !o_.old_lease) {
-      log("lease: S holds the lease but could not watch it during this silence: Fence");
-      a = cp::ArbiterAnswer::Fence;
-    }
-    return a;
-  }
-  // `since`: when the standby's first question of this silence was asked (its sanlock keeper
-  // started acquiring then).
-  cp::ArbiterAnswer ask(bool primary, ms silent, bool forced = false, Time since = 0) {
+  cp::ArbiterAnswer ask(bool primary, ms silent, bool forced = false) {
     const int self = primary ? 0 : 1, other = 1 - self;
     switch (kind_) {
       case ArbiterKind::None: {
@@ -943,14 +922,8 @@ class World {
       case ArbiterKind::Lease: {
         if (!arb_up_[self]) return cp::ArbiterAnswer::Wait;  // storage unreachable
         if (lease_holder_ == self) {
-          // SanlockArbiter::may_run_alone: only once the standby has had the time to see this
-          // host renew after its own silence began (and so to drop its twin): 2 T + 2 renewals.
-          if (primary && !o_.old_lease && silent.count() < 2 * T_.count() + 2 * kLeaseRenew) return cp::ArbiterAnswer::Wait;
           return cp::ArbiterAnswer::Yes;
         }
-        // SanlockArbiter::may_activate: an acquire attempt that began after the silence saw the
-        // holder's host renew (SANLK_ACQUIRE_IDLIVE): the primary lives and holds the VM.
-        if (!primary && !o_.old_lease && lease_holder_ == 0 && lease_renewed_ > since) return cp::ArbiterAnswer::Fence;
         if (lease_free()) {
           lease_holder_ = self;
           lease_renewed_ = now_;
@@ -1004,7 +977,7 @@ int usage(const char* why) {
   if (why) std::fprintf(stderr, "ftvm_sim: %s\n", why);
   std::fprintf(stderr,
                "usage: ftvm_sim [--seeds COUNT] [--first-seed N] [--seed N] [--arbiter none|fence|quorum|lease | --arbiters LIST]\n"
-               "                [--duration-ms MS] [--legacy | --old-no-arbiter | --old-watch | --old-lease] [--expect-violation] [-v]\n"
+               "                [--duration-ms MS] [--legacy | --old-no-arbiter | --old-watch] [--expect-violation] [-v]\n"
                "Runs COUNT seeds (default 1000) from N (default 1) of the deterministic failover simulation and\n"
                "checks its invariants after every simulated millisecond. --seed N replays one seed with a trace.\n"
                "--legacy uses the rules from before the split-brain work, --old-no-arbiter the no-arbiter standby\n"
@@ -1055,7 +1028,6 @@ int main(int argc, char** argv) {
       else if (a == "--legacy") o.legacy = true;
       else if (a == "--old-no-arbiter") o.old_no_arbiter = true;
       else if (a == "--old-watch") o.old_watch = true;
-      else if (a == "--old-lease") o.old_lease = true;
       else if (a == "--expect-violation") o.expect_violation = true;
       else if (a == "-v") o.verbose = true;
       else if (a == "-h" || a == "--help") return usage(nullptr), 0;

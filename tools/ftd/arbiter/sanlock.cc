@@ -335,7 +335,6 @@ void SanlockArbiter::spawn(const std::string& vm, pid_t guest_pid, bool once) {
   }
   const int kfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
   Keeper k;
-  k.attempt_from = k.last_refresh = Clock::now();
   k.pid = pid;
   k.guest_pid = guest_pid;
   k.ctl = std::move(mine);
@@ -390,10 +389,6 @@ void SanlockArbiter::adopt_orphans(const std::string& vm, pid_t guest_pid) {
 
 void SanlockArbiter::refresh(const std::string& vm, Keeper& k) const {
   if (k.exited) return;
-  // A report read now was written after the previous refresh (that one read everything there
-  // was): the attempt after it began after `prev`.
-  const auto prev = k.last_refresh;
-  k.last_refresh = Clock::now();
   char b[512];
   for (;;) {
     ssize_t n = ::read(k.ctl.get(), b, sizeof b);
@@ -417,8 +412,6 @@ void SanlockArbiter::refresh(const std::string& vm, Keeper& k) const {
       log::info("arbiter", "sanlock: VM '{}': lease held (keeper pid {}, QEMU pid {})", vm, k.pid, k.guest_pid);
     } else if (t == 'W' || t == 'E') {
       const int rc = std::atoi(rest.c_str());
-      if (rc == SANLK_ACQUIRE_IDLIVE) k.idlive_from = k.attempt_from;
-      k.attempt_from = prev;
       if (rc != k.last_rc)
         log::warn("arbiter", "sanlock: VM '{}': lease not acquired: {}{}", vm, sanlock_rc_text(rc),
                   t == 'E' ? " (" + rest + ")" : "");
@@ -481,15 +474,7 @@ cp::ArbiterAnswer SanlockArbiter::may_activate(const cp::ArbiterSubject& s, mill
     spawn(s.vm, s.guest_pid, false);
     return cp::ArbiterAnswer::Wait;
   }
-  const Keeper& k = it->second;
-  if (k.state == KeeperState::Acquiring && k.last_rc == SANLK_ACQUIRE_IDLIVE &&
-      k.idlive_from != Clock::time_point{} && k.idlive_from >= Clock::now() - s.silent_for) {
-    log::warn("arbiter", "sanlock: VM '{}': the lease holder's host renewed its lease after the primary fell silent "
-              "{} ms ago: the primary lives and holds the VM; this twin must not resume (Fence)", s.vm,
-              s.silent_for.count());
-    return cp::ArbiterAnswer::Fence;
-  }
-  return sanlock_answer(SanlockQuestion::Activate, k.state);
+  return sanlock_answer(SanlockQuestion::Activate, it->second.state);
 }
 
 cp::ArbiterAnswer SanlockArbiter::may_run_alone(const cp::ArbiterSubject& s, milliseconds) {
@@ -499,16 +484,7 @@ cp::ArbiterAnswer SanlockArbiter::may_run_alone(const cp::ArbiterSubject& s, mil
   refresh(s.vm, it->second);
   if (s.guest_pid > 0 && it->second.guest_pid != s.guest_pid)  // a lease for another QEMU is not this one's
     return sanlock_answer(SanlockQuestion::RunAlone, KeeperState::None);
-  const auto a = sanlock_answer(SanlockQuestion::RunAlone, it->second.state);
-  // Holding the lease is not enough to run alone at once: the standby must first have had the
-  // time to see this host renew after its own silence began (its may_activate then answers
-  // Fence and drops the twin). Otherwise a primary that ran alone and then died would free the
-  // lease to a standby still holding an older twin (simulation: `ftvm_sim --arbiter lease
-  // --old-lease`). The standby's first question comes at most 1.5 T after this side's silence
-  // began (one-way cut), a renewal within 2 io_timeouts, sanlock's check of it within 1 s.
-  const auto need = 2 * s.peer_timeout + std::chrono::seconds(4 * o_.io_timeout_s + 1);
-  if (a == cp::ArbiterAnswer::Yes && s.silent_for < need) return cp::ArbiterAnswer::Wait;
-  return a;
+  return sanlock_answer(SanlockQuestion::RunAlone, it->second.state);
 }
 
 void SanlockArbiter::runs_here(const cp::ArbiterSubject& s, milliseconds budget) {

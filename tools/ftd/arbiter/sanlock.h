@@ -48,18 +48,10 @@
 // Answers (sanlock_answer(), pure):
 //   may_activate (standby): starts a keeper for the twin that retries the acquire every
 //     `retry` (the other host's live lease answers SANLK_ACQUIRE_IDLIVE); Yes once it holds the
-//     lease; Fence once an acquire attempt that began after the primary fell silent returned
-//     SANLK_ACQUIRE_IDLIVE (sanlock saw the holder's host renew its lockspace lease during that
-//     attempt: the primary's host lives after the silence began, so the primary holds the VM
-//     and runs it alone or will: the twin is stale from then on and must be dropped, or it
-//     would resume after a later death of that primary, older than output the primary
-//     released meanwhile — found by the deterministic simulation, seed 44 `--arbiter lease`);
-//     otherwise Wait (an attempt still running: a dead host's lease frees only after
-//     8*io_timeout + 60 s, and sanlock reports no IDLIVE for a host that stopped renewing).
-//   may_run_alone (primary): Yes while its keeper holds the lease, but only once the standby
-//     has been unreachable for 2 T + 4 io_timeouts + 1 s (time for the standby to see this host
-//     renew and drop its twin: see may_activate); Fence when the keeper lost it (fenced,
-//     exited, daemon gone); Wait while a keeper is still acquiring.
+//     lease, otherwise Wait (a live primary holds it; a dead host's lease frees only after
+//     8*io_timeout + 60 s). Never Fence: a standby that lost waits for the partition to heal.
+//   may_run_alone (primary): Yes while its keeper holds the lease; Fence when the keeper lost it
+//     (fenced, exited, daemon gone); Wait while a keeper is still acquiring.
 //   runs_here (primary, protection starting; or the standby's twin activated without asking:
 //     planned failover, primary lost): with a budget, one acquire attempt now and an Error
 //     saying why when it fails (protection is refused); with a zero budget, a keeper that
@@ -144,9 +136,6 @@ class SanlockArbiter final : public checkpoint::Arbiter {
     std::string buf;
     KeeperState state = KeeperState::Acquiring;
     int last_rc = 0;
-    // Lower bound of the start of the acquire attempt whose result is reported next, and of
-    // the last attempt that returned SANLK_ACQUIRE_IDLIVE (epoch = none): see may_activate.
-    std::chrono::steady_clock::time_point attempt_from{}, idlive_from{}, last_refresh{};
     std::string why;  // why lost
     double held_since_wall_ms = 0;
     bool exited = false;
