@@ -46,12 +46,6 @@ double us_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::micro>(b - a).count();
 }
 
-template <typename T>
-void send_msg(transport::Connection& c, const T& m) {
-  auto body = cp::encode(m);
-  c.send_control(static_cast<uint16_t>(cp::type_of<T>()), body);
-}
-
 uid_t process_uid(pid_t pid) {
   auto path = fmt::format("/proc/{}/status", pid);
   FILE* f = ::fopen(path.c_str(), "re");
@@ -581,7 +575,7 @@ std::optional<cp::Resolution> PrimarySession::try_resolve_at(uint64_t sid, const
                                                              const transport::Options& o, std::string& failures) {
   try {
     auto c = transport::tcp::connect_tcp(host, port, o);
-    send_msg(*c, cp::Resolve{sid, name_});
+    cp::send(*c, cp::Resolve{sid, name_});
     c->flush();
     const auto deadline = Clock::now() + std::max(std::chrono::milliseconds(1000), 2 * standby_timeout_);
     while (Clock::now() < deadline) {
@@ -791,7 +785,7 @@ void PrimarySession::connect_and_sync() {
   }
   for (const auto& [first, end] : ram_->data_ranges()) o.ram_used += (end - first) * kPageSize;
   if (disks_) o.disks = disks_->infos();
-  send_msg(*conn_, o);
+  cp::send(*conn_, o);
   auto deadline = Clock::now() + std::chrono::seconds(60);
   std::optional<transport::ControlMessage> m;
   while (!m) {
@@ -818,7 +812,7 @@ void PrimarySession::connect_and_sync() {
     // connection or network breaks (activation needs silence on both).
     try {
       hb_ = transport::tcp::connect_tcp(hb_host_, hb_port_, opts);
-      send_msg(*hb_, cp::HeartbeatLink{session_id_});
+      cp::send(*hb_, cp::HeartbeatLink{session_id_});
       hb_->flush();
       set_hb_state("up");
       log::info("primary", "{}: second path (tcp {}) carries heartbeats beside the {} data path", name_, hb_->peer(),
@@ -951,14 +945,14 @@ template <typename T>
 void PrimarySession::send_both(const T& m) {
   if (hb_) {
     try {
-      send_msg(*hb_, m);
+      cp::send(*hb_, m);
       hb_->flush();
     } catch (const std::exception& e) {
       log::warn("primary", "{}: second path: {}", name_, e.what());
       hb_.reset();
     }
   }
-  send_msg(*conn_, m);
+  cp::send(*conn_, m);
   conn_->flush();
 }
 
@@ -977,7 +971,7 @@ void PrimarySession::dial_second_path_async() {
   set_hb_state("redialing");
   hb_dial_ = std::async(std::launch::async, [host = hb_host_, port = hb_port_, o, sid = session_id_] {
     auto c = transport::tcp::connect_tcp(host, port, o);
-    send_msg(*c, cp::HeartbeatLink{sid});
+    cp::send(*c, cp::HeartbeatLink{sid});
     c->flush();
     return c;
   });
@@ -1332,7 +1326,7 @@ void PrimarySession::send_epoch(uint64_t epoch, bool final) {
   const auto bytes = stager_.bytes();
   if (bytes.size() > capacity_) {
     const uint64_t want = bytes.size() + bytes.size() / 4;
-    send_msg(*conn_, cp::StagingGrow{session_id_, want});
+    cp::send(*conn_, cp::StagingGrow{session_id_, want});
     auto deadline = Clock::now() + std::chrono::seconds(10);
     for (;;) {
       if (Clock::now() > deadline) throw LinkDown("standby did not grant staging space within 10 s");
@@ -1353,7 +1347,7 @@ void PrimarySession::send_epoch(uint64_t epoch, bool final) {
     disks_->forward(*conn_, session_id_, epoch);  // every disk write of the epoch precedes its Commit
     disk_summary = disks_->epoch_summary(epoch);
   }
-  send_msg(*conn_, cp::EpochBegin{session_id_, epoch, bytes.size()});
+  cp::send(*conn_, cp::EpochBegin{session_id_, epoch, bytes.size()});
   cp::Commit c;
   c.disk_ops = disk_summary.first;
   c.disk_digest = disk_summary.second;
@@ -1404,7 +1398,7 @@ void PrimarySession::send_epoch(uint64_t epoch, bool final) {
     guard_->arm(guard_watchdog_);
     last_guard_ping_ = Clock::now();
   }
-  send_msg(*conn_, c);
+  cp::send(*conn_, c);
   conn_->flush();
   if (f == Fault::CorruptThenCrash) {
     // Wait for the rejection (handle() exits the process then).
@@ -1453,7 +1447,7 @@ std::string PrimarySession::do_failover() {
   // before the twin resumes and this QEMU quits.
   if (output_) output_->flush(std::chrono::milliseconds(2000));
   activate_sent_ = true;  // from here on this guest never resumes unless the standby says its twin won't run
-  send_msg(*conn_, cp::Activate{session_id_});
+  cp::send(*conn_, cp::Activate{session_id_});
   conn_->flush();
   if (fault_ == Fault::LoseActivateDone) {
     fault_ = Fault::None;

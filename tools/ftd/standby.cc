@@ -33,12 +33,6 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-template <typename T>
-void send_msg(transport::Connection& c, const T& m) {
-  auto body = cp::encode(m);
-  c.send_control(static_cast<uint16_t>(cp::type_of<T>()), body);
-}
-
 // Sets the administrative state of network interface `ifname` (the twin's tap).
 void set_link(const std::string& ifname, bool up) {
   if (ifname.empty() || ifname.size() >= IFNAMSIZ) fail("bad interface name '{}' in --twin-tap-map", ifname);
@@ -357,7 +351,7 @@ void StandbySession::run() {
         suspect_sent_ = v.suspect_sent = true;
         log::warn("standby", "{}: primary silent for {} ms: asking it to settle (Suspect)", name(), quiet.count());
         try {
-          send_msg(*conn_, cp::Suspect{session_id_, static_cast<uint32_t>(quiet.count())});
+          cp::send(*conn_, cp::Suspect{session_id_, static_cast<uint32_t>(quiet.count())});
           conn_->flush();
         } catch (const std::exception& e) {
           log::warn("standby", "{}: sending Suspect failed: {}", name(), e.what());
@@ -377,7 +371,7 @@ void StandbySession::run() {
   } catch (const ProtocolError& e) {
     log::error("standby", "{}: protocol error from {}: {}", name(), conn_->peer(), e.what());
     try {
-      send_msg(*conn_, cp::ErrorMsg{e.what()});
+      cp::send(*conn_, cp::ErrorMsg{e.what()});
       conn_->flush();
     } catch (const std::exception&) {
     }
@@ -385,7 +379,7 @@ void StandbySession::run() {
   } catch (const std::exception& e) {
     log::error("standby", "{}: session failed: {}", name(), e.what());
     try {
-      send_msg(*conn_, cp::ErrorMsg{e.what()});
+      cp::send(*conn_, cp::ErrorMsg{e.what()});
       conn_->flush();
     } catch (const std::exception&) {
     }
@@ -557,7 +551,7 @@ void StandbySession::open(const cp::OpenSession& o) {
   ram_region_open_ = true;
   conn_->register_region(cp::kRegionStaging, replica_->staging());
   set_state("syncing");
-  send_msg(*conn_, cp::SessionReady{session_id_, replica_->staging().size(), twin_pid_,
+  cp::send(*conn_, cp::SessionReady{session_id_, replica_->staging().size(), twin_pid_,
                                     static_cast<uint32_t>(cfg_.heartbeat_timeout.count())});
   conn_->flush();
   log::info("standby", "{}: twin pid {} paused (inmigrate), RAM {} MiB mapped; receiving full sync from {}", o.vm_name,
@@ -582,7 +576,7 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
         open(o);
       } catch (const std::exception& e) {
         log::error("standby", "refusing session from {}: {}", conn_->peer(), e.what());
-        send_msg(*conn_, cp::ErrorMsg{e.what()});
+        cp::send(*conn_, cp::ErrorMsg{e.what()});
         conn_->flush();
         destroy_twin(std::string("session refused: ") + e.what());
         return false;
@@ -595,7 +589,7 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
       transient_ = true;
       if (!adopt_ || !adopt_(h.session_id, conn_)) {
         log::warn("standby", "second path from {} names unknown session {:016x}", conn_->peer(), h.session_id);
-        send_msg(*conn_, cp::ErrorMsg{fmt::format("unknown session {:016x}", h.session_id)});
+        cp::send(*conn_, cp::ErrorMsg{fmt::format("unknown session {:016x}", h.session_id)});
         conn_->flush();
       }
       return false;
@@ -610,14 +604,14 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
           res = resolver_(r, *this);
         } catch (const Error& e) {  // not this peer's session: refused, nothing changed
           log::warn("standby", "refusing Resolve from {}: {}", conn_->peer(), e.what());
-          send_msg(*conn_, cp::ErrorMsg{e.what()});
+          cp::send(*conn_, cp::ErrorMsg{e.what()});
           conn_->flush();
           return false;
         }
       }
       log::warn("standby", "Resolve from {} for session {:016x} of '{}': {} ({})", conn_->peer(), r.session_id,
                 r.vm_name, cp::to_string(res.verdict), res.text);
-      send_msg(*conn_, res);
+      cp::send(*conn_, res);
       conn_->flush();
       return false;
     }
@@ -627,7 +621,7 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
       conn_->unregister_region(cp::kRegionStaging);
       uint64_t cap = replica_->grow_staging(g.bytes);
       conn_->register_region(cp::kRegionStaging, replica_->staging());
-      send_msg(*conn_, cp::StagingGranted{session_id_, cap});
+      cp::send(*conn_, cp::StagingGranted{session_id_, cap});
       conn_->flush();
       log::info("standby", "{}: staging grown to {} KiB", name(), cap >> 10);
       return true;
@@ -668,7 +662,7 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
         last_rejection_ = e.what();
         log::warn("standby", "{}: rejected epoch {}: {}; the replica stays at epoch {}", name(), c.epoch, e.what(),
                   replica_->committed_epoch());
-        send_msg(*conn_, cp::Ack{session_id_, c.epoch, cp::AckStatus::Rejected, e.what()});
+        cp::send(*conn_, cp::Ack{session_id_, c.epoch, cp::AckStatus::Rejected, e.what()});
         conn_->flush();
         return true;
       }
@@ -685,7 +679,7 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
         std::lock_guard<std::mutex> g(mu_);
         verified_commits_++;
       }
-      send_msg(*conn_, cp::Ack{session_id_, c.epoch, cp::AckStatus::Applied, {}});
+      cp::send(*conn_, cp::Ack{session_id_, c.epoch, cp::AckStatus::Applied, {}});
       conn_->flush();
       {
         std::lock_guard<std::mutex> g(mu_);
@@ -716,7 +710,7 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
         const std::string why = "planned failover requested before any checkpoint was committed: the twin holds no "
                                 "state to resume (the primary keeps running the guest; wait for the first Commit)";
         log::error("standby", "{}: refusing Activate: {}", name(), why);
-        send_msg(*conn_, cp::ActivateDone{session_id_, 0u, why});
+        cp::send(*conn_, cp::ActivateDone{session_id_, 0u, why});
         conn_->flush();
         destroy_twin("Activate before any committed checkpoint");
         return false;
@@ -728,7 +722,7 @@ bool StandbySession::handle(const transport::ControlMessage& m) {
         std::lock_guard<std::mutex> g(mu_);
         text = ok ? "twin running" : reason_;
       }
-      send_msg(*conn_, cp::ActivateDone{session_id_, ok ? 1u : 0u, text});
+      cp::send(*conn_, cp::ActivateDone{session_id_, ok ? 1u : 0u, text});
       conn_->flush();
       return false;
     }
@@ -830,7 +824,7 @@ void StandbySession::primary_silent(const std::string& why_in, bool reported_dea
   // If the primary was only stalled and the link still works, this makes it fence itself.
   if (conn_) {
     try {
-      send_msg(*conn_, cp::Takeover{session_id_, why});
+      cp::send(*conn_, cp::Takeover{session_id_, why});
       conn_->flush();
     } catch (const std::exception&) {
     }
